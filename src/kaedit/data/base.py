@@ -1,0 +1,354 @@
+"""Find a dataset, read its raw rows and turn them into :class:`EditRequest` records.
+
+A source is a local ``.json``/``.jsonl`` file, an http(s) URL (downloaded once into a cache
+directory) or a Hugging Face dataset id ``owner/name``. The schema of a file (ROME CounterFact,
+EasyEdit CounterFact, MEND zsRE) is detected from its first row unless forced; the per-schema
+row converters live in :mod:`kaedit.data.counterfact` and :mod:`kaedit.data.zsre`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kaedit.records import EditRequest
+
+log = logging.getLogger(__name__)
+
+Row = Mapping[str, Any]
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+_DOWNLOAD_TIMEOUT_S = 10.0
+_OFFLINE_HINT = "download the file elsewhere and pass dataset.path=/local/file.json"
+
+
+class DatasetError(ValueError):
+    """A dataset file, value or record is unusable; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------- row fields
+def describe(row: Row, index: int) -> str:
+    """``record 5 (case_id=123)``: how error messages name a row."""
+    cid = row.get("case_id") if isinstance(row, Mapping) else None
+    return f"record {index}" + (f" (case_id={cid})" if cid is not None else "")
+
+
+def case_id(row: Row, index: int) -> str:
+    """The row's ``case_id`` as a string, or its index when it has none."""
+    cid = row.get("case_id")
+    return str(index) if cid is None else str(cid)
+
+
+def text(
+    row: Row, key: str, where: str, *, optional: bool = False, loose: bool = False
+) -> str | None:
+    """A non-empty string field; missing -> error unless ``optional``. With ``loose``,
+    ``{"str": s}`` and lists (first element) are accepted too, since EasyEdit variants and
+    zsRE's ``answers`` store answers that way."""
+    if key not in row or row[key] is None:
+        if optional:
+            return None
+        raise DatasetError(f"{where}: required field {key!r} is missing")
+    value = row[key]
+    if loose and isinstance(value, Mapping) and "str" in value:
+        value = value["str"]
+    elif loose and isinstance(value, (list, tuple)):
+        if not value:
+            if optional:
+                return None
+            raise DatasetError(f"{where}: field {key!r} is an empty list")
+        value = value[0]
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DatasetError(f"{where}: field {key!r} is an empty string")
+    return value
+
+
+def texts(row: Row, key: str, where: str) -> tuple[str, ...]:
+    """An optional field holding one prompt or a list of prompts, as a tuple of non-empty
+    strings (``()`` when absent)."""
+    value = row.get(key)
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise DatasetError(
+            f"{where}: field {key!r} must be a string or a list of strings, "
+            f"got {type(value).__name__}"
+        )
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise DatasetError(
+                f"{where}: field {key!r}[{i}] must be a non-empty string, got {item!r}"
+            )
+    return tuple(items)
+
+
+def template(sentence: str, subject: str, where: str, key: str) -> str:
+    """``sentence`` with the FIRST occurrence of ``subject`` replaced by ``{}``; other braces
+    are escaped so that ``template(...).format(subject) == sentence``."""
+    at = sentence.find(subject)
+    if at < 0:
+        raise DatasetError(f"{where}: subject {subject!r} does not occur in {key} {sentence!r}")
+
+    def esc(s: str) -> str:
+        return s.replace("{", "{{").replace("}", "}}")
+
+    return esc(sentence[:at]) + "{}" + esc(sentence[at + len(subject) :])
+
+
+# ----------------------------------------------------------------------------- schemas
+class Schema(NamedTuple):
+    """A row layout: the keys that identify it and the function converting one row."""
+
+    keys: tuple[str, ...]
+    convert: Callable[[Row, int], EditRequest]
+
+
+def schemas() -> dict[str, Schema]:
+    """The known schemas by name (imported lazily: the converters import this module)."""
+    from kaedit.data import counterfact, zsre
+
+    return {
+        "counterfact": Schema(counterfact.ROME_KEYS, counterfact.from_rome),
+        "easyedit": Schema(counterfact.EASYEDIT_KEYS, counterfact.from_easyedit),
+        "zsre": Schema(zsre.MEND_KEYS, zsre.from_mend),
+    }
+
+
+def detect_schema(row: Row) -> list[str]:
+    """Names of the schemas whose identifying keys all occur in ``row`` (most specific first)."""
+    return [name for name, s in schemas().items() if all(k in row for k in s.keys)]
+
+
+# ----------------------------------------------------------------------------- sources
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+def _is_hf_id(s: str) -> bool:
+    return bool(_HF_ID.match(s)) and not s.endswith(_JSON_SUFFIXES) and not os.path.exists(s)
+
+
+def download(url: str, cache_dir: str) -> str:
+    """Fetch ``url`` once into ``cache_dir`` (file named by a hash of the URL, written to a
+    temp file then renamed); later calls return the cached copy without touching the network."""
+    name = os.path.basename(url.split("?")[0]) or "data.json"
+    dest = Path(cache_dir) / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    if dest.is_file():
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s -> %s", url, dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    try:
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp,
+        ):
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise DatasetError(
+            f"could not reach dataset source {url} ({err}); {_OFFLINE_HINT}"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return str(dest)
+
+
+def resolve_source(
+    path: str | None,
+    candidates: list[str],
+    url: str | None,
+    hf_id: str | None,
+    cache_dir: str,
+) -> str:
+    """Pick where to read from: a local file path or a Hugging Face dataset id.
+
+    ``path`` wins when given (local file, http(s) URL, or ``owner/name`` hub id); otherwise the
+    first existing file among ``candidates``, then ``url`` (downloaded into ``cache_dir``),
+    then ``hf_id``.
+    """
+    if path:
+        path = str(path)
+        if _is_url(path):
+            return download(path, cache_dir)
+        if os.path.isfile(path):
+            return path
+        if _is_hf_id(path):
+            return path
+        raise DatasetError(
+            f"dataset file not found: {path} (expected a .json/.jsonl file, "
+            "an http(s) URL or a Hugging Face id owner/name)"
+        )
+    for cand in candidates or ():
+        if cand and os.path.isfile(str(cand)):
+            return str(cand)
+    if url:
+        return download(url, cache_dir)
+    if hf_id:
+        return hf_id
+    raise DatasetError(
+        f"no dataset source: none of the candidates {list(candidates or [])} "
+        f"exists and no url or hf_id is set; pass dataset.path=/local/file.json"
+    )
+
+
+# ----------------------------------------------------------------------------- raw rows
+def read_rows(path: str) -> list[Any]:
+    """Raw rows of a ``.json`` file (a list, or a dict holding a "data"/"train"/"test" list)
+    or a ``.jsonl`` file (one object per line, blank lines skipped)."""
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"cannot read dataset file {path}: {err}") from None
+    if path.endswith((".jsonl", ".ndjson")):
+        rows = []
+        for lineno, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DatasetError(
+                    f"{path}: malformed JSON at line {lineno}, column {err.colno}: {err.msg}"
+                ) from None
+    else:
+        if not content.strip():
+            raise DatasetError(f"{path} contains no records (the file is empty)")
+        try:
+            data = json.loads(content)
+        except json.JSONDecodeError as err:
+            raise DatasetError(
+                f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+            ) from None
+        if isinstance(data, Mapping):
+            key = next(
+                (k for k in ("data", "train", "test") if isinstance(data.get(k), list)), None
+            )
+            if key is None:
+                raise DatasetError(
+                    f"{path}: expected a JSON list of records or an object with "
+                    f"a 'data'/'train'/'test' list, got keys {sorted(data)[:10]}"
+                )
+            data = data[key]
+        if not isinstance(data, list):
+            raise DatasetError(
+                f"{path}: expected a JSON list of records, got {type(data).__name__}"
+            )
+        rows = data
+    if not rows:
+        raise DatasetError(f"{path} contains no records")
+    return rows
+
+
+def read_hub(hf_id: str, split: str, limit: int | None) -> list[Any]:
+    """Raw rows of a Hugging Face dataset split (``datasets`` is imported only here)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hf_id, split=split)
+    except Exception as err:  # noqa: BLE001 - hub, network and config errors all end here
+        raise DatasetError(
+            f"could not load Hugging Face dataset {hf_id!r} split {split!r} "
+            f"({type(err).__name__}: {err}); {_OFFLINE_HINT}"
+        ) from None
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    rows = list(ds)
+    if not rows and limit != 0:
+        raise DatasetError(f"Hugging Face dataset {hf_id!r} split {split!r} contains no records")
+    return rows
+
+
+def convert_rows(rows: Iterable[Any], schema: str, origin: str) -> list[EditRequest]:
+    """Turn raw rows into records with the named schema ("auto" detects it from row 0)."""
+    rows = list(rows)
+    known = schemas()
+    if schema != "auto" and schema not in known:
+        raise DatasetError(
+            f"unknown dataset schema {schema!r}; valid options: {', '.join(['auto', *known])}"
+        )
+    if not rows:
+        return []
+    first = rows[0]
+    if not isinstance(first, Mapping):
+        raise DatasetError(f"{origin}: record 0 must be a JSON object, got {type(first).__name__}")
+    matches = detect_schema(first)
+    if schema == "auto":
+        if not matches:
+            raise DatasetError(
+                f"{origin}: cannot detect the schema of record 0 (keys {sorted(first)}); expected "
+                + "; ".join(f"{n}: {list(s.keys)}" for n, s in known.items())
+            )
+        schema = matches[0]
+    elif schema not in matches:
+        raise DatasetError(
+            f"{origin}: schema {schema!r} expects keys {list(known[schema].keys)} but record 0 has "
+            f"keys {sorted(first)}" + (f" (it looks like {matches[0]!r})" if matches else "")
+        )
+    convert = known[schema].convert
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DatasetError(
+                f"{origin}: record {i} must be a JSON object, got {type(row).__name__}"
+            )
+        try:
+            out.append(convert(row, i))
+        except DatasetError as err:
+            raise DatasetError(f"{origin}: {err}") from None
+    log.info("loaded %d %s records from %s", len(out), schema, origin)
+    return out
+
+
+def load_requests(
+    source: str, schema: str = "auto", limit: int | None = None, *, split: str = "train"
+) -> list[EditRequest]:
+    """Load edit requests from a local ``.json``/``.jsonl`` file or a Hugging Face dataset id
+    (see :func:`resolve_source` for URLs). ``limit`` keeps the first ``limit`` records."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise DatasetError(f"limit must be a non-negative integer or None, got {limit!r}")
+    if _is_url(source):
+        raise DatasetError(
+            f"{source} is a URL: resolve it first with resolve_source(...) "
+            "or from_config(...), which download it into a cache directory"
+        )
+    if os.path.isfile(source):
+        rows = read_rows(source)
+    elif _is_hf_id(source):
+        rows = read_hub(source, split, limit)
+    else:
+        raise DatasetError(f"dataset file not found: {source}")
+    return convert_rows(rows[:limit] if limit is not None else rows, schema, source)
+
+
+def from_config(cfg: Mapping[str, Any], cache_dir: str) -> list[EditRequest]:
+    """Load the requests a ``conf/dataset/*.yaml`` node describes (DictConfig or dict):
+    keys ``path``, ``candidates``, ``url``, ``hf_id``, ``schema``, ``split``, ``limit``."""
+    source = resolve_source(
+        cfg.get("path"),
+        [str(c) for c in (cfg.get("candidates") or [])],
+        cfg.get("url"),
+        cfg.get("hf_id"),
+        cache_dir,
+    )
+    limit = cfg.get("limit")
+    return load_requests(
+        source,
+        schema=cfg.get("schema") or "auto",
+        limit=None if limit is None else int(limit),
+        split=cfg.get("split") or "train",
+    )

@@ -1,0 +1,143 @@
+"""The only place in kaedit that registers forward hooks.
+
+Everything here is a context manager that removes its hooks in ``finally``, so an
+exception inside the ``with`` block never leaves a hook behind (after ROME's
+``nethook.TraceDict``). Module outputs may be a tensor or a tuple whose first element is
+the hidden state (attention modules, older decoder layers); both are handled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+#: ``fn(hidden) -> hidden``: edits the hidden-state tensor a module outputs.
+OutputEdit = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (see :func:`trace` ``stop``)."""
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule`` with an error that names the model's modules."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(n for n, _ in list(model.named_children())[:10])
+        raise KeyError(
+            f"module path {name!r} does not exist in {type(model).__name__} "
+            f"(top-level modules: {children}); check the model config's module templates"
+        ) from None
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, new: torch.Tensor):
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+@dataclass
+class Traced:
+    """What :func:`trace` captured for one module."""
+
+    input: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+
+
+@dataclass
+class TraceResult(Mapping[str, Traced]):
+    captured: dict[str, Traced] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Traced:
+        return self.captured[key]
+
+    def __iter__(self):
+        return iter(self.captured)
+
+    def __len__(self) -> int:
+        return len(self.captured)
+
+
+@contextlib.contextmanager
+def trace(
+    model: nn.Module,
+    names: Iterable[str],
+    *,
+    inputs: bool = False,
+    outputs: bool = True,
+    detach: bool = True,
+    stop: bool = False,
+) -> Iterator[TraceResult]:
+    """Record the input and/or output hidden state of each named module.
+
+    With ``stop=True`` the forward pass is aborted right after the *last* named module (in
+    execution order) has run; call the model inside ``with contextlib.suppress(StopForward)``
+    or use :func:`run_until`. Captured tensors are detached unless ``detach=False``.
+    """
+    names = list(dict.fromkeys(names))
+    result = TraceResult({n: Traced() for n in names})
+    pending = set(names)
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            rec = result.captured[name]
+            if inputs:
+                x = args[0]
+                rec.input = x.detach() if detach else x
+            if outputs:
+                h = _hidden(output)
+                rec.output = h.detach() if detach else h
+            pending.discard(name)
+            if stop and not pending:
+                raise StopForward
+
+        return hook
+
+    try:
+        for n in names:
+            handles.append(get_module(model, n).register_forward_hook(make_hook(n)))
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_until(model: nn.Module, names: Iterable[str], **model_inputs) -> TraceResult:
+    """Forward ``model_inputs`` only as far as the named modules; return their inputs."""
+    with trace(model, names, inputs=True, outputs=True, stop=True) as tr:
+        with contextlib.suppress(StopForward):
+            model(**model_inputs)
+    return tr
+
+
+@contextlib.contextmanager
+def edit_outputs(model: nn.Module, edits: Mapping[str, OutputEdit]) -> Iterator[None]:
+    """Replace each named module's hidden-state output by ``fn(output)`` while active."""
+    handles = []
+
+    def make_hook(fn: OutputEdit):
+        def hook(module, args, output):
+            return _replace_hidden(output, fn(_hidden(output)))
+
+        return hook
+
+    try:
+        for name, fn in edits.items():
+            handles.append(get_module(model, name).register_forward_hook(make_hook(fn)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward (pre-)hooks registered anywhere in ``model`` (tests use it)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

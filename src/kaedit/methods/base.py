@@ -1,0 +1,59 @@
+"""The interface every editing method implements, and what the runner hands it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from kaedit.models import LoadedModel
+from kaedit.records import Deltas, EditRequest
+from kaedit.stats import CovarianceStore
+
+
+@dataclass
+class EditContext:
+    """Everything a method may read while computing deltas. Owned by one run."""
+
+    lm: LoadedModel
+    stats: CovarianceStore
+    #: Prefix templates ("{}" = the prompt) used to average keys and optimise targets.
+    templates: list[str] = field(default_factory=lambda: ["{}"])
+
+
+@runtime_checkable
+class EditMethod(Protocol):
+    """Compute weight deltas for a batch of requests; never leave the model changed.
+
+    ``prepare`` runs once before the first edit (on the unedited model): load covariance
+    statistics and anything else derived from the original weights. ``state_dict`` /
+    ``load_state_dict`` carry state across steps (most methods have none) so a run can be
+    checkpointed and resumed; ``commit`` is told which deltas were actually applied.
+    """
+
+    def prepare(self, ctx: EditContext) -> None: ...
+
+    def compute_deltas(self, ctx: EditContext, requests: Sequence[EditRequest]) -> Deltas: ...
+
+    def commit(self, ctx: EditContext, requests: Sequence[EditRequest], applied: Deltas) -> None:
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Stateless:
+    """Mixin for methods that carry nothing across steps."""
+
+    def prepare(self, ctx: EditContext) -> None:
+        return None
+
+    def commit(self, ctx: EditContext, requests: Sequence[EditRequest], applied: Deltas) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

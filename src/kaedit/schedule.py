@@ -1,0 +1,60 @@
+"""Which edits go into which step: the sequential-editing plan (paper §2.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class ScheduleError(ValueError):
+    """The schedule does not fit the dataset or is malformed."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    n_edits: int = 100
+    batch_size: int = 10
+    #: Explicit batch sizes (overrides ``batch_size``); must sum to ``n_edits``.
+    batch_sizes: Sequence[int] | None = None
+    #: Evaluate every this many steps (the last step is always evaluated; 0 = only last).
+    eval_every: int = 1
+    #: How many earlier edits ``seen/*`` re-checks per evaluation (0 or None = all).
+    retention_sample: int | None = 100
+    #: Skip this many records of the dataset before taking ``n_edits``.
+    start: int = 0
+
+    def batches(self, n_available: int) -> list[range]:
+        """Index ranges (into the dataset) of each step's batch, step 1 first."""
+        if self.n_edits < 1:
+            raise ScheduleError(f"schedule.n_edits={self.n_edits} must be at least 1")
+        if self.start < 0:
+            raise ScheduleError(f"schedule.start={self.start} must be >= 0")
+        if self.start + self.n_edits > n_available:
+            raise ScheduleError(
+                f"schedule.n_edits={self.n_edits} (from schedule.start={self.start}) is more "
+                f"than the dataset's {n_available} records; use at most "
+                f"{max(0, n_available - self.start)}"
+            )
+        if self.batch_sizes:
+            sizes = [int(s) for s in self.batch_sizes]
+            if any(s < 1 for s in sizes) or sum(sizes) != self.n_edits:
+                raise ScheduleError(
+                    f"schedule.batch_sizes={sizes} must be positive and sum to "
+                    f"schedule.n_edits={self.n_edits} (they sum to {sum(sizes)})"
+                )
+        else:
+            if self.batch_size < 1:
+                raise ScheduleError(f"schedule.batch_size={self.batch_size} must be >= 1")
+            full, rest = divmod(self.n_edits, self.batch_size)
+            sizes = [self.batch_size] * full + ([rest] if rest else [])
+        out, at = [], self.start
+        for s in sizes:
+            out.append(range(at, at + s))
+            at += s
+        return out
+
+    def evaluate_at(self, step: int, n_steps: int) -> bool:
+        """Step 0 (the unedited model) and the last step always; else every ``eval_every``."""
+        if step in (0, n_steps):
+            return True
+        return self.eval_every > 0 and step % self.eval_every == 0

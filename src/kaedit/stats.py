@@ -1,0 +1,172 @@
+"""Second-moment statistics C = E[k kᵀ] of the keys entering an edited projection.
+
+Owned by a run (no module-level cache) and cached on disk, keyed by every input that
+changes the result: model weights fingerprint, module path, corpus content, token count,
+sequence length and dtype. All requested layers are computed in one pass over the corpus,
+and the forward pass stops after the deepest of them (the rest of the model never runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from kaedit.hooks import StopForward, trace
+from kaedit.models import LoadedModel
+from kaedit.tokens import chunks
+
+log = logging.getLogger(__name__)
+
+
+class CorpusError(ValueError):
+    """The text corpus for statistics cannot be read."""
+
+
+class CovarianceStore:
+    """Compute, cache and serve E[kkᵀ] for ``module_kind`` inputs at given layers.
+
+    ``corpus`` is a list of local text files (read in order) or an ``hf:NAME/CONFIG:SPLIT``
+    dataset id (needs internet). ``n_tokens`` tokens are taken as ``seq_len``-token windows
+    spread evenly over the corpus.
+    """
+
+    def __init__(
+        self,
+        corpus: Sequence[str] | str,
+        cache_dir: str,
+        n_tokens: int = 40_000,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        module_kind: str = "mlp_out",
+    ) -> None:
+        self.corpus = [corpus] if isinstance(corpus, str) else [str(c) for c in corpus]
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.n_tokens = int(n_tokens)
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.module_kind = module_kind
+        self._memory: dict[str, torch.Tensor] = {}
+        self._corpus_id: str | None = None
+        #: Seconds spent computing (not loading) statistics in this run (benchmarks read it).
+        self.compute_seconds = 0.0
+
+    # -- corpus -----------------------------------------------------------------------
+    def _read_corpus(self) -> str:
+        texts = []
+        for src in self.corpus:
+            if src.startswith("hf:"):
+                texts.append(_read_hf_text(src[3:]))
+                continue
+            path = Path(src).expanduser()
+            if not path.is_file():
+                raise CorpusError(
+                    f"statistics corpus file {src!r} does not exist; set stats.corpus to "
+                    "text files or 'hf:wikitext/wikitext-103-raw-v1:train'"
+                )
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        text = "\n".join(t.replace("\r\n", "\n") for t in texts)
+        if not text.strip():
+            raise CorpusError(f"statistics corpus {self.corpus} is empty")
+        return text
+
+    def corpus_id(self) -> str:
+        if self._corpus_id is None:
+            h = hashlib.sha256()
+            for src in self.corpus:
+                path = Path(src).expanduser()
+                h.update(src.encode() if src.startswith("hf:") or not path.is_file()
+                         else path.read_bytes())
+            self._corpus_id = h.hexdigest()[:16]
+        return self._corpus_id
+
+    def _windows(self, tok) -> torch.Tensor:
+        ids = tok(self._read_corpus(), add_special_tokens=False)["input_ids"]
+        n_win_total = len(ids) // self.seq_len
+        n_win = min(max(1, self.n_tokens // self.seq_len), n_win_total)
+        if n_win_total == 0:
+            raise CorpusError(f"statistics corpus has fewer than seq_len={self.seq_len} tokens")
+        starts = torch.linspace(0, n_win_total - 1, n_win).round().long() * self.seq_len
+        return torch.stack([torch.tensor(ids[s : s + self.seq_len]) for s in starts.tolist()])
+
+    # -- cache --------------------------------------------------------------------------
+    def key(self, lm: LoadedModel, module: str) -> str:
+        dtype = str(next(lm.model.parameters()).dtype)
+        parts = [lm.fingerprint, module, self.corpus_id(), self.n_tokens, self.seq_len, dtype]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+    def _path(self, key: str) -> Path:
+        return self.cache_dir / f"{key}.safetensors"
+
+    def get(self, lm: LoadedModel, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """``{layer: C}`` with C float32 ``[d_in, d_in]`` on the model's device."""
+        modules = {layer: lm.spec.module(self.module_kind, layer) for layer in layers}
+        keys = {layer: self.key(lm, m) for layer, m in modules.items()}
+        for layer, k in keys.items():
+            if k not in self._memory and self._path(k).is_file():
+                self._memory[k] = load_file(self._path(k))["second_moment"]
+        todo = [layer for layer, k in keys.items() if k not in self._memory]
+        if todo:
+            import time
+
+            t0 = time.perf_counter()
+            computed = self._compute(lm, {layer: modules[layer] for layer in todo})
+            self.compute_seconds += time.perf_counter() - t0
+            for layer, (c, count) in computed.items():
+                self._save(keys[layer], modules[layer], c, count, lm)
+                self._memory[keys[layer]] = c
+        return {layer: self._memory[keys[layer]].to(lm.device) for layer in layers}
+
+    def _save(self, key: str, module: str, c: torch.Tensor, count: int, lm: LoadedModel) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"module": module, "model": lm.fingerprint, "corpus": ",".join(self.corpus),
+                "n_tokens": str(count), "seq_len": str(self.seq_len)}
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"second_moment": c.contiguous().cpu()}, tmp, metadata=meta)
+            os.replace(tmp, self._path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @torch.inference_mode()
+    def _compute(self, lm: LoadedModel, modules: dict[int, str]) -> dict[int, tuple]:
+        windows = self._windows(lm.tokenizer)
+        log.info("computing key statistics for layers %s over %d tokens",
+                 sorted(modules), windows.numel())
+        sums: dict[int, torch.Tensor] = {}
+        count = 0
+        for sl in tqdm(list(chunks(len(windows), self.batch_size)), desc="key statistics",
+                       leave=False, disable=None):
+            ids = windows[sl].to(lm.device)
+            with trace(lm.model, modules.values(), inputs=True, outputs=False, stop=True) as tr:
+                with contextlib.suppress(StopForward):
+                    lm.model(input_ids=ids, use_cache=False)
+            for layer, m in modules.items():
+                k = tr[m].input.reshape(-1, tr[m].input.shape[-1]).double()  # [tokens, d_in]
+                sums[layer] = sums.get(layer, 0) + k.T @ k
+            count += ids.numel()
+        return {layer: ((s / count).float(), count) for layer, s in sums.items()}
+
+
+def _read_hf_text(spec: str) -> str:
+    """``NAME/CONFIG:SPLIT`` (e.g. ``wikitext/wikitext-103-raw-v1:train``) -> joined text."""
+    from datasets import load_dataset
+
+    name, _, split = spec.partition(":")
+    path, _, config = name.partition("/")
+    try:
+        ds = load_dataset(path, config or None, split=split or "train")
+    except Exception as exc:  # noqa: BLE001
+        raise CorpusError(f"could not load statistics corpus 'hf:{spec}': {exc}") from None
+    return "\n".join(ds["text"])

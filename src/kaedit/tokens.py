@@ -1,0 +1,91 @@
+"""Tokenisation shared by methods and evaluation: prompts, subject positions, padding.
+
+Prompts and targets are tokenised separately and concatenated as ids, so what a method
+optimises and what evaluation scores are the same token sequences (ROME/MEMIT append
+``" " + target`` to the prompt in the same way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kaedit.hooks import StopForward, get_module, trace
+from kaedit.models import ModelSpec
+
+
+def fill(template: str, subject: str) -> tuple[str, int]:
+    """Put ``subject`` in place of the first ``{}``; return the text and the subject's end."""
+    i = template.find("{}")
+    if i < 0:
+        raise ValueError(f"prompt template {template!r} has no '{{}}' for the subject")
+    # str.format semantics ("{{" is a literal brace), as EditRequest.rewrite_prompt uses.
+    prefix, suffix = template[:i].format(), template[i + 2 :].format()
+    return prefix + subject + suffix, len(prefix) + len(subject)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: tuple[int, ...]
+    #: Index of the last token that overlaps the subject (ROME's "subject_last").
+    subject_last: int
+
+
+def encode(tok, template: str, subject: str) -> Encoded:
+    """Tokenise ``template`` filled with ``subject`` and locate the subject's last token."""
+    text, end = fill(template, subject)
+    enc = tok(text, return_offsets_mapping=True)
+    last = max(
+        (j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end), default=-1
+    )
+    if last < 0:
+        raise ValueError(f"subject {subject!r} has no token in {text!r}")
+    return Encoded(tuple(enc["input_ids"]), last)
+
+
+def target_ids(tok, target: str) -> tuple[int, ...]:
+    """Token ids of the answer as it follows a prompt: ``" " + target``, no special tokens."""
+    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return tuple(ids)
+
+
+def pad_right(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to a ``[batch, max_len]`` id tensor and its attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def final_hidden(
+    model: nn.Module, spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Hidden states after the final norm ``[batch, len, d]``; the LM head is not run.
+
+    Callers apply :func:`lm_head` to just the positions they need, which saves most of the
+    cost of a large-vocabulary head. Gradients flow if the caller enables them.
+    """
+    with trace(model, [spec.module("ln_f")], detach=False, stop=True) as tr:
+        with contextlib.suppress(StopForward):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return tr[spec.module("ln_f")].output
+
+
+def lm_head(model: nn.Module, spec: ModelSpec, hidden: torch.Tensor) -> torch.Tensor:
+    return get_module(model, spec.lm_head)(hidden)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))

@@ -1,0 +1,142 @@
+"""Experiment trackers with one interface: W&B, local CSV files, or nothing.
+
+``conf/logger/*.yaml`` lists the trackers of a run; the runner instantiates each with
+``run_dir`` and the resolved ``config`` and fans calls out through :class:`Trackers`, so
+no code anywhere branches on whether W&B is on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    def log(self, row: Mapping[str, Any], step: int) -> None: ...
+
+    def summary(self, values: Mapping[str, Any]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write then rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class CsvTracker:
+    """``metrics.csv`` (one row per logged step) and ``summary.json`` in the run dir."""
+
+    def __init__(self, run_dir: str, run_config: Mapping[str, Any] | None = None,
+                 filename: str = "metrics.csv") -> None:
+        self.path = Path(run_dir) / filename
+        self.summary_path = Path(run_dir) / "summary.json"
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, row: Mapping[str, Any], step: int) -> None:
+        self.rows.append(dict(row))
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        lines = _csv_text(columns, self.rows)
+        atomic_write(self.path, lines)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                 for k, v in values.items()}
+        atomic_write(self.summary_path, json.dumps(clean, indent=2) + "\n")
+
+    def finish(self) -> None:
+        return None
+
+
+def _csv_text(columns: list[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, restval="")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+class WandbTracker:
+    """A W&B run saved under ``run_dir/wandb`` (offline by default; ``wandb sync`` later)."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        run_config: Mapping[str, Any] | None = None,
+        project: str = "kaedit",
+        entity: str | None = None,
+        mode: str = "offline",
+        group: str | None = None,
+        tags: Iterable[str] = (),
+        name: str | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        import wandb
+
+        valid = ("offline", "online", "disabled")
+        if mode not in valid:
+            raise ValueError(f"logger.wandb.mode={mode!r} is not one of {valid}")
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=project, entity=entity, mode=mode, group=group, tags=list(tags) or None,
+            name=name, id=run_id, resume="allow" if run_id else None, dir=str(run_dir),
+            config=dict(run_config or {}), settings=wandb.Settings(silent=True, console="off"),
+            reinit="finish_previous",
+        )
+        self.run_id = self.run.id
+        log.info("W&B run %s (%s) in %s", self.run.id, mode, self.run.dir)
+
+    def log(self, row: Mapping[str, Any], step: int) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class Trackers:
+    """Fan-out to several trackers; ``finish`` reaches every one even if one fails."""
+
+    def __init__(self, trackers: Iterable[Tracker]) -> None:
+        self.trackers = list(trackers)
+
+    def log(self, row: Mapping[str, Any], step: int) -> None:
+        for t in self.trackers:
+            t.log(row, step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        for t in self.trackers:
+            t.summary(values)
+
+    def finish(self) -> None:
+        errors = []
+        for t in self.trackers:
+            try:
+                t.finish()
+            except Exception as exc:  # noqa: BLE001 - report after finishing the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]
