@@ -8,6 +8,8 @@ tokenisation caches, random generators) is created here; nothing is module-level
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
@@ -20,16 +22,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kaedit import data
+from kaedit import checkpoint, data
+from kaedit.errors import ConfigError
 from kaedit.evaluate import Evaluator, Scorer, aggregate
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.core import context_templates
 from kaedit.models import LoadedModel, load_model
-from kaedit.records import Deltas, EditRequest, StepOutcome
+from kaedit.records import EditRequest
 from kaedit.schedule import Schedule
 from kaedit.stats import CovarianceStore
 from kaedit.tracking import Trackers, atomic_write
-from kaedit.weights import add_into, apply_deltas, delta_problem
+from kaedit.weights import EditedWeights, delta_problem
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +87,47 @@ class Evaluation:
         return row, seen, per_seen
 
 
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Identifies what a run computes (not where it logs): resume only a matching run."""
+    keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+            if k not in ("resume", "run_dir", "logger", "hydra", "cache_dir")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_dir(cfg: DictConfig, fingerprint: str) -> Path | None:
+    """The run directory ``resume`` points at: a path, the newest matching run, or None."""
+    value = cfg.get("resume")
+    if value in (None, False, "false", "False"):
+        return None
+    if value in (True, "true", "True"):
+        found = checkpoint.find_resumable(Path(str(cfg.outputs_root)), fingerprint)
+        if found is None:
+            raise ConfigError(
+                f"resume=true: no unfinished run with a checkpoint and this config under "
+                f"{cfg.outputs_root!r}; pass resume=RUN_DIR to choose one"
+            )
+        return found
+    path = Path(str(value)).expanduser()
+    if not (path / checkpoint.CKPT_DIR / checkpoint.POINTER).is_file():
+        raise ConfigError(f"resume={value!r}: no checkpoint in that directory "
+                          f"(expected {checkpoint.CKPT_DIR}/{checkpoint.POINTER})")
+    return path
+
+
 def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     """Run one sequential-editing experiment; returns the final metrics (``summary.json``)."""
     cfg = cfg.copy()
     resolve_data_root(cfg)
-    run_dir = Path(run_dir or cfg.get("run_dir") or "outputs/manual")
     seed = int(cfg.seed)
+    fingerprint = config_fingerprint(cfg)
+    resuming = resume_dir(cfg, fingerprint)
+    run_dir = resuming or Path(run_dir or cfg.get("run_dir") or "outputs/manual")
+    if resuming:
+        saved = json.loads((run_dir / "resume.json").read_text())
+        if saved.get("fingerprint") != fingerprint:
+            raise ConfigError(f"resume={str(run_dir)!r}: that run was made with a different "
+                              "config (compare its config.yaml); resume needs the same one")
+        log.info("resuming %s", run_dir)
 
     # 1. data and plan: fail on bad input before anything is loaded or written
     records = data.from_config(cfg.dataset, cache_dir=str(Path(cfg.cache_dir) / "data"))
@@ -98,8 +136,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     planned = [records[i] for r in batches for i in r]
     evaluator: Evaluator = instantiate(cfg.dataset.evaluator)
     fusion = instantiate(cfg.fusion)
+    if cfg.guard.on_fault not in ("skip", "stop"):
+        raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of ['skip', 'stop']")
 
-    # 2. model, statistics, method
+    # 2. model, statistics, method (all derived from the unedited model)
     lm: LoadedModel = load_model(cfg.model, lambda: instantiate(cfg.model.load))
     lm.spec.check(lm.model, [int(x) for x in cfg.model.edit.layers])
     torch.manual_seed(seed)
@@ -107,82 +147,99 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     stats: CovarianceStore = instantiate(cfg.stats)
     templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=seed)
     ctx = EditContext(lm=lm, stats=stats, templates=templates)
-    method.prepare(ctx)  # covariance etc. from the unedited model
+    method.prepare(ctx)
     evaluation = Evaluation(evaluator, Scorer(lm, int(cfg.eval_batch_size)), planned,
                             schedule.retention_sample, seed)
+    edits = EditedWeights(lm.model)
 
-    # 3. outputs and trackers
+    # 3. state to continue from (resume), outputs and trackers
+    state: dict[str, Any] = {"step": 0, "n_done": 0, "retention": [], "faults": [],
+                             "trackers": {}, "last_row": {}}
+    if resuming:
+        ckpt = checkpoint.load(run_dir)
+        edits.load(ckpt.deltas)
+        method.load_state_dict(ckpt.method_tensors)
+        checkpoint.restore_rng(ckpt.state)
+        state.update(ckpt.state)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write(run_dir / "resume.json", json.dumps({"fingerprint": fingerprint}) + "\n")
+    logger_cfg = cfg.logger or {}
     # partial first: instantiate would otherwise recurse into the config's own _target_s
-    trackers = Trackers(instantiate(t, _partial_=True)(run_dir=str(run_dir), run_config=resolved)
-                        for t in (cfg.logger or {}).values())
-    retention_rows: list[dict[str, Any]] = []
-    outcomes: list[StepOutcome] = []
-    total: Deltas = {}
-    last_row: dict[str, Any] = {}
-    guard = cfg.guard
+    named = {name: instantiate(t, _partial_=True)(
+        run_dir=str(run_dir), run_config=resolved, resume=state["trackers"].get(name))
+        for name, t in logger_cfg.items()}
+    trackers = Trackers(named.values())
+    n_steps = len(batches)
+    made_at = [s for s, r in enumerate(batches, start=1) for _ in r]  # per planned edit
     t_start = time.perf_counter()
-    try:
-        n_steps = len(batches)
-        made_at = [s for s, r in enumerate(batches, start=1) for _ in r]  # per planned edit
 
-        def evaluate(step: int, batch: Sequence[int], n_done: int, extra: Mapping):
-            t0 = time.perf_counter()
-            row, seen, per_seen = evaluation(batch, n_done)
-            row = {"step": step, "edits_done": n_done, **extra, **row,
-                   "time/eval_s": time.perf_counter() - t0}
-            trackers.log(row, step)
-            for j, i in enumerate(seen):
-                retention_rows.append({"step": step, "case_id": planned[i].case_id,
+    def evaluate(step: int, batch: Sequence[int], n_done: int, extra: Mapping) -> dict:
+        t0 = time.perf_counter()
+        row, seen, per_seen = evaluation(batch, n_done)
+        row = {"step": step, "edits_done": n_done, **extra, **row,
+               "time/eval_s": time.perf_counter() - t0}
+        trackers.log(row, step)
+        for j, i in enumerate(seen):
+            state["retention"].append({"step": step, "case_id": planned[i].case_id,
                                        "step_made": made_at[i] if i < n_done else 0,
                                        **{k: float(v[j]) for k, v in per_seen.items()}})
-            return row
+        return row
 
-        last_row = evaluate(0, list(range(len(batches[0]))), 0, {})
-        bar = tqdm(total=n_steps, desc="editing", unit="step", disable=None)
-        n_done = 0
-        for step, idx in enumerate(batches, start=1):
-            batch = [records[i] for i in idx]
+    try:
+        if state["step"] == 0:
+            state["last_row"] = evaluate(0, list(range(len(batches[0]))), 0, {})
+        bar = tqdm(total=n_steps, initial=state["step"], desc="editing", unit="step",
+                   disable=None)
+        for step in range(state["step"] + 1, n_steps + 1):
+            batch = [records[i] for i in batches[step - 1]]
             t0 = time.perf_counter()
             deltas = method.compute_deltas(ctx, batch)
             t_compute = time.perf_counter() - t0
             fused = fusion(deltas, step_generator(seed, step))
-            problem = delta_problem(fused, guard.max_delta_norm)
+            problem = delta_problem(fused, cfg.guard.max_delta_norm)
             if problem is None:
-                apply_deltas(lm.model, fused)
+                edits.add(fused)
                 method.commit(ctx, batch, fused)
-                total = add_into(total, fused)
             else:
                 log.warning("step %d not applied: %s", step, problem)
-                if guard.on_fault == "stop":
-                    raise FloatingPointError(f"step {step}: {problem}")
-            outcomes.append(StepOutcome(step, len(batch), problem is None, problem or ""))
-            n_done += len(batch)
+                state["faults"].append({"step": step, "reason": problem})
+                if cfg.guard.on_fault == "stop":
+                    raise FloatingPointError(f"step {step} not applied: {problem}")
+            state["n_done"] += len(batch)
+            n_done = state["n_done"]
             extra = {"applied": int(problem is None), "time/compute_s": t_compute,
                      "time/step_s": time.perf_counter() - t0}
             if schedule.evaluate_at(step, n_steps):
-                last_row = evaluate(step, list(range(n_done - len(batch), n_done)), n_done, extra)
-                bar.set_postfix(edits=n_done, eff=f"{last_row['seen/efficacy']:.1f}",
-                                spec=f"{last_row['seen/specificity']:.1f}")
+                state["last_row"] = evaluate(step, list(range(n_done - len(batch), n_done)),
+                                             n_done, extra)
+                bar.set_postfix(edits=n_done, eff=f"{state['last_row']['seen/efficacy']:.1f}",
+                                spec=f"{state['last_row']['seen/specificity']:.1f}")
+            state["step"] = step
+            if schedule.checkpoint_every and (step % schedule.checkpoint_every == 0
+                                              or step == n_steps):
+                state["trackers"] = {n: t.state() for n, t in named.items()}
+                checkpoint.save(run_dir, step, edits.total, method.state_dict(), state)
             bar.update(1)
         bar.close()
 
-        summary = {k: v for k, v in last_row.items()}
+        summary = dict(state["last_row"])
         summary.update({
-            "steps": n_steps, "edits_done": n_done,
-            "steps_failed": sum(not o.applied for o in outcomes),
+            "steps": n_steps, "edits_done": state["n_done"],
+            "steps_failed": len(state["faults"]), "faults": state["faults"],
             "wall_s": time.perf_counter() - t_start,
             "stats_compute_s": stats.compute_seconds,
         })
-        _write_retention(run_dir / "retention.csv", retention_rows)
+        _write_retention(run_dir / "retention.csv", state["retention"])
         if cfg.save_deltas:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in total.items()},
+            save_file({k: v.contiguous() for k, v in edits.total.items()},
                       str(run_dir / "deltas.safetensors"))
         trackers.summary(summary)
+        atomic_write(run_dir / "resume.json",
+                     json.dumps({"fingerprint": fingerprint, "done": True}) + "\n")
         return summary
     finally:
         trackers.finish()

@@ -112,9 +112,10 @@ def trace(
 
 def run_until(model: nn.Module, names: Iterable[str], **model_inputs) -> TraceResult:
     """Forward ``model_inputs`` only as far as the named modules; return their inputs."""
-    with trace(model, names, inputs=True, outputs=True, stop=True) as tr:
-        with contextlib.suppress(StopForward):
-            model(**model_inputs)
+    with trace(model, names, inputs=True, outputs=True, stop=True) as tr, contextlib.suppress(
+        StopForward
+    ):
+        model(**model_inputs)
     return tr
 
 

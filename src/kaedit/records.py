@@ -7,12 +7,11 @@ Raw dataset rows become :class:`EditRequest` (one per fact to edit); everything 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict
+from dataclasses import dataclass
 
 import torch
 
-Deltas = Dict[str, torch.Tensor]
+Deltas = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -53,14 +52,3 @@ class EditRequest:
     @property
     def neighborhood_target(self) -> str | None:
         return self.neighborhood_answer if self.neighborhood_answer is not None else self.target_true
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """What happened to one edit step: applied, or refused with a reason."""
-
-    step: int
-    n_requests: int
-    applied: bool
-    reason: str = ""
-    delta_norms: dict[str, float] = field(default_factory=dict)

@@ -22,6 +22,8 @@ class Schedule:
     retention_sample: int | None = 100
     #: Skip this many records of the dataset before taking ``n_edits``.
     start: int = 0
+    #: Save a checkpoint every this many steps (and at the last step); 0 = never.
+    checkpoint_every: int = 1
 
     def batches(self, n_available: int) -> list[range]:
         """Index ranges (into the dataset) of each step's batch, step 1 first."""

@@ -149,9 +149,11 @@ class CovarianceStore:
         for sl in tqdm(list(chunks(len(windows), self.batch_size)), desc="key statistics",
                        leave=False, disable=None):
             ids = windows[sl].to(lm.device)
-            with trace(lm.model, modules.values(), inputs=True, outputs=False, stop=True) as tr:
-                with contextlib.suppress(StopForward):
-                    lm.model(input_ids=ids, use_cache=False)
+            with (
+                trace(lm.model, modules.values(), inputs=True, outputs=False, stop=True) as tr,
+                contextlib.suppress(StopForward),
+            ):
+                lm.model(input_ids=ids, use_cache=False)
             for layer, m in modules.items():
                 k = tr[m].input.reshape(-1, tr[m].input.shape[-1]).double()  # [tokens, d_in]
                 sums[layer] = sums.get(layer, 0) + k.T @ k

@@ -76,9 +76,9 @@ def final_hidden(
     Callers apply :func:`lm_head` to just the positions they need, which saves most of the
     cost of a large-vocabulary head. Gradients flow if the caller enables them.
     """
-    with trace(model, [spec.module("ln_f")], detach=False, stop=True) as tr:
-        with contextlib.suppress(StopForward):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    ln_f = spec.module("ln_f")
+    with trace(model, [ln_f], detach=False, stop=True) as tr, contextlib.suppress(StopForward):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
     return tr[spec.module("ln_f")].output
 
 

@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
+    """Constructed with ``run_dir``, ``run_config`` and ``resume`` (what ``state()``
+    returned when the run was checkpointed, or None for a fresh run)."""
+
     def log(self, row: Mapping[str, Any], step: int) -> None: ...
+
+    def state(self) -> dict[str, Any]: ...
 
     def summary(self, values: Mapping[str, Any]) -> None: ...
 
@@ -45,16 +50,23 @@ class CsvTracker:
     """``metrics.csv`` (one row per logged step) and ``summary.json`` in the run dir."""
 
     def __init__(self, run_dir: str, run_config: Mapping[str, Any] | None = None,
-                 filename: str = "metrics.csv") -> None:
+                 resume: Mapping[str, Any] | None = None, filename: str = "metrics.csv") -> None:
         self.path = Path(run_dir) / filename
         self.summary_path = Path(run_dir) / "summary.json"
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = [dict(r) for r in (resume or {}).get("rows", [])]
+        if resume is not None:  # drop rows logged after the checkpoint: they are redone
+            self._write()
+
+    def _write(self) -> None:
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        atomic_write(self.path, _csv_text(columns, self.rows))
 
     def log(self, row: Mapping[str, Any], step: int) -> None:
         self.rows.append(dict(row))
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        lines = _csv_text(columns, self.rows)
-        atomic_write(self.path, lines)
+        self._write()
+
+    def state(self) -> dict[str, Any]:
+        return {"rows": self.rows}
 
     def summary(self, values: Mapping[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -89,17 +101,17 @@ class WandbTracker:
         group: str | None = None,
         tags: Iterable[str] = (),
         name: str | None = None,
-        run_id: str | None = None,
+        resume: Mapping[str, Any] | None = None,
     ) -> None:
         import wandb
 
         valid = ("offline", "online", "disabled")
         if mode not in valid:
             raise ValueError(f"logger.wandb.mode={mode!r} is not one of {valid}")
-        self._wandb = wandb
+        run_id = (resume or {}).get("run_id")
         self.run = wandb.init(
             project=project, entity=entity, mode=mode, group=group, tags=list(tags) or None,
-            name=name, id=run_id, resume="allow" if run_id else None, dir=str(run_dir),
+            name=name, id=run_id, resume="allow" if run_id else None, dir=str(Path(run_dir)),
             config=dict(run_config or {}), settings=wandb.Settings(silent=True, console="off"),
             reinit="finish_previous",
         )
@@ -108,6 +120,9 @@ class WandbTracker:
 
     def log(self, row: Mapping[str, Any], step: int) -> None:
         self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def state(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
 
     def summary(self, values: Mapping[str, Any]) -> None:
         for k, v in values.items():

@@ -52,13 +52,38 @@ def applied(model: nn.Module, deltas: Deltas) -> Iterator[None]:
         restore(model, saved)
 
 
-def add_into(total: Deltas, deltas: Deltas) -> Deltas:
-    """``total + deltas`` as a new dict (float32 on the CPU), for the run's running sum."""
-    out = dict(total)
-    for n, d in deltas.items():
-        d = d.detach().to("cpu", torch.float32)
-        out[n] = out[n] + d if n in out else d.clone()
-    return out
+class EditedWeights:
+    """A run's edits to a model: each edited weight is set to W₀ + (sum of its deltas).
+
+    The sum is kept in float32 on the CPU and the weight is recomputed from W₀ rather than
+    incremented in place, so rounding never accumulates in a low-precision weight and a
+    run resumed from a checkpoint of ``total`` has bit-identical weights.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.base: Deltas = {}
+        self.total: Deltas = {}
+
+    @torch.no_grad()
+    def add(self, deltas: Deltas) -> None:
+        params = parameters(self.model, deltas)
+        for n, d in deltas.items():
+            if d.shape != params[n].shape:
+                raise ValueError(
+                    f"delta for {n} has shape {tuple(d.shape)}, weight {tuple(params[n].shape)}"
+                )
+        for n, d in deltas.items():
+            p = params[n]
+            if n not in self.base:  # never edited so far: its current value is W₀
+                self.base[n] = p.detach().clone()
+                self.total[n] = torch.zeros(p.shape, dtype=torch.float32)
+            self.total[n] = self.total[n] + d.detach().to("cpu", torch.float32)
+            p.copy_((self.base[n].float() + self.total[n].to(p.device)).to(p.dtype))
+
+    def load(self, total: Deltas) -> None:
+        """Re-apply a saved ``total`` to an unedited model (resume)."""
+        self.add(total)
 
 
 def delta_problem(deltas: Deltas, max_norm: float | None) -> str | None:

@@ -97,9 +97,8 @@ def _module_io_at(lm, module: str, encs: list[Encoded], batch_size: int, want_in
         batch = encs[sl]
         ids, mask = pad_right([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
         with trace(lm.model, [module], inputs=want_input, outputs=not want_input,
-                   stop=True) as tr:
-            with contextlib.suppress(StopForward):
-                lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                   stop=True) as tr, contextlib.suppress(StopForward):
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
         h = tr[module].input if want_input else tr[module].output
         idx = torch.tensor([e.subject_last for e in batch], device=h.device)
         rows.append(h[torch.arange(len(batch), device=h.device), idx].float())
@@ -195,7 +194,7 @@ def optimize_targets(
         remap = torch.full((len(row_req),), -1, dtype=torch.long, device=dev)
         remap[rows] = torch.arange(len(rows), device=dev)
 
-        def add_delta(m: str):
+        def add_delta(m: str, rows: torch.Tensor = rows):
             def fn(h: torch.Tensor) -> torch.Tensor:
                 h = h.clone()
                 h[torch.arange(len(rows), device=dev), row_subj_t[rows]] += d[m][

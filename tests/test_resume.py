@@ -1,0 +1,99 @@
+"""Checkpoint/resume, numerical-fault guard and bad input of the runner (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = [
+    "model=tiny_llama",
+    "logger=csv",
+    "schedule.n_edits=10",
+    "schedule.batch_size=2",
+    "stats.n_tokens=2000",
+    "save_deltas=true",
+    "fusion.p=0.5",
+]
+
+
+def kaedit_run(args: list[str], cache: Path, hydra_dir: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kaedit.run",
+            *BASE,
+            f"cache_dir={cache}",
+            f"hydra.run.dir={hydra_dir}",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def metric_columns(df: pd.DataFrame) -> pd.DataFrame:
+    return df[[c for c in df.columns if not c.startswith("time/")]]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_results(tmp_path):
+    cache = tmp_path / "cache"
+    # Uninterrupted reference run.
+    ref_dir = tmp_path / "ref"
+    p = kaedit_run([f"run_dir={ref_dir}"], cache, ref_dir)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+
+    # Same run, SIGKILLed once its checkpoint reaches a random step, then resumed.
+    run_dir = tmp_path / "killed"
+    kill_at = random.Random(os.getpid()).randint(1, 4)
+    p = kaedit_run([], cache, run_dir)
+    pointer = run_dir / "checkpoint" / "latest.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= kill_at:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, f"run ended before the kill at step {kill_at}"
+    assert not (run_dir / "summary.json").exists()
+
+    p = kaedit_run([f"resume={run_dir}"], cache, tmp_path / "resume-hydra")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+
+    ref = metric_columns(pd.read_csv(ref_dir / "metrics.csv"))
+    got = metric_columns(pd.read_csv(run_dir / "metrics.csv"))
+    assert list(got["step"]) == list(range(6))  # no row lost or duplicated
+    pd.testing.assert_frame_equal(got, ref)
+    a = load_file(str(ref_dir / "deltas.safetensors"))
+    b = load_file(str(run_dir / "deltas.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    p = kaedit_run([f"resume={tmp_path / 'nothing'}"], tmp_path / "cache", tmp_path / "h")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2
+    assert "no checkpoint" in out and "nothing" in out
