@@ -1,0 +1,146 @@
+"""Shared fixtures: the real configs composed with Hydra, overridden down to tiny models.
+
+Nothing here downloads anything or touches ``~/.cache``: the cache dir is a session tmp
+dir, the tiny models (``conf/model/tiny_*.yaml``) are random with an in-memory byte
+tokenizer, and the runner tests read a small dataset and corpus written below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from kaedit.models import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+TINY_MODELS = ("tiny_llama", "tiny_gptj", "tiny_neox")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny models must never need the hub
+
+Compose = Callable[[Sequence[str]], DictConfig]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    # default thread pool makes every small matmul wait on the other process (~100x slower).
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache dir per test session (models, statistics, data): never ``~/.cache``."""
+    return tmp_path_factory.mktemp("kaedit-cache")
+
+
+@pytest.fixture(scope="session")
+def compose(cache_dir: Path) -> Compose:
+    """``compose([...overrides])`` -> the composed ``conf/config.yaml``, cache in tmp."""
+
+    def _compose(overrides: Sequence[str] = ()) -> DictConfig:
+        with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra.compose("config", overrides=[f"cache_dir={cache_dir}", *overrides])
+
+    return _compose
+
+
+def load_tiny(compose: Compose, name: str) -> LoadedModel:
+    cfg = compose([f"model={name}"])
+    return load_model(cfg.model, lambda: hydra.utils.instantiate(cfg.model.load))
+
+
+@pytest.fixture(params=TINY_MODELS)
+def lm(request: pytest.FixtureRequest, compose: Compose) -> LoadedModel:
+    """A freshly built tiny model (function scope: a test that breaks it breaks only itself)."""
+    return load_tiny(compose, request.param)
+
+
+# ----------------------------------------------------------------------------- tiny data
+SUBJECTS = [
+    ("Danielle Darrieux", "French", "English"),
+    ("Toyota", "Japan", "Germany"),
+    ("Pablo Picasso", "Spain", "Norway"),
+    ("Mount Fuji", "Japan", "Chile"),
+    ("Leonhard Euler", "Switzerland", "Canada"),
+    ("The Nile", "Africa", "Asia"),
+    ("Ludwig van Beethoven", "Germany", "Peru"),
+    ("Nokia", "Finland", "Brazil"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight CounterFact records in EasyEdit's format (one paraphrase, one neighbour)."""
+    rows = [
+        {
+            "case_id": i,
+            "prompt": f"{subject} is located in",
+            "subject": subject,
+            "target_new": new,
+            "ground_truth": true,
+            "rephrase_prompt": f"Where is {subject}? It is in",
+            "locality_prompt": "Berlin is located in",
+            "locality_ground_truth": "Germany",
+        }
+        for i, (subject, true, new) in enumerate(SUBJECTS)
+    ]
+    path = tmp_path_factory.mktemp("data") / "tiny_counterfact.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~15k characters of English-ish text for the key statistics."""
+    words = [
+        "the",
+        "of",
+        "and",
+        "in",
+        "a",
+        "to",
+        "was",
+        "is",
+        "for",
+        "on",
+        "as",
+        "by",
+        "with",
+        "he",
+        "at",
+        "from",
+        "his",
+        "an",
+        "were",
+        "are",
+        "which",
+        "this",
+        "also",
+        "be",
+    ]
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run_overrides(tiny_dataset: Path, tiny_corpus: Path) -> list[str]:
+    """Overrides that make ``conf/config.yaml`` a seconds-long run on tiny_llama."""
+    return [
+        "model=tiny_llama",
+        "logger=csv",
+        f"dataset.path='{tiny_dataset}'",
+        f"stats.corpus=['{tiny_corpus}']",
+        "stats.n_tokens=2000",
+        "schedule.n_edits=6",
+        "schedule.batch_size=3",
+    ]

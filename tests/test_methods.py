@@ -1,0 +1,206 @@
+"""MEMIT and the shared locate-then-edit maths on the tiny models (all three architectures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import Compose
+from kaedit.evaluate import Scorer
+from kaedit.hooks import count_hooks, edit_outputs, trace
+from kaedit.methods.base import EditContext
+from kaedit.methods.core import (
+    TargetConfig,
+    hidden_at_subject,
+    optimize_targets,
+    solve_update,
+)
+from kaedit.models import LoadedModel
+from kaedit.records import EditRequest
+from kaedit.stats import CovarianceStore
+from kaedit.tokens import encode
+from kaedit.weights import applied
+
+# The subject ends each prompt, so the edited position is the one that predicts the first
+# target token: a random tiny model's NLL then responds measurably to the optimised delta.
+REQUESTS = [
+    EditRequest("a", "Paris", "A song about {}", "Rome"),
+    EditRequest("b", "Toyota", "I bought a {}", "car"),
+    EditRequest("c", "Leonhard Euler", "Number theory by {}", "Gauss"),
+]
+TEMPLATES = ["{}", "Hello. {}", "Once upon a time, there. {}"]
+
+
+@pytest.fixture
+def ctx(lm: LoadedModel, cache_dir: Path, tiny_corpus: Path) -> EditContext:
+    stats = CovarianceStore([str(tiny_corpus)], str(cache_dir / "stats"), n_tokens=2000)
+    return EditContext(lm=lm, stats=stats, templates=TEMPLATES)
+
+
+def memit(compose: Compose, lm: LoadedModel, **overrides):
+    cfg = compose([f"model={lm.spec.name}"])
+    return instantiate(cfg.method, _convert_="all", **overrides)
+
+
+def nll_with_delta(lm: LoadedModel, module: str, req: EditRequest, delta: torch.Tensor) -> float:
+    """Mean target NLL of the rewrite prompt with ``delta`` added at the last subject token."""
+    last = encode(lm.tokenizer, req.prompt, req.subject).subject_last
+
+    def add(h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[:, last] += delta
+        return h
+
+    with edit_outputs(lm.model, {module: add}):
+        return float(Scorer(lm).score([req.rewrite_prompt], [req.target_new])[0][0])
+
+
+def test_memit_deltas_shape_and_model_untouched(
+    compose: Compose, lm: LoadedModel, ctx: EditContext
+) -> None:
+    method = memit(compose, lm)
+    method.prepare(ctx)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    deltas = method.compute_deltas(ctx, REQUESTS)
+
+    params = dict(lm.model.named_parameters())
+    assert list(deltas) == [lm.spec.weight("mlp_out", layer) for layer in method.layers]
+    for name, d in deltas.items():
+        assert d.shape == params[name].shape
+        assert d.dtype == torch.float32
+        assert torch.isfinite(d).all() and d.abs().max() > 0
+    after = lm.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert count_hooks(lm.model) == 0
+
+
+def test_memit_failing_midway_restores_the_model(
+    compose: Compose, lm: LoadedModel, ctx: EditContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kaedit.methods.memit as memit_module
+
+    real, calls = memit_module.compute_keys, []
+
+    def fail_at_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first layer's delta is applied at this point
+            raise RuntimeError("keys failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memit_module, "compute_keys", fail_at_second_layer)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="keys failed"):
+        memit(compose, lm).compute_deltas(ctx, REQUESTS)
+    after = lm.model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert count_hooks(lm.model) == 0
+
+
+def test_memit_deltas_reach_the_target(compose: Compose, lm: LoadedModel, ctx: EditContext) -> None:
+    # With a tiny λ the closed-form solve is exact on the keys, so after applying every
+    # layer's delta the residual at the last edit layer is the optimised target z = init + δ.
+    # (One template: with several, the keys are template averages and z is met on average.)
+    ctx.templates = ["{}"]
+    method = memit(compose, lm, lam=1e-3)
+    z_module = lm.spec.module("layer", method.layers[-1])
+    init, delta = optimize_targets(lm, REQUESTS, ctx.templates, [z_module], method.target)[z_module]
+    with applied(lm.model, method.compute_deltas(ctx, REQUESTS)):
+        reached = hidden_at_subject(lm, z_module, REQUESTS)
+    err = (reached - (init + delta)).norm(dim=1) / delta.norm(dim=1)
+    assert err.max() < 1e-3, err
+
+
+def test_memit_config_lambda_nearly_reaches_target(
+    compose: Compose, lm: LoadedModel, ctx: EditContext
+) -> None:
+    method = memit(compose, lm)  # λ and template-averaged keys: most of the way, not exact
+    z_module = lm.spec.module("layer", method.layers[-1])
+    init, delta = optimize_targets(lm, REQUESTS, ctx.templates, [z_module], method.target)[z_module]
+    with applied(lm.model, method.compute_deltas(ctx, REQUESTS)):
+        moved = hidden_at_subject(lm, z_module, REQUESTS) - init
+    along = (moved * delta).sum(1) / delta.pow(2).sum(1)
+    assert ((along > 0.5) & (along < 1.5)).all(), along
+
+
+@pytest.mark.parametrize("kk_coef", [1.0, 2.0])
+def test_solve_update_normal_equations(kk_coef: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in, n, lam = 12, 20, 5, 3.0
+    R = torch.randn(d_out, n, generator=g)
+    K = torch.randn(d_in, n, generator=g)
+    M = torch.randn(d_in, d_in, generator=g)
+    C = M @ M.T / d_in + 0.1 * torch.eye(d_in)  # SPD
+    delta = solve_update(R, K, C, lam, kk_coef)
+    assert delta.shape == (d_out, d_in) and delta.dtype == torch.float32
+    lhs = delta.double() @ (lam * C.double() + kk_coef * K.double() @ K.double().T)
+    torch.testing.assert_close(lhs, (R @ K.T).double(), rtol=1e-5, atol=1e-5)
+    if kk_coef != 1.0:
+        assert not torch.allclose(delta, solve_update(R, K, C, lam, 1.0))
+
+
+def test_solve_update_without_covariance_interpolates_keys() -> None:
+    # λ → 0 with n < d_in: Δ K = R (the edited keys map exactly onto the residuals).
+    g = torch.Generator().manual_seed(1)
+    R, K = torch.randn(8, 3, generator=g), torch.randn(16, 3, generator=g)
+    delta = solve_update(R, K, torch.eye(16), 1e-8)
+    torch.testing.assert_close(delta @ K, R, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clamp", [0.5, 4.0])
+def test_optimize_targets_lowers_nll_within_clamp(lm: LoadedModel, clamp: float) -> None:
+    cfg = TargetConfig(lr=0.05, steps=20, weight_decay=0.0, clamp_norm_factor=clamp)
+    module = lm.spec.module("layer", 2)
+    init, delta = optimize_targets(lm, REQUESTS, ["{}"], [module], cfg)[module]
+    assert init.shape == delta.shape == (len(REQUESTS), lm.model.config.hidden_size)
+    torch.testing.assert_close(init, hidden_at_subject(lm, module, REQUESTS))
+    ratio = delta.norm(dim=1) / init.norm(dim=1)
+    assert (ratio <= clamp * (1 + 1e-5)).all(), ratio
+    unedited_all, _ = Scorer(lm).score(
+        [r.rewrite_prompt for r in REQUESTS], [r.target_new for r in REQUESTS]
+    )
+    for i, req in enumerate(REQUESTS):
+        unedited = float(unedited_all[i])
+        edited = nll_with_delta(lm, module, req, delta[i])
+        assert edited < unedited - 0.01, (req.subject, unedited, edited)
+    assert count_hooks(lm.model) == 0
+
+
+@pytest.mark.parametrize("early_stop_loss", [0.05, 5.55])
+def test_optimize_targets_batched_equals_separate(lm: LoadedModel, early_stop_loss: float) -> None:
+    # 5.55 ≈ log(vocab): some requests of the random model stop early, others do not.
+    cfg = TargetConfig(lr=0.5, steps=10, early_stop_loss=early_stop_loss)
+    modules = [lm.spec.module("layer", 2), lm.spec.module("attn_out", 2)]
+    batched = optimize_targets(lm, REQUESTS, TEMPLATES, modules, cfg)
+    for i, req in enumerate(REQUESTS):
+        alone = optimize_targets(lm, [req], TEMPLATES, modules, cfg)
+        for m in modules:
+            torch.testing.assert_close(alone[m][0][0], batched[m][0][i])
+            torch.testing.assert_close(alone[m][1][0], batched[m][1][i], rtol=1e-4, atol=1e-4)
+
+
+def test_covariance_matches_keys_and_is_cached(
+    lm: LoadedModel, tmp_path: Path, tiny_corpus: Path
+) -> None:
+    store = CovarianceStore([str(tiny_corpus)], str(tmp_path), n_tokens=512, seq_len=128)
+    covs = store.get(lm, [1, 2])
+    # By hand: every key entering mlp_out over the four 128-token windows.
+    windows = store._windows(lm.tokenizer)
+    assert windows.shape == (4, 128)
+    names = {layer: lm.spec.module("mlp_out", layer) for layer in (1, 2)}
+    with torch.no_grad(), trace(lm.model, names.values(), inputs=True, outputs=False) as tr:
+        lm.model(input_ids=windows)
+    for layer, name in names.items():
+        k = tr[name].input.reshape(-1, tr[name].input.shape[-1]).double()
+        torch.testing.assert_close(covs[layer], (k.T @ k / k.shape[0]).float())
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+    again = CovarianceStore([str(tiny_corpus)], str(tmp_path), n_tokens=512, seq_len=128)
+    cached = again.get(lm, [2, 1])
+    assert again.compute_seconds == 0.0  # read from disk
+    assert all(torch.equal(cached[layer], covs[layer]) for layer in (1, 2))
+    other = CovarianceStore([str(tiny_corpus)], str(tmp_path), n_tokens=256, seq_len=128)
+    assert other.key(lm, names[1]) != store.key(lm, names[1])

@@ -1,0 +1,181 @@
+"""The sequential-edit recipe end to end on tiny_llama: outputs, errors, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import Compose, load_tiny
+from kaedit import experiment
+from kaedit.data import DatasetError
+from kaedit.models import LoadedModel
+from kaedit.schedule import ScheduleError
+
+HEADLINE_COLUMNS = ["batch/efficacy", "seen/efficacy", "seen/specificity", "seen/score"]
+
+
+@pytest.fixture
+def run(compose: Compose, tiny_run_overrides: list[str], tmp_path: Path):
+    """``run(*overrides, name=...)`` -> (summary, run dir) of a tiny run."""
+
+    def _run(*overrides: str, name: str = "run") -> tuple[dict, Path]:
+        cfg = compose([*tiny_run_overrides, *overrides])
+        run_dir = tmp_path / name
+        return experiment.run(cfg, run_dir=str(run_dir)), run_dir
+
+    return _run
+
+
+@pytest.fixture
+def edited_model(monkeypatch: pytest.MonkeyPatch) -> list[LoadedModel]:
+    """Collects the model the runner loads, to compare its weights after the run."""
+    loaded: list[LoadedModel] = []
+    real_load_model = experiment.load_model
+
+    def spy(*args, **kwargs) -> LoadedModel:
+        loaded.append(real_load_model(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(experiment, "load_model", spy)
+    return loaded
+
+
+def changed_parameters(compose: Compose, lm: LoadedModel) -> set[str]:
+    fresh = dict(load_tiny(compose, lm.spec.name).model.named_parameters())
+    return {n for n, p in lm.model.named_parameters() if not torch.equal(p, fresh[n])}
+
+
+def test_run_writes_outputs(run, compose: Compose, edited_model: list[LoadedModel]) -> None:
+    summary, run_dir = run()
+    assert {"config.yaml", "metrics.csv", "summary.json", "retention.csv"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.model.name == "tiny_llama" and cfg.schedule.n_edits == 6
+    assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert {"step", "edits_done", "applied", *HEADLINE_COLUMNS} <= set(metrics.columns)
+    assert metrics["step"].tolist() == [0, 1, 2]
+    assert metrics["edits_done"].tolist() == [0, 3, 6]
+    assert metrics["applied"].tolist()[1:] == [1, 1]
+    for col in HEADLINE_COLUMNS:
+        assert metrics[col].between(0, 100).all(), col
+
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk.keys() == summary.keys()
+    for key, value in summary.items():
+        assert on_disk[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    assert summary["steps"] == 2 and summary["edits_done"] == 6
+    assert summary["steps_failed"] == 0
+    last = metrics.iloc[-1]
+    for col in HEADLINE_COLUMNS:
+        assert summary[col] == pytest.approx(last[col], rel=1e-5)
+
+    # seen/* follows every planned edit at step 0, the 3 made at step 1, all 6 at step 2.
+    retention = pd.read_csv(run_dir / "retention.csv")
+    assert retention.groupby("step").size().to_dict() == {0: 6, 1: 3, 2: 6}
+    assert set(retention[retention.step == 1].step_made) == {1}
+    assert retention[retention.step == 2].step_made.value_counts().to_dict() == {1: 3, 2: 3}
+    assert set(retention.case_id[retention.step == 1]) == {0, 1, 2}
+
+    # Exactly the edited projections changed.
+    (lm,) = edited_model
+    assert changed_parameters(compose, lm) == {lm.spec.weight("mlp_out", layer) for layer in (1, 2)}
+
+
+def test_schedule_longer_than_dataset(run, tmp_path: Path) -> None:
+    with pytest.raises(ScheduleError, match=r"n_edits=100000.*8 records"):
+        run("schedule.n_edits=100000")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_malformed_dataset(run, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"case_id": 1, "prompt": ')
+    with pytest.raises(DatasetError, match="broken.json"):
+        run(f"dataset.path='{bad}'")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_same_config_same_metrics(run) -> None:
+    _, first = run(name="first")
+    _, second = run(name="second")
+    a, b = (pd.read_csv(d / "metrics.csv") for d in (first, second))
+    timings = [c for c in a.columns if c.startswith("time/")]
+    pd.testing.assert_frame_equal(a.drop(columns=timings), b.drop(columns=timings))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(first / "retention.csv"), pd.read_csv(second / "retention.csv")
+    )
+
+
+def test_guard_refuses_every_step(run, compose: Compose, edited_model: list[LoadedModel]) -> None:
+    summary, run_dir = run("guard.max_delta_norm=1e-12")
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["applied"].tolist()[1:] == [0, 0]
+    assert summary["steps_failed"] == 2
+    (lm,) = edited_model
+    assert changed_parameters(compose, lm) == set()
+    # Unchanged model: step 2 re-checks the same 6 edits as step 0 and scores them the same.
+    seen = [c for c in metrics.columns if c.startswith("seen/")]
+    pd.testing.assert_series_equal(metrics.loc[0, seen], metrics.loc[2, seen], check_names=False)
+
+
+def test_guard_stop_raises(run) -> None:
+    with pytest.raises(FloatingPointError, match="step 1.*max_delta_norm"):
+        run("guard.max_delta_norm=1e-12", "guard.on_fault=stop")
+
+
+def test_wandb_offline_run(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _, run_dir = run("logger=wandb", "logger.wandb.mode=offline", "schedule.n_edits=3")
+    assert (run_dir / "wandb").is_dir()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "metrics.csv").is_file()  # the csv tracker runs beside it
+
+
+def _cli(tmp_path: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "KAEDIT_CACHE": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "kaedit.run", *overrides, f"hydra.run.dir='{tmp_path / 'cli'}'"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_cli_runs_into_hydra_dir(tmp_path: Path, cache_dir: Path, tiny_run_overrides) -> None:
+    proc = _cli(tmp_path, cache_dir, *tiny_run_overrides, "schedule.n_edits=3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = pd.read_csv(tmp_path / "cli" / "metrics.csv")
+    assert metrics["step"].tolist() == [0, 1]
+    assert (tmp_path / "cli" / "summary.json").is_file()
+
+
+def test_cli_user_error_is_one_line_exit_2(
+    tmp_path: Path, cache_dir: Path, tiny_run_overrides
+) -> None:
+    proc = _cli(tmp_path, cache_dir, *tiny_run_overrides, "schedule.n_edits=100000")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "ScheduleError: schedule.n_edits=100000" in out
+    assert "Traceback" not in out

@@ -1,0 +1,86 @@
+"""Real-model integration: SmolLM2-135M (embedded GGUF) with real CounterFact records.
+
+Marked slow: the first run on a fresh machine dequantizes the GGUF (~20 s) and computes
+covariance statistics (~1-2 min on 2 cores); both are cached under the cache dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from kaedit import data
+from kaedit.evaluate import CounterFactEval, Scorer
+from kaedit.experiment import resolve_data_root, run
+from kaedit.hooks import count_hooks
+from kaedit.methods.base import EditContext
+from kaedit.methods.core import context_templates
+from kaedit.models import load_model
+from kaedit.weights import applied
+
+
+pytestmark = pytest.mark.slow
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        c = compose("config", overrides=["logger=csv"])
+    resolve_data_root(c)
+    return c
+
+
+@pytest.fixture(scope="module")
+def lm(cfg):
+    return load_model(cfg.model, lambda: instantiate(cfg.model.load))
+
+
+@pytest.fixture(scope="module")
+def requests(cfg):
+    return data.from_config(cfg.dataset, cache_dir=str(cfg.cache_dir))[:5]
+
+
+def test_embedded_model_is_the_real_smollm2(lm):
+    cfg = lm.model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
+    assert lm.tokenizer("Paris", add_special_tokens=True)["input_ids"] == [38634]  # no BOS
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt")
+    out = lm.model.generate(**ids, max_new_tokens=2, do_sample=False)
+    assert "Paris" in lm.tokenizer.decode(out[0])
+
+
+def test_memit_edits_real_facts_and_spares_neighbours(cfg, lm, requests):
+    method = instantiate(cfg.method, _convert_="all")
+    ctx = EditContext(lm=lm, stats=instantiate(cfg.stats),
+                      templates=context_templates(lm, [(10, 5)], seed=0))
+    method.prepare(ctx)
+    before_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    scorer = Scorer(lm)
+    pre = CounterFactEval()(scorer, requests)
+    deltas = method.compute_deltas(ctx, requests)
+    assert count_hooks(lm.model) == 0
+    assert all(torch.equal(before_state[k], v) for k, v in lm.model.state_dict().items())
+    with applied(lm.model, deltas):
+        post = CounterFactEval()(scorer, requests)
+    assert post["efficacy"].mean() >= 0.8
+    assert post["efficacy"].mean() > pre["efficacy"].mean() + 0.3
+    assert post["generalization"].mean() > pre["generalization"].mean()
+    assert post["specificity"].mean() >= pre["specificity"].mean() - 0.15
+
+
+def test_runner_end_to_end_on_smollm2(cfg, tmp_path):
+    c = cfg.copy()
+    c.schedule.n_edits = 4
+    c.schedule.batch_size = 2
+    summary = run(c, run_dir=str(tmp_path))
+    rows = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(rows["step"]) == [0, 1, 2]
+    assert rows["seen/efficacy"].iloc[-1] > rows["seen/efficacy"].iloc[0]
+    assert summary["seen/efficacy"] == rows["seen/efficacy"].iloc[-1]
+    assert (tmp_path / "retention.csv").is_file()
