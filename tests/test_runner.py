@@ -130,6 +130,40 @@ def test_guard_refuses_every_step(run, compose: Compose, edited_model: list[Load
     pd.testing.assert_series_equal(metrics.loc[0, seen], metrics.loc[2, seen], check_names=False)
 
 
+def test_nan_delta_is_not_applied_and_logged(
+    run, compose: Compose, edited_model: list[LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kaedit.methods.memit import MEMIT
+
+    real = MEMIT.compute_deltas
+
+    def poisoned(self, ctx, requests):  # a NaN in every delta of step 2
+        deltas = real(self, ctx, requests)
+        if poisoned.calls == 1:
+            deltas = {k: v.clone().fill_(float("nan")) for k, v in deltas.items()}
+        poisoned.calls += 1
+        return deltas
+
+    poisoned.calls = 0
+    snapshots = []
+    real_add = experiment.EditedWeights.add
+
+    def spy_add(self, deltas):
+        real_add(self, deltas)
+        snapshots.append({k: p.detach().clone() for k, p in self.model.named_parameters()})
+
+    monkeypatch.setattr(MEMIT, "compute_deltas", poisoned)
+    monkeypatch.setattr(experiment.EditedWeights, "add", spy_add)
+    summary, run_dir = run("schedule.n_edits=6", "schedule.batch_size=2")
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["applied"].tolist()[1:] == [1, 0, 1]
+    assert summary["faults"] == [{"step": 2, "reason": summary["faults"][0]["reason"]}]
+    assert "non-finite" in summary["faults"][0]["reason"]
+    assert len(snapshots) == 2  # steps 1 and 3 were applied, step 2 never touched weights
+    (lm,) = edited_model
+    assert all(torch.isfinite(p).all() for p in lm.model.parameters())
+
+
 def test_guard_stop_raises(run) -> None:
     with pytest.raises(FloatingPointError, match="step 1.*max_delta_norm"):
         run("guard.max_delta_norm=1e-12", "guard.on_fault=stop")

@@ -12,6 +12,8 @@ class ConfigError(ValueError):
     """A config value is out of range or inconsistent with another."""
 
 
+#: Bad input: reported as one line. ValueError covers invalid config values checked by
+#: constructors (e.g. ``fusion.p=1.5``), which name the value and the valid range.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DatasetError, ModelLoadError, ScheduleError, CorpusError,
+    ConfigError, DatasetError, ModelLoadError, ScheduleError, CorpusError, ValueError,
 )

@@ -48,6 +48,21 @@ def resolve_data_root(cfg: DictConfig) -> None:
     cfg.data_root = str(root.resolve())
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising our own errors unwrapped (one clear line)."""
+    from hydra.errors import InstantiationException
+
+    from kaedit.errors import USER_ERRORS
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, (*USER_ERRORS, ValueError)):
+            raise cause from None
+        raise
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator for step ``step``'s randomness (drop masks): a pure function of both."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
@@ -134,17 +149,17 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     schedule = Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
     batches = schedule.batches(len(records))
     planned = [records[i] for r in batches for i in r]
-    evaluator: Evaluator = instantiate(cfg.dataset.evaluator)
-    fusion = instantiate(cfg.fusion)
+    evaluator: Evaluator = build(cfg.dataset.evaluator)
+    fusion = build(cfg.fusion)
     if cfg.guard.on_fault not in ("skip", "stop"):
         raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of ['skip', 'stop']")
 
     # 2. model, statistics, method (all derived from the unedited model)
-    lm: LoadedModel = load_model(cfg.model, lambda: instantiate(cfg.model.load))
+    lm: LoadedModel = load_model(cfg.model, lambda: build(cfg.model.load))
     lm.spec.check(lm.model, [int(x) for x in cfg.model.edit.layers])
     torch.manual_seed(seed)
-    method: EditMethod = instantiate(cfg.method, _convert_="all")
-    stats: CovarianceStore = instantiate(cfg.stats)
+    method: EditMethod = build(cfg.method, _convert_="all")
+    stats: CovarianceStore = build(cfg.stats)
     templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=seed)
     ctx = EditContext(lm=lm, stats=stats, templates=templates)
     method.prepare(ctx)

@@ -2,13 +2,15 @@
 
 Composes ``conf/config.yaml`` with the command-line overrides and calls
 :func:`kaedit.experiment.run`. Bad input (dataset, schedule, model path) ends the process
-with one clear error line and exit status 2; ``--cfg job`` prints the composed config
+with one clear error line and exit status 2 (``HYDRA_FULL_ERROR=1`` shows the
+traceback); ``--cfg job`` prints the composed config
 without loading anything.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -27,6 +29,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except USER_ERRORS as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         log.error("%s: %s", type(exc).__name__, exc)
         sys.exit(2)
     value = summary.get(str(cfg.optimized_metric)) if cfg.get("optimized_metric") else None
