@@ -98,6 +98,33 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_rome_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same eight facts in ROME's CounterFact layout, with attribute and generation
+    prompts (fluency, consistency)."""
+    rows = [
+        {
+            "case_id": i,
+            "requested_rewrite": {
+                "prompt": "{} is located in",
+                "relation_id": "P17",
+                "subject": subject,
+                "target_new": {"str": new, "id": f"Q{100 + i}"},
+                "target_true": {"str": true, "id": f"Q{200 + i}"},
+            },
+            "paraphrase_prompts": [f"Where is {subject}? It is in"],
+            "neighborhood_prompts": ["Berlin is located in"],
+            "attribute_prompts": [f"The capital of {new} is", f"People of {new} speak"],
+            "generation_prompts": [f"{subject} is known for", f"{subject} is known for",
+                                   f"The history of {subject}"],
+        }
+        for i, (subject, true, new) in enumerate(SUBJECTS)
+    ]
+    path = tmp_path_factory.mktemp("data") / "tiny_counterfact_rome.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """~15k characters of English-ish text for the key statistics."""
     words = [

@@ -19,7 +19,7 @@ def cli(tmp_path: Path, *overrides: str) -> tuple[int, str, Path]:
     p = subprocess.run(
         [sys.executable, "-m", "kaedit.run", "logger=csv", f"cache_dir={tmp_path / 'cache'}",
          f"hydra.run.dir={run_dir}", "stats.n_tokens=2000", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     return p.returncode, p.stdout + p.stderr, run_dir
 

@@ -25,7 +25,10 @@ from kaedit.schedule import Schedule
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 #: Arguments the runner passes to every tracker on top of its config keys.
-RUNNER_KWARGS = {"logger": {"run_dir": "/tmp/run", "run_config": {}, "resume": None}}
+RUNNER_KWARGS = {
+    "logger": {"run_dir": "/tmp/run", "run_config": {}, "resume": None},
+    "generation": {"lm": None},
+}
 
 
 def targets(node: Any, path: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -61,7 +64,9 @@ def test_option_composes_and_targets_bind(compose: Compose, group: str, option: 
     cfg = compose([f"{group}={option}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     found = dict(targets(resolved))
-    assert {"model.load", "method", "fusion", "stats", "dataset.evaluator"} <= set(found)
+    assert {"model.load", "method", "fusion", "stats", "dataset.evaluator", "generation"} <= set(
+        found
+    )
     for path, node in found.items():
         bind(path, node)
     # Keys read without a _target_: the schedule and the method's target settings.

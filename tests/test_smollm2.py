@@ -23,7 +23,6 @@ from kaedit.methods.core import context_templates
 from kaedit.models import load_model
 from kaedit.weights import applied
 
-
 pytestmark = pytest.mark.slow
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -84,3 +83,8 @@ def test_runner_end_to_end_on_smollm2(cfg, tmp_path):
     assert rows["seen/efficacy"].iloc[-1] > rows["seen/efficacy"].iloc[0]
     assert summary["seen/efficacy"] == rows["seen/efficacy"].iloc[-1]
     assert (tmp_path / "retention.csv").is_file()
+    # Generation metrics at the first and last step only (schedule.generation_every=null).
+    assert rows["seen/fluency"].notna().tolist() == [True, False, True]
+    assert 300 < rows["seen/fluency"].iloc[0] < 700  # bits x100 of 50-token greedy texts
+    assert 0 < rows["seen/consistency"].iloc[0] < 100
+    assert summary["consistency_source"] == "fallback_wikitext"

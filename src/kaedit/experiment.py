@@ -9,6 +9,7 @@ tokenisation caches, random generators) is created here; nothing is module-level
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -24,11 +25,11 @@ from tqdm.auto import tqdm
 
 from kaedit import checkpoint, data
 from kaedit.errors import ConfigError
-from kaedit.evaluate import Evaluator, Scorer, aggregate
+from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.core import context_templates
 from kaedit.models import LoadedModel, load_model
-from kaedit.records import EditRequest
+from kaedit.records import Deltas, EditRequest
 from kaedit.schedule import Schedule
 from kaedit.stats import CovarianceStore
 from kaedit.tracking import Trackers, atomic_write
@@ -69,11 +70,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 class Evaluation:
-    """Scores this step's batch and a stable sample of all edits so far."""
+    """Scores this step's batch and a stable sample of all edits so far; on generation
+    steps also their text metrics (``texts``)."""
 
     def __init__(self, evaluator: Evaluator, scorer: Scorer, planned: Sequence[EditRequest],
-                 sample: int | None, seed: int) -> None:
-        self.evaluator, self.scorer = evaluator, scorer
+                 sample: int | None, seed: int, texts: TextMetrics | None = None) -> None:
+        self.evaluator, self.scorer, self.texts = evaluator, scorer, texts
         # A fixed random order of the planned edits: seen/* at step t takes the first
         # `sample` of those already made, so the same edits are followed across steps.
         order = list(range(len(planned)))
@@ -86,11 +88,17 @@ class Evaluation:
         pool = [i for i in self.order if i < n_done] if n_done else self.order
         return sorted(pool[: self.sample])
 
-    def __call__(self, batch: Sequence[int], n_done: int) -> tuple[dict, list[int], dict]:
+    def indices(self, batch: Sequence[int], n_done: int) -> list[int]:
+        """The planned edits an evaluation scores: the batch and the ``seen`` sample."""
+        return sorted(set(batch) | set(self.seen_indices(n_done)))
+
+    def __call__(self, batch: Sequence[int], n_done: int,
+                 generate: bool = False) -> tuple[dict, list[int], dict]:
         """``batch``: indices into the planned edits. Each request is scored once."""
         seen = self.seen_indices(n_done)
-        both = sorted(set(batch) | set(seen))
-        values = self.evaluator(self.scorer, [self.planned[i] for i in both])
+        both = self.indices(batch, n_done)
+        values = self.evaluator(self.scorer, [self.planned[i] for i in both],
+                                texts=self.texts if generate else None)
         at = {i: k for k, i in enumerate(both)}
 
         def pick(idx: Sequence[int]) -> dict:
@@ -100,6 +108,28 @@ class Evaluation:
         per_seen = pick(seen)
         row = {**aggregate(pick(batch), "batch"), **aggregate(per_seen, "seen")}
         return row, seen, per_seen
+
+
+def generation_indices(schedule: Schedule, batches: Sequence[range],
+                       evaluation: Evaluation) -> list[int]:
+    """Planned edits that some generation step will evaluate (its batch and ``seen``)."""
+    n_steps, ends = len(batches), [0, *itertools.accumulate(len(b) for b in batches)]
+    due: set[int] = set()
+    for step in range(n_steps + 1):
+        if schedule.generation_at(step, n_steps):
+            batch = range(ends[max(step, 1) - 1], ends[max(step, 1)])  # step 0: the first
+            due.update(evaluation.indices(batch, ends[step]))
+    return sorted(due)
+
+
+def save_step_deltas(folder: Path, step: int, deltas: Deltas, fused: Deltas) -> None:
+    """``step-NNNN.safetensors`` (as computed) and ``step-NNNN-fused.safetensors``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix, d in (("", deltas), ("-fused", fused)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in d.items()},
+                  str(folder / f"step-{step:04d}{suffix}.safetensors"))
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
@@ -163,8 +193,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=seed)
     ctx = EditContext(lm=lm, stats=stats, templates=templates)
     method.prepare(ctx)
+    texts: TextMetrics = build(cfg.generation, _partial_=True)(lm=lm)  # lm: not a config
     evaluation = Evaluation(evaluator, Scorer(lm, int(cfg.eval_batch_size)), planned,
-                            schedule.retention_sample, seed)
+                            schedule.retention_sample, seed, texts)
     edits = EditedWeights(lm.model)
 
     # 3. state to continue from (resume), outputs and trackers
@@ -176,6 +207,13 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         method.load_state_dict(ckpt.method_tensors)
         checkpoint.restore_rng(ckpt.state)
         state.update(ckpt.state)
+    if texts.needs_references:
+        # Consistency's fallback reference text comes from the unedited model: generate it
+        # now, before the first edit, for every request a generation step will evaluate.
+        if state["step"] == 0:
+            due = [planned[i] for i in generation_indices(schedule, batches, evaluation)]
+            state["references"] = texts.make_references(due)
+        texts.references = state.setdefault("references", {})
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -192,7 +230,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
 
     def evaluate(step: int, batch: Sequence[int], n_done: int, extra: Mapping) -> dict:
         t0 = time.perf_counter()
-        row, seen, per_seen = evaluation(batch, n_done)
+        row, seen, per_seen = evaluation(batch, n_done, schedule.generation_at(step, n_steps))
         row = {"step": step, "edits_done": n_done, **extra, **row,
                "time/eval_s": time.perf_counter() - t0}
         trackers.log(row, step)
@@ -213,6 +251,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             deltas = method.compute_deltas(ctx, batch)
             t_compute = time.perf_counter() - t0
             fused = fusion(deltas, step_generator(seed, step))
+            if cfg.save_step_deltas:
+                save_step_deltas(run_dir / "deltas", step, deltas, fused)
             problem = delta_problem(fused, cfg.guard.max_delta_norm)
             if problem is None:
                 edits.add(fused)
@@ -246,6 +286,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             "wall_s": time.perf_counter() - t_start,
             "stats_compute_s": stats.compute_seconds,
         })
+        if "seen/consistency" in summary:
+            summary["consistency_source"] = texts.source
         _write_retention(run_dir / "retention.csv", state["retention"])
         if cfg.save_deltas:
             from safetensors.torch import save_file

@@ -43,6 +43,9 @@ class EditRequest:
     generation_prompts: tuple[str, ...] = ()
     #: Which schema the record came from: "counterfact", "easyedit", "zsre", ...
     source: str = "counterfact"
+    #: Knowledge-base id of ``target_new`` (CounterFact's Wikidata id; ROME's attribute
+    #: snippets for consistency are keyed by ``(relation_id, target_new_id)``).
+    target_new_id: str | None = None
 
     @property
     def rewrite_prompt(self) -> str:

@@ -24,6 +24,9 @@ class Schedule:
     start: int = 0
     #: Save a checkpoint every this many steps (and at the last step); 0 = never.
     checkpoint_every: int = 1
+    #: Generation metrics (fluency, consistency) on evaluated steps: None = step 0 and the
+    #: last step only; k = also every k steps; 0 = never.
+    generation_every: int | None = None
 
     def batches(self, n_available: int) -> list[range]:
         """Index ranges (into the dataset) of each step's batch, step 1 first."""
@@ -60,3 +63,11 @@ class Schedule:
         if step in (0, n_steps):
             return True
         return self.eval_every > 0 and step % self.eval_every == 0
+
+    def generation_at(self, step: int, n_steps: int) -> bool:
+        """Whether an evaluated step also generates text (fluency, consistency)."""
+        if self.generation_every == 0 or not self.evaluate_at(step, n_steps):
+            return False
+        if step in (0, n_steps):
+            return True
+        return self.generation_every is not None and step % self.generation_every == 0

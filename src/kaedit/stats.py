@@ -62,22 +62,7 @@ class CovarianceStore:
 
     # -- corpus -----------------------------------------------------------------------
     def _read_corpus(self) -> str:
-        texts = []
-        for src in self.corpus:
-            if src.startswith("hf:"):
-                texts.append(_read_hf_text(src[3:]))
-                continue
-            path = Path(src).expanduser()
-            if not path.is_file():
-                raise CorpusError(
-                    f"statistics corpus file {src!r} does not exist; set stats.corpus to "
-                    "text files or 'hf:wikitext/wikitext-103-raw-v1:train'"
-                )
-            texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        text = "\n".join(t.replace("\r\n", "\n") for t in texts)
-        if not text.strip():
-            raise CorpusError(f"statistics corpus {self.corpus} is empty")
-        return text
+        return read_corpus(self.corpus, "stats.corpus")
 
     def corpus_id(self) -> str:
         if self._corpus_id is None:
@@ -159,6 +144,26 @@ class CovarianceStore:
                 sums[layer] = sums.get(layer, 0) + k.T @ k
             count += ids.numel()
         return {layer: ((s / count).float(), count) for layer, s in sums.items()}
+
+
+def read_corpus(sources: Sequence[str], key: str = "stats.corpus") -> str:
+    """The text of local files and ``hf:NAME/CONFIG:SPLIT`` datasets, joined in order."""
+    texts = []
+    for src in sources:
+        if src.startswith("hf:"):
+            texts.append(_read_hf_text(src[3:]))
+            continue
+        path = Path(src).expanduser()
+        if not path.is_file():
+            raise CorpusError(
+                f"{key} file {src!r} does not exist; set {key} to "
+                "text files or 'hf:wikitext/wikitext-103-raw-v1:train'"
+            )
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    text = "\n".join(t.replace("\r\n", "\n") for t in texts)
+    if not text.strip():
+        raise CorpusError(f"{key} {list(sources)} is empty")
+    return text
 
 
 def _read_hf_text(spec: str) -> str:

@@ -68,6 +68,19 @@ def pad_right(
     return ids.to(device), mask.to(device)
 
 
+def pad_left(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad (for generation: every row's next token is the last column) + its mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def final_hidden(
     model: nn.Module, spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

@@ -71,6 +71,8 @@ def from_rome(row: Mapping[str, Any], index: int) -> EditRequest:
         attribute_prompts=texts(row, "attribute_prompts", where),
         generation_prompts=texts(row, "generation_prompts", where),
         source="counterfact",
+        target_new_id=(None if rw["target_new"].get("id") is None
+                       else str(rw["target_new"]["id"])),
     )
 
 

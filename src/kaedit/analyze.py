@@ -1,0 +1,345 @@
+"""Figures from saved runs: ``python -m kaedit.analyze RUN_DIR [RUN_DIR ...] [--out DIR]``.
+
+Reads what a run wrote (``metrics.csv``, ``retention.csv``, ``config.yaml`` and, with
+``save_step_deltas=true``, ``deltas/``) and draws, without loading a model:
+
+* ``scaling.png`` -- the five metrics of the edits made so far (``seen/*``) against the
+  number of edits (paper Fig. 2); fluency and consistency where they were generated;
+* ``retention.png`` -- efficacy of the edits made at step *s* (rows) measured at step *t*
+  (columns), from ``retention.csv``: the knowledge-attenuation heat-map;
+* ``delta_similarity.png`` -- pairwise cosine similarity of the per-step edit weights
+  before and after fusion (Fig. 3, e.g. before/after drop-and-rescale), each step's deltas
+  flattened over all edited layers; the first ``--max-steps`` steps;
+* ``compare.png`` -- seen efficacy, generalization and specificity against edits, one line
+  per run, labelled by method / fusion and its parameters (Fig. 5-7).
+
+Per-run figures go to ``RUN_DIR/figures/`` (or ``DIR/<run name>/`` with ``--out``);
+``compare.png`` to ``--out``, or beside the first run's figures.
+
+``python -m kaedit.analyze topk RUN_DIR --k 0.1,0.2,0.5,1`` (Fig. 4, edit performance vs
+the top-k% of parameters retained) loads the run's model again: for each k it keeps the
+k fraction of largest-magnitude entries of every saved pre-fusion step delta, adds their
+sum to the unedited weights and scores all the edits of those steps; it writes
+``topk.csv`` and ``topk.png``. For a one-step run (the paper's setting: one batch of
+100-500 edits) this is exactly Fig. 4; for longer runs it is an approximation, since each
+step's delta was computed on the model as the run itself had edited it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+#: The paper's five CounterFact metrics, in its column order.
+FIVE = ("efficacy", "generalization", "specificity", "fluency", "consistency")
+HEADLINE = FIVE[:3]
+
+
+@dataclass
+class Run:
+    path: Path
+    metrics: pd.DataFrame
+    retention: pd.DataFrame | None
+    config: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def label(self) -> str:
+        return run_label(self.config)
+
+
+def load_run(path: str | Path) -> Run:
+    """A run directory's saved outputs (``metrics.csv`` is required)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not (path / "metrics.csv").is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no metrics.csv: not a kaedit run directory")
+    config = {}
+    if (path / "config.yaml").is_file():
+        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False)
+    retention = pd.read_csv(path / "retention.csv") if (path / "retention.csv").is_file() else None
+    return Run(path, pd.read_csv(path / "metrics.csv"), retention, config)
+
+
+def _class_name(node: Any) -> str:
+    target = node.get("_target_", "?") if isinstance(node, dict) else "?"
+    return str(target).rsplit(".", 1)[-1]
+
+
+def run_label(config: dict[str, Any]) -> str:
+    """``METHOD / Fusion(param=value)``, e.g. ``MEMIT / DropRescale(p=0.8)``."""
+    fusion = config.get("fusion") or {}
+    params = ", ".join(f"{k}={v}" for k, v in fusion.items() if not str(k).startswith("_"))
+    return f"{_class_name(config.get('method'))} / {_class_name(fusion)}" + (
+        f"({params})" if params else "")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scaling(run: Run, out: Path) -> Path:
+    """Fig. 2: ``seen/*`` of the five metrics against ``edits_done`` (x100 as logged)."""
+    plt = _pyplot()
+    present = [m for m in FIVE if f"seen/{m}" in run.metrics]
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3), squeeze=False)
+    for ax, m in zip(axes[0], present):
+        df = run.metrics[["edits_done", f"seen/{m}"]].dropna()
+        ax.plot(df["edits_done"], df[f"seen/{m}"], marker="o", ms=3)
+        ax.set_title(m)
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run.label} ({run.name})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out / "scaling.png")
+
+
+def retention_matrix(retention: pd.DataFrame, metric: str = "efficacy") -> pd.DataFrame:
+    """Mean ``metric`` x100 by step made (rows; edits made so far) and step measured."""
+    made = retention[retention["step_made"] > 0]
+    return made.pivot_table(index="step_made", columns="step", values=metric,
+                            aggfunc="mean") * 100
+
+
+def plot_retention(run: Run, out: Path, metric: str = "efficacy") -> Path | None:
+    if run.retention is None or metric not in run.retention or not (
+            run.retention["step_made"] > 0).any():
+        return None
+    plt = _pyplot()
+    mat = retention_matrix(run.retention, metric)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    im = ax.imshow(np.ma.masked_invalid(mat.to_numpy(float)), vmin=0, vmax=100,
+                   cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(mat.columns)), [str(c) for c in mat.columns], fontsize=7)
+    ax.set_yticks(range(len(mat.index)), [str(i) for i in mat.index], fontsize=7)
+    ax.set_xlabel("step measured")
+    ax.set_ylabel("step made")
+    ax.set_title(f"{metric} of earlier edits\n{run.label}", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return _save(fig, out / "retention.png")
+
+
+def step_delta_files(folder: Path, fused: bool) -> list[Path]:
+    """``deltas/step-NNNN[-fused].safetensors`` in step order."""
+    files = [f for f in folder.glob("step-*.safetensors") if f.stem.endswith("-fused") == fused]
+    return sorted(files, key=lambda f: int(f.stem.split("-")[1]))
+
+
+def cosine_matrix(files: Sequence[Path]) -> np.ndarray:
+    """Pairwise cosine similarity of the deltas in ``files``, each flattened over all of
+    its tensors (in name order) into one vector."""
+    import torch
+    from safetensors.torch import load_file
+
+    vecs = []
+    for f in files:
+        d = load_file(str(f))
+        v = torch.cat([d[k].float().reshape(-1) for k in sorted(d)])
+        vecs.append(v / v.norm().clamp_min(1e-30))
+    mat = torch.stack(vecs)  # [steps, n_params]
+    return (mat @ mat.T).numpy()
+
+
+def plot_delta_similarity(run: Run, out: Path, max_steps: int = 20) -> Path | None:
+    """Fig. 3: cosine similarity of per-step deltas before (left) and after fusion."""
+    folder = run.path / "deltas"
+    pre, post = (step_delta_files(folder, fused)[:max_steps] for fused in (False, True))
+    if len(pre) < 2:
+        return None
+    plt = _pyplot()
+    panels = [("before fusion", pre), (f"after {_class_name(run.config.get('fusion'))}", post)]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, (title, files) in zip(axes, panels):
+        if len(files) < 2:
+            ax.set_axis_off()
+            continue
+        sim = cosine_matrix(files)
+        off = sim[~np.eye(len(sim), dtype=bool)]
+        im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
+        steps = [f.stem.split("-")[1].lstrip("0") or "0" for f in files]
+        ax.set_xticks(range(len(steps)), steps, fontsize=6)
+        ax.set_yticks(range(len(steps)), steps, fontsize=6)
+        ax.set_xlabel("step")
+        ax.set_title(f"{title}\nmean off-diagonal cos {off.mean():.3f}", fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle(run.label, fontsize=9)
+    return _save(fig, out / "delta_similarity.png")
+
+
+def plot_comparison(runs: Sequence[Run], out: Path) -> Path:
+    """Fig. 5-7: seen efficacy / generalization / specificity vs edits, a line per run."""
+    plt = _pyplot()
+    labels = [r.label for r in runs]
+    if len(set(labels)) < len(labels):  # same method and fusion: tell them apart by dir
+        labels = [f"{lab} [{r.name}]" for lab, r in zip(labels, runs)]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, m in zip(axes, HEADLINE):
+        for run, lab in zip(runs, labels):
+            if f"seen/{m}" in run.metrics:
+                df = run.metrics[["edits_done", f"seen/{m}"]].dropna()
+                ax.plot(df["edits_done"], df[f"seen/{m}"], marker="o", ms=3, label=lab)
+        ax.set_title(m)
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out / "compare.png")
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def analyze(run_dirs: Sequence[str | Path], out: str | Path | None = None,
+            max_steps: int = 20) -> list[Path]:
+    """Draw every figure the runs' saved files allow; returns the PNG paths written."""
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    written: list[Path] = []
+    for i, run in enumerate(runs):
+        name = run.name if names.count(run.name) == 1 else f"{i}-{run.name}"
+        dest = Path(out) / name if out else run.path / "figures"
+        written.append(plot_scaling(run, dest))
+        written += [p for p in (plot_retention(run, dest),
+                                plot_delta_similarity(run, dest, max_steps)) if p]
+    written.append(plot_comparison(runs, Path(out) if out else runs[0].path / "figures"))
+    return written
+
+
+def topk_performance(run_dir: str | Path, ks: Sequence[float]) -> pd.DataFrame:
+    """Fig. 4: scores of the run's edits with each step delta pruned to its top-k fraction.
+
+    W = W₀ + Σ_t top_k(Δ_t, k) over the saved pre-fusion deltas (steps the run did not
+    apply are left out); efficacy, generalization, specificity and score, x100, per k.
+    """
+    import json
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from kaedit import data
+    from kaedit.evaluate import Scorer, aggregate
+    from kaedit.fusion import top_k
+    from kaedit.models import load_model
+    from kaedit.schedule import Schedule
+    from kaedit.weights import applied
+
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    files = step_delta_files(run_dir / "deltas", fused=False)
+    if not files:
+        raise FileNotFoundError(f"{str(run_dir)!r} has no deltas/step-*.safetensors: "
+                                "run it with save_step_deltas=true")
+    summary = run_dir / "summary.json"
+    skipped = ({f["step"] for f in json.loads(summary.read_text()).get("faults", [])}
+               if summary.is_file() else set())
+    steps = {int(f.stem.split("-")[1]): f for f in files}
+    records = data.from_config(cfg.dataset, cache_dir=str(Path(cfg.cache_dir) / "data"))
+    batches = Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True)).batches(
+        len(records))
+    made = [records[i] for b in batches[: max(steps)] for i in b]
+    lm = load_model(cfg.model, lambda: instantiate(cfg.model.load))
+    evaluator, scorer = instantiate(cfg.dataset.evaluator), Scorer(lm, int(cfg.eval_batch_size))
+    rows = []
+    for k in ks:
+        total: dict = {}
+        for step, f in sorted(steps.items()):
+            if step in skipped:
+                continue
+            for name, d in load_file(str(f)).items():
+                pruned = top_k(d.float(), float(k))
+                total[name] = total[name] + pruned if name in total else pruned
+        with applied(lm.model, total):
+            values = evaluator(scorer, made)
+        rows.append({"k": float(k), "edits": len(made),
+                     **{key.split("/", 1)[1]: v for key, v in aggregate(values, "x").items()}})
+        log.info("top-k %.2f: %s", k, rows[-1])
+    return pd.DataFrame(rows)
+
+
+def plot_topk(table: pd.DataFrame, out: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in (*HEADLINE, "score"):
+        ax.plot(table["k"] * 100, table[m], marker="o", ms=3, label=m)
+    ax.set_xlabel("top-k% of parameters retained")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, out / "topk.png")
+
+
+def topk_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kaedit.analyze topk",
+                                     description=topk_performance.__doc__)
+    parser.add_argument("run", metavar="RUN_DIR")
+    parser.add_argument("--k", default="0.05,0.1,0.2,0.3,0.5,0.8,1.0",
+                        help="comma-separated fractions in (0, 1] (default %(default)s)")
+    parser.add_argument("--out", default=None, help="default: RUN_DIR/figures/")
+    args = parser.parse_args(argv)
+    ks = [float(k) for k in args.k.split(",") if k.strip()]
+    try:
+        table = topk_performance(args.run, ks)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.run) / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "topk.csv").write_text(table.to_csv(index=False, float_format="%.6g"))
+    print(out / "topk.csv")
+    print(plot_topk(table, out, run_label(load_run(args.run).config)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["topk"]:
+        return topk_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m kaedit.analyze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="kaedit run directories")
+    parser.add_argument("--out", default=None,
+                        help="write all figures here (default: RUN_DIR/figures/)")
+    parser.add_argument("--max-steps", type=int, default=20,
+                        help="steps shown in delta_similarity.png (default 20)")
+    args = parser.parse_args(argv)
+    try:
+        written = analyze(args.runs, args.out, args.max_steps)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
