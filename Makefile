@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: venv ## The main job: 50 sequential CounterFact edits (MEMIT + DR) on SmolLM2, CPU
-	$(PY) -m kaedit.run schedule.n_edits=50 $(ARGS)
+	$(PY) -m kaedit.run schedule.n_edits=50 schedule.generation_every=0 $(ARGS)
 
 test: venv ## The whole test suite (includes the real-model tests marked slow)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

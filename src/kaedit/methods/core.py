@@ -132,7 +132,8 @@ def optimize_targets(
     last subject token of the plain prompt, and the optimised delta, so the target value
     is ``init + delta``. Loss per request (MEMIT eq. 16, PMET/AdaPLE eq. 25): mean NLL of
     the new object over the prefixed prompts + ``kl_factor`` · KL(edited ‖ original) on
-    ``kl_prompt`` + ``weight_decay`` · ‖δ‖²/‖init‖² summed over modules, each delta clamped
+    ``kl_prompt`` + ``weight_decay`` · ‖δ‖/‖init‖² (MEMIT's form) summed over modules, each
+    delta clamped
     to ``clamp_norm_factor`` · ‖init‖. Requests are independent: their losses are summed,
     so each delta gets exactly its own request's gradient.
     """
@@ -223,11 +224,12 @@ def optimize_targets(
         kl_req = torch.tensor([row_req[r] for r in kl_keep], device=dev)
         if kl_init is None:
             kl_init = kl_logp.detach().clone()  # step 0: deltas are zero -> original model
-        kl = F.kl_div(kl_logp, kl_init[kl_req], log_target=True, reduction="none").sum(1)
+        # KL(edited ‖ original), as MEMIT/PMET: kl_div(input=log q_orig, target=log p_edit)
+        kl = F.kl_div(kl_init[kl_req], kl_logp, log_target=True, reduction="none").sum(1)
         req_kl = torch.zeros(n, device=dev).index_add(0, kl_req, kl)
 
         decay = sum(
-            d[m].pow(2).sum(1) / inits[m].pow(2).sum(1).clamp_min(1e-12) for m in modules
+            d[m].norm(dim=1) / inits[m].pow(2).sum(1).clamp_min(1e-12) for m in modules
         )
         loss_req = req_nll + cfg.kl_factor * req_kl + cfg.weight_decay * decay
         done = (req_nll.detach() < cfg.early_stop_loss).cpu()

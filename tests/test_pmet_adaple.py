@@ -1,0 +1,298 @@
+"""PMET and AdaPLE: deltas on the tiny models, the closed forms of every AdaPLE objective,
+and (marked slow) real edits of SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from conftest import CONF, TINY_MODELS, Compose
+from kaedit.data import load_requests
+from kaedit.evaluate import CounterFactEval, Scorer
+from kaedit.experiment import resolve_data_root
+from kaedit.hooks import count_hooks
+from kaedit.methods import objectives
+from kaedit.methods.adaple import OBJECTIVES, AdaPLE
+from kaedit.methods.base import EditContext, EditMethod
+from kaedit.methods.core import context_templates, hidden_at_subject, solve_update
+from kaedit.methods.pmet import PMET
+from kaedit.models import LoadedModel, load_model
+from kaedit.weights import applied
+
+METHODS = [
+    ("pmet", {}),
+    *(("adaple", {"objective": o}) for o in OBJECTIVES),
+    ("adaple", {"objective": "memit", "optimize_attention": False}),
+]
+METHOD_IDS = ["pmet", *OBJECTIVES, "memit-no-attn"]
+
+
+def tiny_setup(compose: Compose, model: str, method: str) -> tuple:
+    cfg = compose([f"model={model}", f"method={method}", "stats.n_tokens=2000"])
+    resolve_data_root(cfg)
+    lm = load_model(cfg.model, lambda: hydra.utils.instantiate(cfg.model.load))
+    ctx = EditContext(lm=lm, stats=instantiate(cfg.stats), templates=["{}", "Hello. {}"])
+    return cfg, lm, ctx
+
+
+def counterfact(cfg) -> str:
+    path = Path(cfg.data_root) / "counterfact/counterfact.json"
+    if not path.is_file():
+        pytest.skip(f"CounterFact not found at {path} (set KAEDIT_DATA)")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def requests_(compose: Compose) -> list:
+    cfg = compose([])
+    resolve_data_root(cfg)
+    return load_requests(counterfact(cfg), limit=3)
+
+
+# ------------------------------------------------------------------- methods, tiny models
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize(("method", "overrides"), METHODS, ids=METHOD_IDS)
+def test_deltas_shape_finite_and_model_untouched(
+    compose: Compose, requests_, model: str, method: str, overrides: dict
+) -> None:
+    cfg, lm, ctx = tiny_setup(compose, model, method)
+    m = instantiate(cfg.method, _convert_="all", **overrides)
+    assert isinstance(m, EditMethod)
+    m.prepare(ctx)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    deltas = m.compute_deltas(ctx, requests_)
+
+    params = dict(lm.model.named_parameters())
+    assert list(deltas) == [lm.spec.weight("mlp_out", layer) for layer in cfg.model.edit.layers]
+    for name, d in deltas.items():
+        assert d.shape == params[name].shape and d.dtype == torch.float32
+        assert torch.isfinite(d).all() and d.abs().max() > 0
+    after = lm.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert count_hooks(lm.model) == 0
+
+
+def test_targets_with_and_without_attention_delta(compose: Compose, requests_) -> None:
+    cfg, lm, ctx = tiny_setup(compose, "tiny_llama", "adaple")
+    layer = cfg.model.edit.layers[-1]
+    attn, mlp = lm.spec.module("attn_out", layer), lm.spec.module("mlp_out", layer)
+
+    both = instantiate(cfg.method, _convert_="all").targets(ctx, requests_)
+    assert set(both.deltas) == {attn, mlp}
+    assert both.deltas[attn].abs().max() > 0
+    mlp_only = instantiate(cfg.method, _convert_="all", optimize_attention=False).targets(
+        ctx, requests_
+    )
+    assert set(mlp_only.deltas) == {mlp}
+    # z is the MLP output target in both cases: m^L + δᵐ
+    init = hidden_at_subject(lm, mlp, requests_)
+    for t in (both, mlp_only):
+        torch.testing.assert_close(t.z, init + t.deltas[mlp])
+    assert count_hooks(lm.model) == 0
+
+
+def test_adaple_memit_objective_is_pmet(compose: Compose, requests_) -> None:
+    # The two methods share their targets and residual spread; only the solve differs.
+    cfg, _, ctx = tiny_setup(compose, "tiny_llama", "adaple")
+    pmet = instantiate(compose(["model=tiny_llama", "method=pmet"]).method, _convert_="all")
+    assert isinstance(pmet, PMET)
+    a = instantiate(cfg.method, _convert_="all", objective="memit").compute_deltas(ctx, requests_)
+    p = pmet.compute_deltas(ctx, requests_)
+    assert a.keys() == p.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], p[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_pmet_reaches_mlp_target_with_tiny_lambda(compose: Compose, requests_, model) -> None:
+    # λ → 0 and one template: each layer's solve is exact on its keys, so the last layer
+    # closes whatever gap remains and the MLP output at L becomes z.
+    cfg, lm, ctx = tiny_setup(compose, model, "pmet")
+    ctx.templates = ["{}"]
+    m = instantiate(cfg.method, _convert_="all", lam=1e-4)
+    t = m.targets(ctx, requests_)
+    z_module = lm.spec.module("mlp_out", m.layers[-1])
+    init = hidden_at_subject(lm, z_module, requests_)
+    with applied(lm.model, m.compute_deltas(ctx, requests_)):
+        reached = hidden_at_subject(lm, z_module, requests_)
+    err = (reached - t.z).norm(dim=1) / (t.z - init).norm(dim=1)
+    assert err.max() < 1e-3, err
+
+
+def test_bad_objective_and_alpha_raise(compose: Compose) -> None:
+    with pytest.raises(ValueError, match=r"objective='eq3'.*'paper'.*'exact'.*'memit'"):
+        AdaPLE(layers=[1], objective="eq3")
+    with pytest.raises((ValueError, InstantiationException), match="bogus"):
+        instantiate(
+            compose(["model=tiny_llama", "method=adaple", "method.objective=bogus"]).method,
+            _convert_="all",
+        )
+    with pytest.raises(ValueError, match="alpha"):
+        AdaPLE(layers=[1], objective="erase", alpha=1.5)
+    AdaPLE(layers=[1], objective="paper", alpha=1.5)  # alpha only matters for erase
+
+
+# --------------------------------------------------------------- closed forms, random data
+class Problem:
+    """A random single-matrix problem with W₀ the least-squares memory of (K₀, V₀)."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        d_out: int = 6,
+        d_in: int = 9,
+        n0: int = 40,
+        n: int = 3,
+        lam: float = 2.0,
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+
+        def r(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+        self.lam = lam
+        self.K0, self.V0 = r(d_in, n0), r(d_out, n0)  # [d_in, n0], [d_out, n0]
+        self.C = self.K0 @ self.K0.T / lam  # so that λC = K₀K₀ᵀ
+        self.W0 = self.V0 @ self.K0.T @ torch.linalg.inv(self.K0 @ self.K0.T)  # eq. 7
+        self.K = r(d_in, n)  # [d_in, n] edited keys
+        self.V1 = self.W0 @ self.K  # eq. 22
+        self.V2 = r(d_out, n)  # new values
+
+    def objective(self, W: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Eq. 3 with the erase term weighted by α, summed literally over all keys."""
+        return (
+            (W @ self.K0 - self.V0).pow(2).sum()
+            + (W @ self.K - self.V2).pow(2).sum()
+            - alpha * (W @ self.K - self.V1).pow(2).sum()
+        )
+
+    def grad(self, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+        W = (self.W0 + delta.double()).requires_grad_(True)
+        self.objective(W, alpha).backward()
+        return W.grad
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_update_minimises_eq3(seed: int) -> None:
+    p = Problem(seed)
+    delta = objectives.exact_update(p.V2, p.V1, p.K, p.C, p.lam)
+    assert delta.shape == p.W0.shape and delta.dtype == torch.float32
+    # normal equation: Δ λC = (V₂ − V₁)Kᵀ (the K-quadratics cancel)
+    torch.testing.assert_close(
+        delta.double() @ (p.lam * p.C), (p.V2 - p.V1) @ p.K.T, rtol=1e-5, atol=1e-5
+    )
+    # independently: the gradient of eq. 3 (autograd, literal sums) vanishes at W₀ + Δ,
+    # and eq. 3 is convex (Hessian λC ⊗ I), so this is its minimiser ...
+    g = p.grad(delta, alpha=1.0)
+    assert g.abs().max() < 1e-3 * p.grad(torch.zeros_like(delta), alpha=1.0).abs().max()
+    # ... and any perturbation increases it.
+    best = p.objective(p.W0 + delta.double(), 1.0)
+    for _ in range(5):
+        step = 1e-2 * torch.randn(p.W0.shape, dtype=torch.float64)
+        assert p.objective(p.W0 + delta.double() + step, 1.0) > best
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 0.0, 0.5, 0.9])
+def test_erase_update_minimises_weighted_eq3(alpha: float) -> None:
+    p = Problem(2)
+    delta = objectives.erase_update(p.V2, p.V1, p.W0 @ p.K, p.K, p.C, p.lam, alpha)
+    rhs = (p.V2 - alpha * p.V1 - (1 - alpha) * p.W0 @ p.K) @ p.K.T
+    torch.testing.assert_close(
+        delta.double() @ (p.lam * p.C + (1 - alpha) * p.K @ p.K.T), rhs, rtol=1e-5, atol=1e-5
+    )
+    g = p.grad(delta, alpha)
+    assert g.abs().max() < 1e-3 * p.grad(torch.zeros_like(delta), alpha).abs().max()
+
+
+def test_memit_and_exact_are_the_ends_of_erase() -> None:
+    p = Problem(3)
+    w0k = p.W0 @ p.K
+    torch.testing.assert_close(
+        objectives.memit_update(p.V2, w0k, p.K, p.C, p.lam),
+        solve_update(p.V2 - w0k, p.K, p.C, p.lam),
+    )
+    torch.testing.assert_close(
+        objectives.erase_update(p.V2, p.V1, w0k, p.K, p.C, p.lam, 0.0),
+        objectives.memit_update(p.V2, w0k, p.K, p.C, p.lam),
+    )
+    torch.testing.assert_close(
+        objectives.erase_update(p.V2, p.V1, w0k, p.K, p.C, p.lam, 1.0),
+        objectives.exact_update(p.V2, p.V1, p.K, p.C, p.lam),
+    )
+
+
+def test_paper_update_is_eq4_and_what_it_minimises() -> None:
+    p = Problem(4)
+    w0k = p.W0 @ p.K
+    delta = objectives.paper_update(p.V2, w0k, p.K, p.C, p.lam)
+    # eq. 4 as printed: Δ(λC + 2KKᵀ) = R Kᵀ, R = V₂ − 3W₀K
+    R = p.V2 - 3 * w0k
+    torch.testing.assert_close(
+        delta.double() @ (p.lam * p.C + 2 * p.K @ p.K.T), R @ p.K.T, rtol=1e-5, atol=1e-5
+    )
+    # it is not the minimiser of eq. 3 ...
+    assert p.grad(delta, 1.0).abs().max() > 1e-2
+    # ... but of ‖WK₀ − V₀‖² + 2‖WK − ½(V₂ − W₀K)‖²
+    W = (p.W0 + delta.double()).requires_grad_(True)
+    J = (W @ p.K0 - p.V0).pow(2).sum() + 2 * (W @ p.K - (p.V2 - w0k) / 2).pow(2).sum()
+    J.backward()
+    assert W.grad.abs().max() < 1e-3
+    # and it moves the weights for an edit that changes nothing (V₂ = W₀K); the others don't
+    assert objectives.paper_update(w0k, w0k, p.K, p.C, p.lam).abs().max() > 1e-2
+    for upd in (
+        objectives.exact_update(w0k, w0k, p.K, p.C, p.lam),
+        objectives.memit_update(w0k, w0k, p.K, p.C, p.lam),
+        objectives.erase_update(w0k, w0k, w0k, p.K, p.C, p.lam, 0.5),
+    ):
+        assert upd.abs().max() < 1e-6
+
+
+def test_adaple_solve_maps_residual_onto_each_objective() -> None:
+    # V₂ = W₀K + r, V₁ = W₀K: paper → R = r − 2W₀K; the others → residual r.
+    p = Problem(5)
+    r = p.V2 - p.W0 @ p.K
+    solve = {o: AdaPLE(layers=[0], lam=p.lam, objective=o, alpha=0.5).solve for o in OBJECTIVES}
+    args = (r.float(), p.K.float(), p.C.float(), p.W0.float())
+    kw = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(
+        solve["paper"](*args), solve_update(r - 2 * p.W0 @ p.K, p.K, p.C, p.lam, 2.0), **kw
+    )
+    torch.testing.assert_close(solve["exact"](*args), solve_update(r, p.K, p.C, p.lam, 0.0), **kw)
+    torch.testing.assert_close(solve["memit"](*args), solve_update(r, p.K, p.C, p.lam, 1.0), **kw)
+    torch.testing.assert_close(solve["erase"](*args), solve_update(r, p.K, p.C, p.lam, 0.5), **kw)
+
+
+# ------------------------------------------------------------------------ real model (slow)
+@pytest.fixture(scope="module")
+def smollm2():
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra.compose("config")
+    resolve_data_root(cfg)
+    lm: LoadedModel = load_model(cfg.model, lambda: instantiate(cfg.model.load))
+    templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=cfg.seed)
+    ctx = EditContext(lm=lm, stats=instantiate(cfg.stats), templates=templates)
+    reqs = load_requests(counterfact(cfg), limit=5)
+    return ctx, reqs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pmet", "adaple"])
+def test_smollm2_edits_take_effect(smollm2, method: str) -> None:
+    ctx, reqs = smollm2
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        mcfg = hydra.compose("config", overrides=[f"method={method}"]).method
+    m = instantiate(mcfg, _convert_="all")
+    m.prepare(ctx)
+    scorer = Scorer(ctx.lm)
+    unedited = float(CounterFactEval()(scorer, reqs)["efficacy"].mean())
+    deltas = m.compute_deltas(ctx, reqs)
+    with applied(ctx.lm.model, deltas):
+        edited = float(CounterFactEval()(scorer, reqs)["efficacy"].mean())
+    assert edited >= 0.8 and edited > unedited + 0.3, (unedited, edited)
+    assert count_hooks(ctx.lm.model) == 0
