@@ -133,8 +133,7 @@ def optimize_targets(
     is ``init + delta``. Loss per request (MEMIT eq. 16, PMET/AdaPLE eq. 25): mean NLL of
     the new object over the prefixed prompts + ``kl_factor`` · KL(edited ‖ original) on
     ``kl_prompt`` + ``weight_decay`` · ‖δ‖/‖init‖² (MEMIT's form) summed over modules, each
-    delta clamped
-    to ``clamp_norm_factor`` · ‖init‖. Requests are independent: their losses are summed,
+    delta clamped to ``clamp_norm_factor`` · ‖init‖. Requests are independent: their losses are summed,
     so each delta gets exactly its own request's gradient.
     """
     tok, model, dev = lm.tokenizer, lm.model, lm.device
