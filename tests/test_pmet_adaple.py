@@ -43,7 +43,7 @@ def tiny_setup(compose: Compose, model: str, method: str) -> tuple:
 def counterfact(cfg) -> str:
     path = Path(cfg.data_root) / "counterfact/counterfact.json"
     if not path.is_file():
-        pytest.skip(f"CounterFact not found at {path} (set KAEDIT_DATA)")
+        pytest.skip(reason=f"CounterFact not found at {path} (set KAEDIT_DATA)")
     return str(path)
 
 
