@@ -9,10 +9,10 @@ STAMP := $(VENV)/.kaedit-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test test-fast lint format clean
+.PHONY: help venv run reproduce-cpu test test-fast lint format clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## Create/refresh .venv with kaedit, its dependencies and the SmolLM2 GGUF
 
@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml Makefile
 
 run: venv ## The main job: 50 sequential CounterFact edits (MEMIT + DR) on SmolLM2, CPU
 	$(PY) -m kaedit.run schedule.n_edits=50 schedule.generation_every=0 $(ARGS)
+
+reproduce-cpu: venv ## Drop-rate sweep + fusion comparison on SmolLM2, CPU (7 runs) -> outputs/reproduce-cpu/
+	$(PY) -m kaedit.reproduce --out outputs/reproduce-cpu $(ARGS)
 
 test: venv ## The whole test suite (includes the real-model tests marked slow)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

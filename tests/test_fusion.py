@@ -1,4 +1,5 @@
-"""Fusion strategies (paper §3.2, eq. 5): statistics, determinism, purity."""
+"""Fusion strategies (paper §3.2, eq. 5; §6.1): statistics, determinism, purity, and the
+stateful baselines of Fig. 5 against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +8,21 @@ import math
 import pytest
 import torch
 
-from kaedit.fusion import Add, DropRescale, TopK, drop_rescale, top_k
+from kaedit.fusion import (
+    Add,
+    DropRescale,
+    FusionState,
+    FusionStrategy,
+    Lookahead,
+    RunningAverage,
+    TopK,
+    WiseFT,
+    drop_rescale,
+    lookahead,
+    running_average,
+    top_k,
+    wise_ft_offset,
+)
 
 N = 1_000_000
 
@@ -97,3 +112,120 @@ def test_fusions_leave_inputs_alone(fusion) -> None:
     for n, d in deltas.items():
         assert torch.equal(d, originals[n])
         assert out[n].shape == d.shape and out[n].dtype == d.dtype
+
+
+# ------------------------------------------------ stateful strategies (paper §6.1, Fig. 5)
+def run_strategy(fusion, steps: list[float]) -> list[tuple[float, float]]:
+    """Feed 1x1 deltas Δ_t = steps[t] through ``fusion``; after each step the (working,
+    served) weights relative to W₀ (the running sum of increments, plus the served offset)."""
+    state, working, out = fusion.init_state(), 0.0, []
+    for t, value in enumerate(steps, start=1):
+        state, inc = fusion.step(state, {"w": torch.tensor([[value]])}, gen(t))
+        assert state.steps == t
+        working += float(inc["w"])
+        offset = fusion.served_offset(state)
+        out.append((working, working + float(offset["w"]) if "w" in offset else working))
+    return out
+
+
+def test_running_average_hand_computed() -> None:
+    # W_t − W₀ = mean(Δ_1..Δ_t): 2, (2+4)/2 = 3, (2+4+9)/3 = 5; served = working
+    got = run_strategy(RunningAverage(), [2.0, 4.0, 9.0])
+    assert got == [(2.0, 2.0), (3.0, 3.0), (5.0, 5.0)]
+
+
+def test_lookahead_hand_computed() -> None:
+    # k = 2, α = 0.5. Fast θ, slow φ (relative to W₀), Δ = 2, 4, 6, 10:
+    # t=1: θ = 2, φ = 0.   t=2: θ = 6 → φ = 0 + 0.5(6 − 0) = 3, θ ← 3.
+    # t=3: θ = 9, φ = 3.   t=4: θ = 19 → φ = 3 + 0.5(19 − 3) = 11, θ ← 11.
+    got = run_strategy(Lookahead(k=2, alpha=0.5), [2.0, 4.0, 6.0, 10.0])
+    assert got == [(2.0, 0.0), (3.0, 3.0), (9.0, 3.0), (11.0, 11.0)]
+    fast = run_strategy(Lookahead(k=2, alpha=0.5, evaluate="fast"), [2.0, 4.0, 6.0, 10.0])
+    assert fast == [(2.0, 2.0), (3.0, 3.0), (9.0, 9.0), (11.0, 11.0)]
+
+
+def test_lookahead_k1_alpha1_is_vanilla_addition() -> None:
+    assert run_strategy(Lookahead(k=1, alpha=1.0), [2.0, -1.0, 4.0]) == [
+        (2.0, 2.0), (1.0, 1.0), (5.0, 5.0)]
+
+
+def test_wise_ft_hand_computed() -> None:
+    # α = 0.25: the method edits θ = W₀ + ΣΔ (4, 12); served (1−α)W₀ + αθ → 1, 3
+    got = run_strategy(WiseFT(alpha=0.25), [4.0, 8.0])
+    assert got == [(4.0, 1.0), (12.0, 3.0)]
+    assert run_strategy(WiseFT(alpha=1.0), [4.0, 8.0]) == [(4.0, 4.0), (12.0, 12.0)]
+
+
+def test_pure_step_functions() -> None:
+    mean, inc = running_average(torch.tensor([3.0]), torch.tensor([9.0]), n=2)
+    assert torch.equal(mean, torch.tensor([5.0])) and torch.equal(inc, torch.tensor([2.0]))
+    pending, inc = lookahead(torch.tensor([6.0]), torch.tensor([10.0]), step=4, k=2, alpha=0.5)
+    assert torch.equal(pending, torch.tensor([0.0])) and torch.equal(inc, torch.tensor([2.0]))
+    pending, inc = lookahead(torch.tensor([0.0]), torch.tensor([6.0]), step=3, k=2, alpha=0.5)
+    assert torch.equal(pending, torch.tensor([6.0])) and torch.equal(inc, torch.tensor([6.0]))
+    assert torch.equal(wise_ft_offset(torch.tensor([12.0]), 0.25), torch.tensor([-9.0]))
+
+
+@pytest.mark.parametrize("fusion", [RunningAverage(), Lookahead(k=2), WiseFT(0.5)], ids=repr)
+def test_stateful_fusions_are_pure(fusion) -> None:
+    deltas = {"a": torch.randn(6, 4), "b": torch.randn(4, 6)}
+    originals = {n: d.clone() for n, d in deltas.items()}
+    state = fusion.init_state()
+    s1, inc1 = fusion.step(state, deltas, gen(0))
+    frozen = {g: {n: t.clone() for n, t in ts.items()} for g, ts in s1.tensors.items()}
+    _, inc2 = fusion.step(state, deltas, gen(0))  # same input state -> same result
+    assert all(torch.equal(inc1[n], inc2[n]) for n in deltas)
+    fusion.step(s1, deltas, gen(1))  # stepping on does not change s1
+    assert all(torch.equal(s1.tensors[g][n], frozen[g][n]) for g in frozen for n in frozen[g])
+    assert all(torch.equal(deltas[n], originals[n]) for n in deltas)
+    assert state.steps == 0 and not state.tensors
+
+
+def test_fusion_state_round_trips_through_its_flat_form() -> None:
+    state, _ = Lookahead(k=3).step(Lookahead(k=3).init_state(),
+                                   {"x.weight": torch.randn(3, 2)}, gen(0))
+    back = FusionState.from_flat(state.flat())
+    assert back.steps == 1 and torch.equal(back.tensors["pending"]["x.weight"],
+                                           state.tensors["pending"]["x.weight"])
+    assert FusionState.from_flat({"steps": 4}) == FusionState(steps=4)
+
+
+@pytest.mark.parametrize("fusion", [Add(), TopK(0.3), DropRescale(0.7)], ids=repr)
+def test_stateless_fusions_are_strategies_with_no_state(fusion) -> None:
+    deltas = {"a": torch.randn(20, 10)}
+    assert isinstance(fusion, FusionStrategy)
+    state, inc = fusion.step(fusion.init_state(), deltas, gen(5))
+    assert state == FusionState(steps=1) and fusion.served_offset(state) == {}
+    assert torch.equal(inc["a"], fusion(deltas, gen(5))["a"])
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Lookahead(k=0), "fusion.k=0"),
+        (lambda: Lookahead(k=2.5), "fusion.k=2.5"),
+        (lambda: Lookahead(alpha=0.0), "fusion.alpha=0.0"),
+        (lambda: Lookahead(evaluate="medium"), "fusion.evaluate='medium'.*'slow', 'fast'"),
+        (lambda: WiseFT(alpha=1.5), "fusion.alpha=1.5"),
+    ],
+)
+def test_stateful_fusions_reject_bad_parameters(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_edited_weights_serve_an_offset_and_restore_exactly() -> None:
+    from kaedit.weights import EditedWeights
+
+    model = torch.nn.Linear(4, 3, bias=False).to(torch.float16)
+    w0 = model.weight.detach().clone()
+    edits = EditedWeights(model)
+    delta = torch.randn(3, 4)
+    edits.add({"weight": delta})
+    after_add = model.weight.detach().clone()
+    with edits.serving({"weight": -0.75 * delta}):
+        expected = (w0.float() + (delta - 0.75 * delta)).to(torch.float16)
+        assert torch.equal(model.weight, expected)
+    assert torch.equal(model.weight, after_add)
+    with edits.serving({}):
+        assert torch.equal(model.weight, after_add)

@@ -24,8 +24,12 @@ BASE = [
     "schedule.batch_size=2",
     "stats.n_tokens=2000",
     "save_deltas=true",
-    "fusion.p=0.5",
 ]
+#: Drop-and-rescale (stateless, seeded masks) and Lookahead (stateful: the deltas since its
+#: last synchronisation are checkpointed). Lookahead with k=2 is killed after an odd step,
+#: when that state is not zero.
+FUSIONS = {"drop_rescale": (["fusion.p=0.5"], [1, 2, 3, 4]),
+           "lookahead": (["fusion=lookahead", "fusion.k=2"], [1, 3])}
 
 
 def kaedit_run(args: list[str], cache: Path, hydra_dir: Path, **kw) -> subprocess.Popen:
@@ -54,18 +58,20 @@ def metric_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_results(tmp_path):
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_killed_run_resumes_to_identical_results(tmp_path, fusion):
     cache = tmp_path / "cache"
+    overrides, kill_steps = FUSIONS[fusion]
     # Uninterrupted reference run.
     ref_dir = tmp_path / "ref"
-    p = kaedit_run([f"run_dir={ref_dir}"], cache, ref_dir)
+    p = kaedit_run([*overrides, f"run_dir={ref_dir}"], cache, ref_dir)
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
 
     # Same run, SIGKILLed once its checkpoint reaches a random step, then resumed.
     run_dir = tmp_path / "killed"
-    kill_at = random.Random(os.getpid()).randint(1, 4)
-    p = kaedit_run([], cache, run_dir)
+    kill_at = random.Random(os.getpid()).choice(kill_steps)
+    p = kaedit_run(overrides, cache, run_dir)
     pointer = run_dir / "checkpoint" / "latest.json"
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None:
@@ -77,7 +83,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
     assert p.returncode == -signal.SIGKILL, f"run ended before the kill at step {kill_at}"
     assert not (run_dir / "summary.json").exists()
 
-    p = kaedit_run([f"resume={run_dir}"], cache, tmp_path / "resume-hydra")
+    p = kaedit_run([*overrides, f"resume={run_dir}"], cache, tmp_path / "resume-hydra")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
 

@@ -4,8 +4,11 @@ A checkpoint is a folder ``run_dir/checkpoint/step-NNNNNN`` holding
 
 * ``deltas.safetensors`` -- the sum of all applied (fused) deltas of the edited layers,
 * ``method.safetensors`` -- the tensors of the method's state (e.g. AlphaEdit's keys),
+* ``fusion.safetensors`` -- the tensors of the fusion's state (e.g. Lookahead's deltas
+  since the last synchronisation; empty for stateless fusions),
 * ``state.json`` -- step, edits done, tracker states (metric rows, W&B run id), retention
-  rows, failed steps, the global torch RNG state and the method's non-tensor state.
+  rows, failed steps, the global torch RNG state and the method's and fusion's non-tensor
+  state.
 
 It is written to a temporary folder and renamed into place, then ``latest.json`` (itself
 written then renamed) is pointed at it; older checkpoints are removed afterwards. A kill
@@ -18,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,8 @@ class Checkpoint:
     deltas: Deltas
     method_tensors: dict[str, torch.Tensor]
     state: dict[str, Any]
+    #: The fusion's state as :meth:`kaedit.fusion.FusionState.flat` gave it ({} if none).
+    fusion_state: dict[str, Any] = field(default_factory=dict)
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -47,7 +52,7 @@ def _split_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def save(run_dir: Path, step: int, deltas: Deltas, method_state: dict[str, Any],
-         state: dict[str, Any]) -> Path:
+         state: dict[str, Any], fusion_state: dict[str, Any] | None = None) -> Path:
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -58,7 +63,10 @@ def save(run_dir: Path, step: int, deltas: Deltas, method_state: dict[str, Any],
         tensors, rest = _split_state(method_state)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                   str(tmp / "method.safetensors"))
-        full = {**state, "step": step, "method_state": rest,
+        f_tensors, f_rest = _split_state(fusion_state or {})
+        save_file({k: v.detach().contiguous().cpu() for k, v in f_tensors.items()},
+                  str(tmp / "fusion.safetensors"))
+        full = {**state, "step": step, "method_state": rest, "fusion_state": f_rest,
                 "torch_rng": torch.get_rng_state().tolist()}
         (tmp / "state.json").write_text(json.dumps(full))
         if final.exists():
@@ -83,8 +91,11 @@ def load(run_dir: Path) -> Checkpoint | None:
     state = json.loads((folder / "state.json").read_text())
     method_tensors = load_file(str(folder / "method.safetensors"))
     method_state = {**state.pop("method_state"), **method_tensors}
+    fusion_file = folder / "fusion.safetensors"  # absent in checkpoints of older versions
+    fusion_state = {**state.pop("fusion_state", {}),
+                    **(load_file(str(fusion_file)) if fusion_file.is_file() else {})}
     return Checkpoint(step=int(state["step"]), deltas=load_file(str(folder / "deltas.safetensors")),
-                      method_tensors=method_state, state=state)
+                      method_tensors=method_state, state=state, fusion_state=fusion_state)
 
 
 def restore_rng(state: dict[str, Any]) -> None:

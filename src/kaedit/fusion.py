@@ -1,17 +1,47 @@
 """Fusion: how a step's deltas are merged into the model. Pure functions over tensors.
 
-A fusion strategy maps the deltas a method computed at step t to the increment actually
-added to the weights. Randomness comes only from the ``generator`` passed in (the runner
-derives it from the run seed and the step), so a step is reproducible and resumable.
+A fusion strategy maps the deltas Δ_t that a method computed at step t (on the model as
+it stood after step t−1) to the increment actually added to the weights. Randomness comes
+only from the ``generator`` passed in (the runner derives it from the run seed and the
+step), so a step is reproducible and resumable.
+
+Stateless strategies (``fusion(deltas, generator) -> increment``), W_t = W_{t−1} + f(Δ_t):
 
 * :class:`Add` -- vanilla: W ← W + Δ.
 * :class:`TopK` -- keep the k% largest-magnitude entries of each Δ ("TR", paper §3.2).
 * :class:`DropRescale` -- DR, paper eq. 5: M ~ Bernoulli(p), Δ̂ = (1 − M) ⊙ Δ / (1 − p).
+
+Stateful strategies (the model-fusion baselines of paper §6.1, Fig. 5) carry a
+:class:`FusionState` from step to step. The runner owns it: it passes it to
+``step(state, deltas, generator)``, gets back the next state and the increment of the
+*working* weights (those the method edits next), keeps the new state only if the step is
+applied, and checkpoints it with the run. A strategy may also serve different weights
+than it works on (Lookahead's slow weights, WiSE-FT's interpolation): ``served_offset``
+is what to add to the working weights to get them; the runner evaluates (and saves with
+``save_deltas``) the served weights. With W₀ the unedited weights and Δ_t the deltas of
+the t-th applied step:
+
+* :class:`RunningAverage` -- vanilla averaging of the edit weights (task vectors):
+  W_t = W₀ + (1/t) Σ_{s≤t} Δ_s. Each step moves the weights by (Δ_t − mean_{t−1}) / t;
+  the state is t and the mean. Working = served.
+* :class:`Lookahead` -- Zhang et al. 2019 ("k steps forward, 1 step back"): fast weights
+  θ take every step, θ ← θ + Δ_t; after every k-th step the slow weights φ move toward
+  them, φ ← φ + α(θ − φ), and θ ← φ. The method edits θ; the served weights are φ
+  (``evaluate=slow``, Lookahead's output) or θ (``evaluate=fast``). The state is t and
+  P = θ − φ = Σ of the deltas since the last synchronisation, so a synchronising step
+  adds αΔ_t − (1 − α)P to θ and the served offset is −P.
+* :class:`WiseFT` -- Wortsman et al. 2022, weight-space ensembling of the zero-shot and
+  the fine-tuned model: the method edits the fully edited weights θ_t = W₀ + Σ_{s≤t} Δ_s,
+  the served weights are (1 − α)W₀ + αθ_t = W₀ + α Σ_{s≤t} Δ_s. The state is t and
+  Σ Δ_s; the served offset is (α − 1) Σ Δ_s.
+
+For Add, TopK and DropRescale working = served, and their state only counts steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -21,9 +51,70 @@ from kaedit.records import Deltas
 
 @runtime_checkable
 class Fusion(Protocol):
+    """A stateless strategy: the increment is a function of this step's deltas only."""
+
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas: ...
 
 
+@dataclass(frozen=True)
+class FusionState:
+    """What a fusion strategy carries from one applied step to the next.
+
+    ``steps`` counts the steps applied so far (a step the runner's guard does not apply
+    leaves the state as it was, so it does not count); ``tensors`` holds named groups of
+    per-parameter float32 CPU tensors (e.g. ``{"mean": {weight name: tensor}}``).
+    """
+
+    steps: int = 0
+    tensors: Mapping[str, Deltas] = field(default_factory=dict)
+
+    def group(self, name: str) -> Deltas:
+        return dict(self.tensors.get(name, {}))
+
+    def flat(self) -> dict[str, int | torch.Tensor]:
+        """``{"steps": n, "GROUP/PARAM": tensor}``: the form a checkpoint stores."""
+        out: dict[str, int | torch.Tensor] = {"steps": self.steps}
+        for g, tensors in self.tensors.items():
+            out.update({f"{g}/{n}": t for n, t in tensors.items()})
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, int | torch.Tensor]) -> FusionState:
+        groups: dict[str, Deltas] = {}
+        for key, value in flat.items():
+            if key != "steps":
+                g, _, name = key.partition("/")
+                groups.setdefault(g, {})[name] = value
+        return cls(steps=int(flat.get("steps", 0)), tensors=groups)
+
+
+@runtime_checkable
+class FusionStrategy(Protocol):
+    """What the runner calls: every fusion, stateless or not, implements this."""
+
+    def init_state(self) -> FusionState: ...
+
+    def step(self, state: FusionState, deltas: Deltas,
+             generator: torch.Generator) -> tuple[FusionState, Deltas]: ...
+
+    def served_offset(self, state: FusionState) -> Deltas: ...
+
+
+class Stateless:
+    """Mixin: a ``__call__(deltas, generator)`` fusion as a :class:`FusionStrategy`."""
+
+    def init_state(self) -> FusionState:
+        return FusionState()
+
+    def step(self, state: FusionState, deltas: Deltas,
+             generator: torch.Generator) -> tuple[FusionState, Deltas]:
+        return FusionState(steps=state.steps + 1), self(deltas, generator)  # type: ignore[operator]
+
+    def served_offset(self, state: FusionState) -> Deltas:
+        return {}
+
+
+# ------------------------------------------------------------------ pure tensor functions
 def top_k(delta: torch.Tensor, k: float) -> torch.Tensor:
     """Zero all but the ``k`` fraction (0 < k ≤ 1) of entries with the largest |value|."""
     if not 0.0 < k <= 1.0:
@@ -46,14 +137,52 @@ def drop_rescale(delta: torch.Tensor, p: float, generator: torch.Generator) -> t
     return delta * keep.to(delta.device, delta.dtype) / (1.0 - p)
 
 
+def running_average(mean: torch.Tensor, delta: torch.Tensor,
+                    n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold the (n+1)-th delta into the mean of the first ``n``.
+
+    Returns ``(new_mean, increment)`` with new_mean = mean + (delta − mean)/(n+1) and
+    increment = new_mean − mean, the change of W = W₀ + mean.
+    """
+    if n < 0:
+        raise ValueError(f"running_average: n={n} must be >= 0")
+    increment = (delta.float() - mean) / (n + 1)
+    return mean + increment, increment
+
+
+def lookahead(pending: torch.Tensor, delta: torch.Tensor, step: int, k: int,
+              alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Lookahead step on the fast weights θ with slow weights φ = θ − ``pending``.
+
+    ``step`` is the 1-based index of this step. Between synchronisations θ ← θ + Δ and
+    pending ← pending + Δ. On every k-th step φ ← φ + α(θ + Δ − φ) and θ ← φ: θ changes
+    by αΔ − (1 − α)·pending and pending becomes 0. Returns ``(new_pending, increment of
+    θ)``.
+    """
+    delta = delta.float()
+    if step % k:
+        return pending + delta, delta
+    return torch.zeros_like(pending), alpha * delta - (1.0 - alpha) * pending
+
+
+def wise_ft_offset(edited: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Served − working weights for WiSE-FT: (1−α)W₀ + α(W₀ + E) − (W₀ + E) = (α − 1)E."""
+    return (alpha - 1.0) * edited
+
+
+def _zeros_like_cpu(d: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(d.shape, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------- stateless fusions
 @dataclass(frozen=True)
-class Add:
+class Add(Stateless):
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
         return {n: d.clone() for n, d in deltas.items()}
 
 
 @dataclass(frozen=True)
-class TopK:
+class TopK(Stateless):
     #: Fraction of entries kept (the paper's "top 20%" is k=0.2).
     k: float = 0.2
 
@@ -66,7 +195,7 @@ class TopK:
 
 
 @dataclass(frozen=True)
-class DropRescale:
+class DropRescale(Stateless):
     #: Drop rate p (paper default 0.8; it sweeps 0.7-0.9).
     p: float = 0.8
 
@@ -77,3 +206,89 @@ class DropRescale:
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
         # sorted: the mask of each tensor must not depend on dict insertion order
         return {n: drop_rescale(deltas[n], self.p, generator) for n in sorted(deltas)}
+
+
+# ---------------------------------------------------------------------- stateful fusions
+@dataclass(frozen=True)
+class RunningAverage:
+    """Vanilla averaging: W_t = W₀ + mean(Δ_1, …, Δ_t) (see the module docstring)."""
+
+    def init_state(self) -> FusionState:
+        return FusionState()
+
+    def step(self, state: FusionState, deltas: Deltas,
+             generator: torch.Generator) -> tuple[FusionState, Deltas]:
+        mean, increments = state.group("mean"), {}
+        for name, delta in deltas.items():
+            prev = mean.get(name, _zeros_like_cpu(delta))
+            mean[name], increments[name] = running_average(prev, delta.cpu(), state.steps)
+        return FusionState(state.steps + 1, {"mean": mean}), increments
+
+    def served_offset(self, state: FusionState) -> Deltas:
+        return {}
+
+
+@dataclass(frozen=True)
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) over the sequence of edits (see the module docstring)."""
+
+    #: Fast steps per synchronisation (Lookahead's default 5).
+    k: int = 5
+    #: Slow-weight step size α (Lookahead's default 0.5).
+    alpha: float = 0.5
+    #: Which weights are evaluated and saved: "slow" (φ, Lookahead's output) or "fast" (θ).
+    evaluate: str = "slow"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise ValueError(f"fusion.k={self.k} must be an integer >= 1")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"fusion.alpha={self.alpha} must be in (0, 1]")
+        if self.evaluate not in ("slow", "fast"):
+            raise ValueError(f"fusion.evaluate={self.evaluate!r} is not one of ['slow', 'fast']")
+
+    def init_state(self) -> FusionState:
+        return FusionState()
+
+    def step(self, state: FusionState, deltas: Deltas,
+             generator: torch.Generator) -> tuple[FusionState, Deltas]:
+        t = state.steps + 1
+        pending, increments = state.group("pending"), {}
+        for name, delta in deltas.items():
+            prev = pending.get(name, _zeros_like_cpu(delta))
+            pending[name], increments[name] = lookahead(prev, delta.cpu(), t, int(self.k),
+                                                        self.alpha)
+        return FusionState(t, {"pending": pending}), increments
+
+    def served_offset(self, state: FusionState) -> Deltas:
+        if self.evaluate == "fast":
+            return {}
+        return {n: -p for n, p in state.group("pending").items() if p.any()}
+
+
+@dataclass(frozen=True)
+class WiseFT:
+    """WiSE-FT (Wortsman et al. 2022) between W₀ and the edited weights (module docstring)."""
+
+    #: Mixing coefficient α: 0 serves the unedited model, 1 the fully edited one.
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"fusion.alpha={self.alpha} must be in [0, 1]")
+
+    def init_state(self) -> FusionState:
+        return FusionState()
+
+    def step(self, state: FusionState, deltas: Deltas,
+             generator: torch.Generator) -> tuple[FusionState, Deltas]:
+        edited = state.group("edited")
+        for name, delta in deltas.items():
+            edited[name] = edited.get(name, _zeros_like_cpu(delta)) + delta.detach().cpu().float()
+        return FusionState(state.steps + 1, {"edited": edited}), {
+            n: d.clone() for n, d in deltas.items()}
+
+    def served_offset(self, state: FusionState) -> Deltas:
+        if self.alpha == 1.0:
+            return {}
+        return {n: wise_ft_offset(e, self.alpha) for n, e in state.group("edited").items()}

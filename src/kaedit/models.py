@@ -131,9 +131,20 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _finish(model: nn.Module, tokenizer, dtype, device, device_map) -> tuple[nn.Module, Any]:
-    model = model.to(dtype=resolve_dtype(dtype))
-    if device_map is None:
-        model = model.to(resolve_device(device))
+    placed = getattr(model, "hf_device_map", None)  # set when accelerate placed the model
+    if not placed:
+        model = model.to(dtype=resolve_dtype(dtype))
+        if device_map is None:
+            model = model.to(resolve_device(device))
+    else:
+        # Placed by accelerate (already in `dtype`): moving it would break its hooks. Edits
+        # write into the weights, so none may be offloaded to the CPU or disk (meta tensors).
+        offloaded = sorted({str(d) for d in placed.values()} & {"cpu", "disk"})
+        if offloaded and torch.cuda.is_available():
+            raise ModelLoadError(
+                f"model.device_map={device_map!r} offloaded layers to {offloaded}: editing "
+                "needs every weight on a GPU; use more GPUs (cluster.gpus) or a smaller dtype"
+            )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -5,18 +5,73 @@ Composes ``conf/config.yaml`` with the command-line overrides and calls
 with one clear error line and exit status 2 (``HYDRA_FULL_ERROR=1`` shows the
 traceback); ``--cfg job`` prints the composed config
 without loading anything.
+
+With ``-m`` every job of a sweep (any launcher: the default local one, ``joblib``,
+``slurm``, ``slurm_local``) is its own run directory and W&B run; the jobs of one sweep
+share a W&B group (the sweep directory) and are tagged with the chosen method, fusion and
+its parameters (:func:`tracking_info`). ``main`` returns the summary's
+``optimized_metric`` (default ``seen/score``) for sweepers that optimise it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 log = logging.getLogger("kaedit")
+
+#: Config-group choices that become W&B tags, in this order.
+TAGGED_GROUPS = ("method", "fusion", "experiment", "variant", "scale", "model", "dataset")
+
+
+def sweep_group(sweep_dir: str) -> str:
+    """The W&B group of a sweep: its output directory (≤ 128 characters, W&B's limit)."""
+    group = str(sweep_dir).rstrip("/")
+    if len(group) > 128:
+        digest = hashlib.sha256(group.encode()).hexdigest()[:12]
+        group = f"{group[-(127 - len(digest)):]}-{digest}"
+    return group
+
+
+def tracking_info(choices: Mapping[str, Any], fusion: Mapping[str, Any]) -> dict[str, Any]:
+    """Tags and a run name from the chosen config groups and the fusion's parameters.
+
+    ``choices`` is Hydra's ``runtime.choices`` (group -> option, None when unset);
+    ``fusion`` the fusion config node. E.g. ``{"tags": ["method=memit",
+    "fusion=drop_rescale", "fusion.p=0.8", ...], "name": "memit/drop_rescale(p=0.8)"}``.
+    """
+    params = {k: v for k, v in fusion.items() if not str(k).startswith("_")}
+    tags = []
+    for g in TAGGED_GROUPS:
+        if choices.get(g) is not None:
+            tags.append(f"{g}={choices[g]}")
+        if g == "fusion":
+            tags += [f"fusion.{k}={v}" for k, v in params.items()]
+    args = ",".join(f"{k}={v}" for k, v in params.items())
+    name = f"{choices.get('method')}/{choices.get('fusion')}" + (f"({args})" if args else "")
+    return {"tags": [t[:64] for t in tags], "name": name}  # W&B: tags of at most 64 chars
+
+
+def fill_tracking(cfg: DictConfig) -> None:
+    """Fill ``cfg.tracking`` (group, tags, name) from Hydra where the user left it empty."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    info = tracking_info(dict(hc.runtime.choices), cfg.fusion)
+    if cfg.tracking.group is None and hc.mode == RunMode.MULTIRUN:
+        cfg.tracking.group = sweep_group(hc.sweep.dir)
+    if not cfg.tracking.tags:
+        cfg.tracking.tags = info["tags"]
+    if cfg.tracking.name is None:
+        cfg.tracking.name = info["name"]
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
@@ -26,6 +81,7 @@ def main(cfg: DictConfig) -> float | None:
     from kaedit.errors import USER_ERRORS
     from kaedit.experiment import run
 
+    fill_tracking(cfg)
     try:
         summary = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except USER_ERRORS as exc:

@@ -2,8 +2,11 @@
 
 Owned by a run (no module-level cache) and cached on disk, keyed by every input that
 changes the result: model weights fingerprint, module path, corpus content, token count,
-sequence length and dtype. All requested layers are computed in one pass over the corpus,
-and the forward pass stops after the deepest of them (the rest of the model never runs).
+sequence length and dtype. Up to ``layers_per_pass`` requested layers (default: all) are
+computed in one pass over the corpus, and the forward pass stops after the deepest of them
+(the rest of the model never runs); each layer is saved, and its float64 sum freed, before
+the next pass. Each layer's C is served on the device of that layer's weights (a model
+sharded with ``device_map=auto`` keeps its layers on different GPUs).
 """
 
 from __future__ import annotations
@@ -48,13 +51,17 @@ class CovarianceStore:
         seq_len: int = 128,
         batch_size: int = 16,
         module_kind: str = "mlp_out",
+        layers_per_pass: int | None = None,
     ) -> None:
+        if layers_per_pass is not None and int(layers_per_pass) < 1:
+            raise ValueError(f"stats.layers_per_pass={layers_per_pass} must be >= 1 or null")
         self.corpus = [corpus] if isinstance(corpus, str) else [str(c) for c in corpus]
         self.cache_dir = Path(cache_dir).expanduser()
         self.n_tokens = int(n_tokens)
         self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)
         self.module_kind = module_kind
+        self.layers_per_pass = None if layers_per_pass is None else int(layers_per_pass)
         self._memory: dict[str, torch.Tensor] = {}
         self._corpus_id: str | None = None
         #: Seconds spent computing (not loading) statistics in this run (benchmarks read it).
@@ -93,23 +100,27 @@ class CovarianceStore:
         return self.cache_dir / f"{key}.safetensors"
 
     def get(self, lm: LoadedModel, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """``{layer: C}`` with C float32 ``[d_in, d_in]`` on the model's device."""
+        """``{layer: C}`` with C float32 ``[d_in, d_in]`` on the device of that layer's
+        ``module_kind`` weight."""
         modules = {layer: lm.spec.module(self.module_kind, layer) for layer in layers}
         keys = {layer: self.key(lm, m) for layer, m in modules.items()}
         for layer, k in keys.items():
             if k not in self._memory and self._path(k).is_file():
                 self._memory[k] = load_file(self._path(k))["second_moment"]
         todo = [layer for layer, k in keys.items() if k not in self._memory]
-        if todo:
+        step = self.layers_per_pass or max(1, len(todo))
+        for i in range(0, len(todo), step):
             import time
 
             t0 = time.perf_counter()
-            computed = self._compute(lm, {layer: modules[layer] for layer in todo})
+            computed = self._compute(lm, {layer: modules[layer] for layer in todo[i : i + step]})
             self.compute_seconds += time.perf_counter() - t0
             for layer, (c, count) in computed.items():
                 self._save(keys[layer], modules[layer], c, count, lm)
-                self._memory[keys[layer]] = c
-        return {layer: self._memory[keys[layer]].to(lm.device) for layer in layers}
+                self._memory[keys[layer]] = c.cpu()
+            del computed
+        return {layer: self._memory[keys[layer]].to(_weight_device(lm, modules[layer]))
+                for layer in layers}
 
     def _save(self, key: str, module: str, c: torch.Tensor, count: int, lm: LoadedModel) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +155,12 @@ class CovarianceStore:
                 sums[layer] = sums.get(layer, 0) + k.T @ k
             count += ids.numel()
         return {layer: ((s / count).float(), count) for layer, s in sums.items()}
+
+
+def _weight_device(lm: LoadedModel, module: str) -> torch.device:
+    """Where ``module``'s weight lives (its layer's GPU when the model is sharded)."""
+    weight = getattr(lm.model.get_submodule(module), "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else lm.device
 
 
 def read_corpus(sources: Sequence[str], key: str = "stats.corpus") -> str:

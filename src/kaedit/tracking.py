@@ -30,6 +30,9 @@ class Tracker(Protocol):
 
     def summary(self, values: Mapping[str, Any]) -> None: ...
 
+    def images(self, paths: Mapping[str, str]) -> None:
+        """Figures already saved as files (``name -> path``)."""
+
     def finish(self) -> None: ...
 
 
@@ -72,6 +75,9 @@ class CsvTracker:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                  for k, v in values.items()}
         atomic_write(self.summary_path, json.dumps(clean, indent=2) + "\n")
+
+    def images(self, paths: Mapping[str, str]) -> None:
+        return None  # the figures are files in the run directory already
 
     def finish(self) -> None:
         return None
@@ -128,6 +134,11 @@ class WandbTracker:
         for k, v in values.items():
             self.run.summary[k] = v
 
+    def images(self, paths: Mapping[str, str]) -> None:
+        import wandb
+
+        self.run.log({k: wandb.Image(str(p)) for k, p in paths.items()})
+
     def finish(self) -> None:
         self.run.finish()
 
@@ -145,6 +156,10 @@ class Trackers:
     def summary(self, values: Mapping[str, Any]) -> None:
         for t in self.trackers:
             t.summary(values)
+
+    def images(self, paths: Mapping[str, str]) -> None:
+        for t in self.trackers:
+            t.images(paths)
 
     def finish(self) -> None:
         errors = []

@@ -65,21 +65,43 @@ class EditedWeights:
         self.base: Deltas = {}
         self.total: Deltas = {}
 
-    @torch.no_grad()
-    def add(self, deltas: Deltas) -> None:
+    def _check(self, deltas: Deltas) -> dict[str, torch.nn.Parameter]:
         params = parameters(self.model, deltas)
         for n, d in deltas.items():
             if d.shape != params[n].shape:
                 raise ValueError(
                     f"delta for {n} has shape {tuple(d.shape)}, weight {tuple(params[n].shape)}"
                 )
-        for n, d in deltas.items():
-            p = params[n]
             if n not in self.base:  # never edited so far: its current value is W₀
-                self.base[n] = p.detach().clone()
-                self.total[n] = torch.zeros(p.shape, dtype=torch.float32)
+                self.base[n] = params[n].detach().clone()
+                self.total[n] = torch.zeros(params[n].shape, dtype=torch.float32)
+        return params
+
+    @staticmethod
+    def _set(p: torch.nn.Parameter, base: torch.Tensor, total: torch.Tensor) -> None:
+        p.copy_((base.float() + total.to(p.device)).to(p.dtype))
+
+    @torch.no_grad()
+    def add(self, deltas: Deltas) -> None:
+        params = self._check(deltas)
+        for n, d in deltas.items():
             self.total[n] = self.total[n] + d.detach().to("cpu", torch.float32)
-            p.copy_((self.base[n].float() + self.total[n].to(p.device)).to(p.dtype))
+            self._set(params[n], self.base[n], self.total[n])
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def serving(self, offset: Deltas) -> Iterator[None]:
+        """Inside the block each weight in ``offset`` is W₀ + (total + offset) -- the weights
+        a fusion serves, e.g. Lookahead's slow weights; after it, W₀ + total again, exactly
+        as :meth:`add` left it. An empty ``offset`` changes nothing."""
+        params = self._check(offset)
+        try:
+            for n, d in offset.items():
+                self._set(params[n], self.base[n], self.total[n] + d.detach().to("cpu", torch.float32))
+            yield
+        finally:
+            for n in offset:
+                self._set(params[n], self.base[n], self.total[n])
 
     def load(self, total: Deltas) -> None:
         """Re-apply a saved ``total`` to an unedited model (resume)."""
