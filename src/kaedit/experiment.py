@@ -3,7 +3,9 @@
 Build the parts in order (data, schedule, model, statistics, method, fusion, evaluation,
 trackers), evaluate the unedited model (step 0), then for each step t: compute Δ on
 M_{t-1} → fuse → check → apply → evaluate → log. Everything the run owns (statistics,
-tokenisation caches, random generators) is created here; nothing is module-level.
+tokenisation caches, random generators, the fusion's state) is created here; nothing is
+module-level. A fusion may serve other weights than the method edits (Lookahead's slow
+weights, WiSE-FT's interpolation): evaluations and ``save_deltas`` see the served ones.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from tqdm.auto import tqdm
 from kaedit import checkpoint, data
 from kaedit.errors import ConfigError
 from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate
+from kaedit.fusion import FusionState, FusionStrategy
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.core import context_templates
 from kaedit.models import LoadedModel, load_model
 from kaedit.records import Deltas, EditRequest
 from kaedit.schedule import Schedule
 from kaedit.stats import CovarianceStore
+from kaedit.trace import resolve_from_trace
 from kaedit.tracking import Trackers, atomic_write
 from kaedit.weights import EditedWeights, delta_problem
 
@@ -135,7 +139,8 @@ def save_step_deltas(folder: Path, step: int, deltas: Deltas, fused: Deltas) -> 
 def config_fingerprint(cfg: DictConfig) -> str:
     """Identifies what a run computes (not where it logs): resume only a matching run."""
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-            if k not in ("resume", "run_dir", "logger", "hydra", "cache_dir")}
+            if k not in ("resume", "run_dir", "logger", "hydra", "cache_dir", "tracking",
+                         "cluster")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -163,6 +168,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     """Run one sequential-editing experiment; returns the final metrics (``summary.json``)."""
     cfg = cfg.copy()
     resolve_data_root(cfg)
+    cfg = resolve_from_trace(cfg)  # method.layers=from_trace:RUN_DIR (python -m kaedit.trace)
     seed = int(cfg.seed)
     fingerprint = config_fingerprint(cfg)
     resuming = resume_dir(cfg, fingerprint)
@@ -180,13 +186,16 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     batches = schedule.batches(len(records))
     planned = [records[i] for r in batches for i in r]
     evaluator: Evaluator = build(cfg.dataset.evaluator)
-    fusion = build(cfg.fusion)
+    fusion: FusionStrategy = build(cfg.fusion)
+    if not isinstance(fusion, FusionStrategy):
+        raise ConfigError(f"fusion._target_={cfg.fusion._target_!r} is not a fusion strategy "
+                          "(kaedit.fusion: init_state, step, served_offset)")
     if cfg.guard.on_fault not in ("skip", "stop"):
         raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of ['skip', 'stop']")
 
     # 2. model, statistics, method (all derived from the unedited model)
     lm: LoadedModel = load_model(cfg.model, lambda: build(cfg.model.load))
-    lm.spec.check(lm.model, [int(x) for x in cfg.model.edit.layers])
+    lm.spec.check(lm.model, [int(x) for x in cfg.method.get("layers", cfg.model.edit.layers)])
     torch.manual_seed(seed)
     method: EditMethod = build(cfg.method, _convert_="all")
     stats: CovarianceStore = build(cfg.stats)
@@ -201,10 +210,13 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     # 3. state to continue from (resume), outputs and trackers
     state: dict[str, Any] = {"step": 0, "n_done": 0, "retention": [], "faults": [],
                              "trackers": {}, "last_row": {}}
+    fusion_state = fusion.init_state()
     if resuming:
         ckpt = checkpoint.load(run_dir)
         edits.load(ckpt.deltas)
         method.load_state_dict(ckpt.method_tensors)
+        if ckpt.fusion_state:
+            fusion_state = FusionState.from_flat(ckpt.fusion_state)
         checkpoint.restore_rng(ckpt.state)
         state.update(ckpt.state)
     if texts.needs_references:
@@ -229,10 +241,13 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     def evaluate(step: int, batch: Sequence[int], n_done: int, extra: Mapping) -> dict:
-        t0 = time.perf_counter()
-        row, seen, per_seen = evaluation(batch, n_done, schedule.generation_at(step, n_steps))
+        t0, pairs0 = time.perf_counter(), evaluation.scorer.pairs_scored
+        with edits.serving(fusion.served_offset(fusion_state)):
+            row, seen, per_seen = evaluation(batch, n_done,
+                                             schedule.generation_at(step, n_steps))
         row = {"step": step, "edits_done": n_done, **extra, **row,
-               "time/eval_s": time.perf_counter() - t0}
+               "time/eval_s": time.perf_counter() - t0,
+               "eval/prompts": evaluation.scorer.pairs_scored - pairs0}
         trackers.log(row, step)
         for j, i in enumerate(seen):
             state["retention"].append({"step": step, "case_id": planned[i].case_id,
@@ -247,15 +262,21 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                    disable=None)
         for step in range(state["step"] + 1, n_steps + 1):
             batch = [records[i] for i in batches[step - 1]]
+            ctx.clock.take()
             t0 = time.perf_counter()
             deltas = method.compute_deltas(ctx, batch)
             t_compute = time.perf_counter() - t0
-            fused = fusion(deltas, step_generator(seed, step))
+            stages = ctx.clock.take()  # targets / keys / solve, for methods that report them
+            t_fuse = time.perf_counter()
+            next_fusion_state, fused = fusion.step(fusion_state, deltas,
+                                                   step_generator(seed, step))
+            t_fuse = time.perf_counter() - t_fuse
             if cfg.save_step_deltas:
                 save_step_deltas(run_dir / "deltas", step, deltas, fused)
             problem = delta_problem(fused, cfg.guard.max_delta_norm)
             if problem is None:
                 edits.add(fused)
+                fusion_state = next_fusion_state
                 method.commit(ctx, batch, fused)
             else:
                 log.warning("step %d not applied: %s", step, problem)
@@ -265,7 +286,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             state["n_done"] += len(batch)
             n_done = state["n_done"]
             extra = {"applied": int(problem is None), "time/compute_s": t_compute,
-                     "time/step_s": time.perf_counter() - t0}
+                     **{f"time/{k}_s": v for k, v in stages.items()},
+                     "time/fusion_s": t_fuse, "time/step_s": time.perf_counter() - t0}
             if schedule.evaluate_at(step, n_steps):
                 state["last_row"] = evaluate(step, list(range(n_done - len(batch), n_done)),
                                              n_done, extra)
@@ -275,7 +297,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             if schedule.checkpoint_every and (step % schedule.checkpoint_every == 0
                                               or step == n_steps):
                 state["trackers"] = {n: t.state() for n, t in named.items()}
-                checkpoint.save(run_dir, step, edits.total, method.state_dict(), state)
+                checkpoint.save(run_dir, step, edits.total, method.state_dict(), state,
+                                fusion_state.flat())
             bar.update(1)
         bar.close()
 
@@ -292,8 +315,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         if cfg.save_deltas:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in edits.total.items()},
-                      str(run_dir / "deltas.safetensors"))
+            served = fusion.served_offset(fusion_state)  # W_served − W₀ = total + offset
+            save_file({k: (v + served[k] if k in served else v).contiguous()
+                       for k, v in edits.total.items()}, str(run_dir / "deltas.safetensors"))
         trackers.summary(summary)
         atomic_write(run_dir / "resume.json",
                      json.dumps({"fingerprint": fingerprint, "done": True}) + "\n")

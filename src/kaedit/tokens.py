@@ -55,29 +55,21 @@ def target_ids(tok, target: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def pad_right(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+def pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to a ``[batch, max_len]`` id tensor and its attention mask."""
+    """Pad to a ``[batch, max_len]`` id tensor and its attention mask.
+
+    Right padding (the default) keeps every row's positions at 0..len-1; left padding is for
+    generation, where every row's next token must be the last column.
+    """
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_left(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad (for generation: every row's next token is the last column) + its mask."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
     return ids.to(device), mask.to(device)
 
 

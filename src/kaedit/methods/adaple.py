@@ -51,7 +51,7 @@ import torch
 from kaedit.methods import objectives
 from kaedit.methods.base import EditContext, Stateless
 from kaedit.methods.core import TargetConfig
-from kaedit.methods.pmet import MLPTargets, mlp_targets, spread_residual
+from kaedit.methods.pmet import MLPTargets, mlp_targets, spread_mlp_target
 from kaedit.records import Deltas, EditRequest
 
 OBJECTIVES = ("paper", "exact", "memit", "erase")
@@ -110,6 +110,12 @@ class AdaPLE(Stateless):
         return objectives.erase_update(v2, w0k, w0k, keys, cov, self.lam, self.alpha)
 
     def compute_deltas(self, ctx: EditContext, requests: Sequence[EditRequest]) -> Deltas:
-        z = self.targets(ctx, requests).z
+        with ctx.clock("targets"):
+            z = self.targets(ctx, requests).z
         covs = ctx.stats.get(ctx.lm, self.layers)
-        return spread_residual(ctx.lm, requests, ctx.templates, self.layers, z, covs, self.solve)
+
+        def solve(layer, resid, keys, weight):
+            return self.solve(resid, keys, covs[layer], weight)
+
+        return spread_mlp_target(ctx.lm, requests, ctx.templates, self.layers, z, solve,
+                                 ctx.clock)

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 
 from kaedit.methods.base import EditContext
-from kaedit.methods.core import TargetConfig, compute_keys, hidden_at_subject, optimize_targets
+from kaedit.methods.core import TargetConfig, compute_keys, optimize_targets, spread_residual
 from kaedit.methods.projections import nullspace_projector, solve_projected
 from kaedit.records import Deltas, EditRequest
-from kaedit.weights import applied
 
 
 @dataclass
@@ -97,23 +96,20 @@ class AlphaEdit:
             raise RuntimeError("AlphaEdit.prepare(ctx) must run (on the unedited model) first")
         lm = ctx.lm
         z_module = lm.spec.module("layer", self.layers[-1])
-        init, delta = optimize_targets(lm, requests, ctx.templates, [z_module], self.target)[
-            z_module
-        ]
+        with ctx.clock("targets"):
+            init, delta = optimize_targets(lm, requests, ctx.templates, [z_module],
+                                           self.target)[z_module]
         z = init + delta  # [n, d] target residual stream at layer L
-        deltas: Deltas = {}
-        for i, layer in enumerate(self.layers):
-            with applied(lm.model, deltas):  # earlier layers' updates in place
-                keys = compute_keys(lm, layer, requests, ctx.templates)  # [d_in, n]
-                cur = hidden_at_subject(lm, z_module, requests)  # [n, d]
-            resid = (z - cur).T / (len(self.layers) - i)  # [d_out, n]
+
+        def solve(layer, resid, keys, weight):
             prev = self.prev_kk.get(layer)
-            upd = solve_projected(
+            return solve_projected(
                 resid,
                 keys,
                 self.projectors[layer].to(keys.device),
                 None if prev is None else prev.to(keys.device),
                 self.l2,
             )
-            deltas[lm.spec.weight("mlp_out", layer)] = upd.to(torch.float32)
-        return deltas
+
+        return spread_residual(lm, requests, ctx.templates, self.layers, z, z_module, solve,
+                               clock=ctx.clock)

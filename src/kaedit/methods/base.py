@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
 from kaedit.stats import CovarianceStore
+from kaedit.timing import Stopwatch
 
 
 @dataclass
@@ -19,6 +20,9 @@ class EditContext:
     stats: CovarianceStore
     #: Prefix templates ("{}" = the prompt) used to average keys and optimise targets.
     templates: list[str] = field(default_factory=lambda: ["{}"])
+    #: Seconds per stage ("targets", "keys", "solve") of the current step; the runner
+    #: logs and resets it after each step.
+    clock: Stopwatch = field(default_factory=Stopwatch)
 
 
 @runtime_checkable

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 from kaedit.hooks import StopForward, edit_outputs, trace
 from kaedit.models import LoadedModel
-from kaedit.records import EditRequest
-from kaedit.tokens import Encoded, chunks, encode, final_hidden, lm_head, pad_right, target_ids
+from kaedit.records import Deltas, EditRequest
+from kaedit.timing import Stopwatch
+from kaedit.tokens import Encoded, chunks, encode, final_hidden, lm_head, pad, target_ids
+from kaedit.weights import applied
 
 
 def context_templates(
@@ -41,17 +43,13 @@ def context_templates(
     for length, count in specs:
         per_start = max(1, count // len(starts))
         enc = [list(tok(s)["input_ids"]) for s in starts for _ in range(per_start)]
-        width = max(map(len, enc))
-        # left-pad so every row continues from its last real token
-        ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(enc):
-            ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
+        # left-padded so every row continues from its last real token
+        ids, mask = pad(enc, tok.pad_token_id, lm.device, left=True)
+        width = ids.shape[1]
         with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
             torch.manual_seed(seed)
             gen = model.generate(
-                input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                input_ids=ids, attention_mask=mask,
                 max_new_tokens=length, do_sample=True, top_k=5, pad_token_id=tok.pad_token_id,
             )
         for row, m in zip(gen, mask):
@@ -95,7 +93,7 @@ def _module_io_at(lm, module: str, encs: list[Encoded], batch_size: int, want_in
     rows = []
     for sl in chunks(len(encs), batch_size):
         batch = encs[sl]
-        ids, mask = pad_right([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
+        ids, mask = pad([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
         with trace(lm.model, [module], inputs=want_input, outputs=not want_input,
                    stop=True) as tr, contextlib.suppress(StopForward):
             lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -177,7 +175,7 @@ def optimize_targets(
 
     active = torch.ones(n, dtype=torch.bool)
     kl_init: torch.Tensor | None = None
-    ids_all, mask_all = pad_right(row_ids, tok.pad_token_id, dev)
+    ids_all, mask_all = pad(row_ids, tok.pad_token_id, dev)
     row_req_t = torch.tensor(row_req, device=dev)
     row_subj_t = torch.tensor(row_subj, device=dev)
     pos_r = torch.tensor(nll_pos_row, device=dev)
@@ -245,6 +243,45 @@ def optimize_targets(
                 norm = d[m].norm(dim=1, keepdim=True)
                 d[m].mul_(torch.where(norm > max_norm[m], max_norm[m] / norm, 1.0))
     return {m: (inits[m], d[m].detach()) for m in modules}
+
+
+#: ``solve(layer, resid [d_out, n], keys [d_in, n], weight [d_out, d_in]) -> Δ_l``;
+#: ``weight`` is the layer's current down-projection (earlier layers' updates included).
+LayerSolver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def spread_residual(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    layers: Sequence[int],
+    z: torch.Tensor,
+    z_module: str,
+    solve: LayerSolver,
+    share: Callable[[int], float] = float,
+    clock: Stopwatch | None = None,
+) -> Deltas:
+    """Spread the change z − cur over the edit layers' down-projections, in order.
+
+    For edit layer l (the updates of the earlier layers temporarily in place): keys K at l,
+    cur = output of ``z_module`` at the last subject token, R = (z − cur) / share(layers
+    left, l included), Δ_l = ``solve(l, R, K, W_l)``. ``share=float`` is MEMIT's even spread,
+    ``math.sqrt`` PMET's / AdaPLE's (Algorithm 1). ``z`` is ``[n, d]``. Returns
+    ``{down-projection weight name: Δ_l}`` (float32); the model is left unchanged. Time
+    goes to ``clock``'s stages "keys" (keys and current outputs) and "solve".
+    """
+    clock = clock or Stopwatch()
+    deltas: Deltas = {}
+    for i, layer in enumerate(layers):
+        name = lm.spec.weight("mlp_out", layer)
+        with clock("keys"), applied(lm.model, deltas):  # earlier layers' updates in place
+            keys = compute_keys(lm, layer, requests, templates)  # [d_in, n]
+            cur = hidden_at_subject(lm, z_module, requests)  # [n, d]
+            weight = lm.model.get_parameter(name).detach().clone()  # [d_out, d_in]
+        resid = (z - cur).T / share(len(layers) - i)  # [d_out, n]
+        with clock("solve"):
+            deltas[name] = solve(layer, resid, keys, weight).to(torch.float32)
+    return deltas
 
 
 def solve_update(

@@ -21,7 +21,7 @@ from kaedit.hooks import StopForward, trace
 from kaedit.methods.base import EditContext, Stateless
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
-from kaedit.tokens import lm_head, pad_right, target_ids
+from kaedit.tokens import lm_head, pad, target_ids
 from kaedit.weights import parameters
 
 
@@ -86,7 +86,7 @@ class _TeacherForced:
                 rows.append(i)
                 cols.append(len(prompt) - 1 + j)
                 toks.append(t)
-        ids, mask = pad_right(seqs, tok.pad_token_id, dev)
+        ids, mask = pad(seqs, tok.pad_token_id, dev)
         rows_t, cols_t, toks_t = (torch.tensor(x, device=dev) for x in (rows, cols, toks))
         return cls(ids, mask, rows_t, cols_t, toks_t, len(requests))
 

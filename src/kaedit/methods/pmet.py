@@ -20,33 +20,29 @@ lowers the NLL weight 10× once the target token is already the argmax, and its 
 settings are ``clamp_norm_factor`` 0.75 and ``kl_factor`` 1; here the model config's
 ``edit.target`` settings apply, as for MEMIT.
 
-:func:`mlp_targets` and :func:`spread_residual` are shared with AdaPLE
+:func:`mlp_targets` and :func:`spread_mlp_target` are shared with AdaPLE
 (:mod:`kaedit.methods.adaple`), which only changes the closed-form solve.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from kaedit.methods.base import EditContext, Stateless
 from kaedit.methods.core import (
+    LayerSolver,
     TargetConfig,
-    compute_keys,
-    hidden_at_subject,
     optimize_targets,
     solve_update,
+    spread_residual,
 )
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
-from kaedit.weights import applied
-
-#: ``solve(resid [d_out, n], keys [d_in, n], cov [d_in, d_in], weight [d_out, d_in]) -> Δ``;
-#: ``weight`` is the layer's current down-projection (with all applied edits in it).
-Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from kaedit.timing import Stopwatch
 
 
 @dataclass(frozen=True)
@@ -80,33 +76,20 @@ def mlp_targets(
     return MLPTargets(z=init + delta, deltas={m: d for m, (_, d) in out.items()})
 
 
-def spread_residual(
+def spread_mlp_target(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
     templates: Sequence[str],
     layers: Sequence[int],
     z: torch.Tensor,
-    covs: dict[int, torch.Tensor],
-    solve: Solver,
+    solve: LayerSolver,
+    clock: Stopwatch | None = None,
 ) -> Deltas:
-    """Per edit layer l (in order, earlier layers' updates applied): R = (z − m^L) / √(left).
-
-    ``z`` ``[n, d]`` is the target MLP output at the last layer L = ``layers[-1]``;
-    "left" = the number of edit layers from l to L inclusive (√(L − l + 1) of the paper's
-    Algorithm 1 for contiguous layers). Returns ``{down-projection weight name: Δ_l}``
-    (float32); the model is left unchanged.
-    """
+    """PMET's spread: z is the MLP output target at L = ``layers[-1]``, R = (z − m^L)/√(left)
+    (√(L − l + 1) of the paper's Algorithm 1 for contiguous layers)."""
     z_module = lm.spec.module("mlp_out", layers[-1])
-    deltas: Deltas = {}
-    for i, layer in enumerate(layers):
-        name = lm.spec.weight("mlp_out", layer)
-        with applied(lm.model, deltas):  # earlier layers' updates in place
-            keys = compute_keys(lm, layer, requests, templates)  # [d_in, n]
-            cur = hidden_at_subject(lm, z_module, requests)  # [n, d]
-            weight = lm.model.get_parameter(name).detach().clone()  # [d_out, d_in]
-        resid = (z - cur).T / math.sqrt(len(layers) - i)  # [d_out, n]
-        deltas[name] = solve(resid, keys, covs[layer], weight).to(torch.float32)
-    return deltas
+    return spread_residual(lm, requests, templates, layers, z, z_module, solve, math.sqrt,
+                           clock)
 
 
 @dataclass
@@ -128,10 +111,12 @@ class PMET(Stateless):
         return mlp_targets(ctx.lm, requests, ctx.templates, self.layers[-1], self.target)
 
     def compute_deltas(self, ctx: EditContext, requests: Sequence[EditRequest]) -> Deltas:
-        z = self.targets(ctx, requests).z
+        with ctx.clock("targets"):
+            z = self.targets(ctx, requests).z
         covs = ctx.stats.get(ctx.lm, self.layers)
 
-        def solve(resid, keys, cov, weight):  # Δ = R Kᵀ(λC + KKᵀ)⁻¹ (paper eq. 2)
-            return solve_update(resid, keys, cov, self.lam)
+        def solve(layer, resid, keys, weight):  # Δ = R Kᵀ(λC + KKᵀ)⁻¹ (paper eq. 2)
+            return solve_update(resid, keys, covs[layer], self.lam)
 
-        return spread_residual(ctx.lm, requests, ctx.templates, self.layers, z, covs, solve)
+        return spread_mlp_target(ctx.lm, requests, ctx.templates, self.layers, z, solve,
+                                 ctx.clock)
