@@ -8,8 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kaedit-installed
 ARGS ?=
 PYTEST_ARGS ?=
+# e.g. BENCH_ARGS="--n-edits 30" (default: 100 edits in batches of 10)
+BENCH_ARGS ?=
 
-.PHONY: help venv run reproduce-cpu test test-fast lint format clean
+.PHONY: help venv run reproduce-cpu bench test test-fast lint format clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -29,6 +31,9 @@ run: venv ## The main job: 50 sequential CounterFact edits (MEMIT + DR) on SmolL
 
 reproduce-cpu: venv ## Drop-rate sweep + fusion comparison on SmolLM2, CPU (7 runs) -> outputs/reproduce-cpu/
 	$(PY) -m kaedit.reproduce --out outputs/reproduce-cpu $(ARGS)
+
+bench: venv ## Speed/memory benchmark vs a one-at-a-time MEMIT baseline -> benchmarks/results/
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 test: venv ## The whole test suite (includes the real-model tests marked slow)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
