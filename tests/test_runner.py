@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import Compose, load_tiny
-from kaedit import experiment
+from kaedit import analyze, experiment
 from kaedit.data import DatasetError
 from kaedit.models import LoadedModel
 from kaedit.schedule import ScheduleError
@@ -185,8 +185,23 @@ def test_wandb_offline_run(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("WANDB_SILENT", "true")
     _, run_dir = run("logger=wandb", "logger.wandb.mode=offline", "schedule.n_edits=3")
     assert (run_dir / "wandb").is_dir()
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    (wb_run,) = (run_dir / "wandb").glob("offline-run-*")
     assert (run_dir / "metrics.csv").is_file()  # the csv tracker runs beside it
+    # the retention rows as a W&B table
+    (table,) = (wb_run / "files" / "media" / "table").glob("retention_*.table.json")
+    data = json.loads(table.read_text())
+    assert {"step", "step_made", "case_id", "efficacy"} <= set(data["columns"])
+    assert len(data["data"]) == len(pd.read_csv(run_dir / "retention.csv"))
+
+    # figures from `python -m kaedit.analyze --wandb` go to the same W&B run id
+    assert analyze.main([str(run_dir), "--wandb", "offline"]) == 0
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {
+        wb_run.name.rsplit("-", 1)[1]}
+    (reopened,) = [r for r in runs if r != wb_run]
+    images = {p.name.split("_")[0] for p in
+              (reopened / "files" / "media" / "images" / "analysis").glob("*.png")}
+    assert {"scaling", "retention", "compare"} <= images
 
 
 def _cli(tmp_path: Path, cache_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

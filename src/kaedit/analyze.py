@@ -14,7 +14,9 @@ Reads what a run wrote (``metrics.csv``, ``retention.csv``, ``config.yaml`` and,
   per run, labelled by method / fusion and its parameters (Fig. 5-7).
 
 Per-run figures go to ``RUN_DIR/figures/`` (or ``DIR/<run name>/`` with ``--out``);
-``compare.png`` to ``--out``, or beside the first run's figures.
+``compare.png`` to ``--out``, or beside the first run's figures. ``--wandb offline`` (or
+``online``) also logs each run's figures and ``compare.png`` to that run's own W&B run,
+reopened by its id (``analysis/<figure>``); ``wandb sync`` uploads offline ones as usual.
 
 ``python -m kaedit.analyze topk RUN_DIR --k 0.1,0.2,0.5,1`` (Fig. 4, edit performance vs
 the top-k% of parameters retained) loads the run's model again: for each k it keeps the
@@ -231,6 +233,37 @@ def analyze(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     return written
 
 
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the W&B run a kaedit run logged to (``RUN_DIR/wandb/*run-DATE-ID``)."""
+    found = sorted((Path(run_dir) / "wandb").glob("*run-*-*"))
+    return found[-1].name.rsplit("-", 1)[1] if found else None
+
+
+def log_to_wandb(run_dirs: Sequence[str | Path], written: Sequence[Path], mode: str) -> int:
+    """Log each run's figures (and the comparison) to its W&B run; returns how many runs."""
+    from kaedit.tracking import WandbTracker
+
+    compare = [p for p in written if p.name == "compare.png"]
+    logged = 0
+    for i, d in enumerate(map(Path, run_dirs)):
+        run_id = wandb_run_id(d)
+        if run_id is None:
+            log.warning("%s has no W&B run (it ran without logger=wandb): not logged", d)
+            continue
+        own = [p for p in written if p not in compare and (
+            p.parent.resolve() == (d / "figures").resolve()
+            or p.parent.name in (d.resolve().name, f"{i}-{d.resolve().name}"))]
+        wb = load_run(d).config.get("logger", {}).get("wandb", {}) or {}
+        tracker = WandbTracker(str(d), project=wb.get("project", "kaedit"),
+                               entity=wb.get("entity"), mode=mode, resume={"run_id": run_id})
+        try:
+            tracker.images({f"analysis/{p.stem}": str(p) for p in [*own, *compare]})
+        finally:
+            tracker.finish()
+        logged += 1
+    return logged
+
+
 def topk_performance(run_dir: str | Path, ks: Sequence[float]) -> pd.DataFrame:
     """Fig. 4: scores of the run's edits with each step delta pruned to its top-k fraction.
 
@@ -330,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write all figures here (default: RUN_DIR/figures/)")
     parser.add_argument("--max-steps", type=int, default=20,
                         help="steps shown in delta_similarity.png (default 20)")
+    parser.add_argument("--wandb", choices=["offline", "online"], default=None,
+                        help="also log the figures to each run's own W&B run")
     args = parser.parse_args(argv)
     try:
         written = analyze(args.runs, args.out, args.max_steps)
@@ -338,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for p in written:
         print(p)
+    if args.wandb:
+        log.info("figures logged to %d W&B run(s)", log_to_wandb(args.runs, written, args.wandb))
     return 0
 
 

@@ -312,6 +312,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         if "seen/consistency" in summary:
             summary["consistency_source"] = texts.source
         _write_retention(run_dir / "retention.csv", state["retention"])
+        trackers.table("retention", state["retention"])  # W&B: step made x step measured
         if cfg.save_deltas:
             from safetensors.torch import save_file
 

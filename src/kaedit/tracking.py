@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,9 @@ class Tracker(Protocol):
 
     def images(self, paths: Mapping[str, str]) -> None:
         """Figures already saved as files (``name -> path``)."""
+
+    def table(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """A table already saved as a file (e.g. ``retention.csv``), one dict per row."""
 
     def finish(self) -> None: ...
 
@@ -78,6 +81,9 @@ class CsvTracker:
 
     def images(self, paths: Mapping[str, str]) -> None:
         return None  # the figures are files in the run directory already
+
+    def table(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        return None  # written by the runner (retention.csv)
 
     def finish(self) -> None:
         return None
@@ -139,6 +145,13 @@ class WandbTracker:
 
         self.run.log({k: wandb.Image(str(p)) for k, p in paths.items()})
 
+    def table(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        import pandas as pd
+        import wandb
+
+        if rows:
+            self.run.log({name: wandb.Table(dataframe=pd.DataFrame(list(rows)))})
+
     def finish(self) -> None:
         self.run.finish()
 
@@ -160,6 +173,10 @@ class Trackers:
     def images(self, paths: Mapping[str, str]) -> None:
         for t in self.trackers:
             t.images(paths)
+
+    def table(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        for t in self.trackers:
+            t.table(name, rows)
 
     def finish(self) -> None:
         errors = []
