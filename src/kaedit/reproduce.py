@@ -24,7 +24,8 @@ anything runs), so seven runs cover nine lines.
 Interrupted? Run the same command again: finished runs are kept, unfinished ones resume
 from their last checkpoint. Extra arguments are Hydra overrides applied to every run
 (e.g. ``schedule.n_edits=4 schedule.batch_size=2`` for a quick check of the pipeline);
-``--runs`` picks a subset.
+``--runs`` picks a subset; invocations with disjoint ``--runs`` and the same ``--out`` can
+run in parallel (then one more invocation without ``--runs`` writes the full tables).
 """
 
 from __future__ import annotations
@@ -265,6 +266,11 @@ def write_results(out: Path, plan: Sequence[PlannedRun], timings: dict[str, floa
     return path
 
 
+def read_timings(path: Path) -> dict[str, float]:
+    """Seconds spent per run over all invocations (``timings.json``)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -279,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from kaedit.errors import USER_ERRORS
+    from kaedit.tracking import atomic_write
 
     names = [r.name for r in PLAN]
     wanted = args.runs.split(",") if args.runs else names
@@ -296,15 +303,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings_file = out / "timings.json"
     try:
         check_shared(args.overrides)
-        timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
         t0 = time.perf_counter()
         for run in plan:
             seconds = execute(run, out, args.overrides)
-            if seconds:
+            if seconds:  # re-read: invocations with other --runs may share the file
+                timings = read_timings(timings_file)
                 timings[run.name] = timings.get(run.name, 0.0) + seconds
-                out.mkdir(parents=True, exist_ok=True)
-                timings_file.write_text(json.dumps(timings, indent=2) + "\n")
-        path = write_results(out, plan, timings, command, time.perf_counter() - t0)
+                atomic_write(timings_file, json.dumps(timings, indent=2) + "\n")
+        path = write_results(out, plan, read_timings(timings_file), command,
+                             time.perf_counter() - t0)
     except USER_ERRORS as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
