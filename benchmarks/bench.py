@@ -119,6 +119,12 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def fusion_label(node) -> str:
+    """``DropRescale(p=0.8)``: the fusion's class and its parameters."""
+    params = ", ".join(f"{k}={v}" for k, v in node.items() if not str(k).startswith("_"))
+    return f"{node._target_.rsplit('.', 1)[-1]}({params})"
+
+
 def child(phase: str, overrides: list[str], run_dir: str, out: Path) -> dict[str, Any]:
     """Run one phase in a fresh process (its own peak memory, no shared caches)."""
     cmd = [sys.executable, __file__, "--phase", phase, "--phase-out", str(out),
@@ -203,7 +209,7 @@ def main() -> None:
         res: dict[str, Any] = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:]),
-            "machine": machine(), "model": cfg.model.name, "fusion": cfg.fusion._target_,
+            "machine": machine(), "model": cfg.model.name, "fusion": fusion_label(cfg.fusion),
             "n_edits": args.n_edits, "batch_size": args.batch_size,
         }
         t = Path(tmp)
