@@ -394,3 +394,16 @@ def test_reproduce_rejects_unknown_runs_and_checks_shared_settings(
     assert reproduce.main(["--runs", "dr-p0.3"]) == 2
     assert "dr-p0.3" in capsys.readouterr().err
     reproduce.check_shared(["schedule.n_edits=4"])  # the shared runs really are the same
+
+
+def test_reproduce_keeps_finished_runs(tmp_path: Path, tiny_run_overrides: list[str]) -> None:
+    # A second invocation finds the run done (same config, relative data_root included)
+    # and does not run it again.
+    from kaedit import reproduce
+
+    extra = [*tiny_run_overrides, "schedule.n_edits=2", "schedule.batch_size=1",
+             "templates.specs=[[3,1]]", "generation.max_new_tokens=2"]
+    run = reproduce.PLAN[0]
+    assert reproduce.execute(run, tmp_path, extra) > 0
+    assert json.loads((tmp_path / "runs" / run.name / "resume.json").read_text())["done"]
+    assert reproduce.execute(run, tmp_path, extra) == 0.0

@@ -144,6 +144,14 @@ def config_fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def effective_config(cfg: DictConfig) -> DictConfig:
+    """A copy with ``data_root`` made absolute and ``method.layers=from_trace:`` read: the
+    config a run actually uses (and fingerprints)."""
+    cfg = cfg.copy()
+    resolve_data_root(cfg)
+    return resolve_from_trace(cfg)  # method.layers=from_trace:RUN_DIR (python -m kaedit.trace)
+
+
 def resume_dir(cfg: DictConfig, fingerprint: str) -> Path | None:
     """The run directory ``resume`` points at: a path, the newest matching run, or None."""
     value = cfg.get("resume")
@@ -166,9 +174,7 @@ def resume_dir(cfg: DictConfig, fingerprint: str) -> Path | None:
 
 def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     """Run one sequential-editing experiment; returns the final metrics (``summary.json``)."""
-    cfg = cfg.copy()
-    resolve_data_root(cfg)
-    cfg = resolve_from_trace(cfg)  # method.layers=from_trace:RUN_DIR (python -m kaedit.trace)
+    cfg = effective_config(cfg)
     seed = int(cfg.seed)
     fingerprint = config_fingerprint(cfg)
     resuming = resume_dir(cfg, fingerprint)

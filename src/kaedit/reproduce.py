@@ -114,7 +114,7 @@ def execute(run: PlannedRun, out: Path, extra: Sequence[str]) -> float:
     """Make (or finish) one run in ``out/runs/<name>``; returns the seconds it took now."""
     from kaedit import checkpoint
     from kaedit.errors import ConfigError
-    from kaedit.experiment import config_fingerprint
+    from kaedit.experiment import config_fingerprint, effective_config
     from kaedit.experiment import run as run_experiment
     from kaedit.run import tracking_info
 
@@ -125,7 +125,7 @@ def execute(run: PlannedRun, out: Path, extra: Sequence[str]) -> float:
     meta = run_dir / "resume.json"
     if meta.is_file():
         saved = json.loads(meta.read_text())
-        if saved.get("fingerprint") != config_fingerprint(cfg):
+        if saved.get("fingerprint") != config_fingerprint(effective_config(cfg)):
             raise ConfigError(f"{str(run_dir)!r} holds a run with another config; remove it "
                               "or choose another --out")
         if saved.get("done"):
