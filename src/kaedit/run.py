@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,17 +76,12 @@ def fill_tracking(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from kaedit.errors import USER_ERRORS
+    from kaedit.errors import user_errors_exit
     from kaedit.experiment import run
 
     fill_tracking(cfg)
-    try:
+    with user_errors_exit(log):
         summary = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
-    except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s: %s", type(exc).__name__, exc)
-        sys.exit(2)
     value = summary.get(str(cfg.optimized_metric)) if cfg.get("optimized_metric") else None
     return float(value) if value is not None else None
 

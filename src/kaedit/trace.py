@@ -46,8 +46,6 @@ import contextlib
 import inspect
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -940,15 +938,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> TraceResult:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from kaedit.errors import USER_ERRORS
+    from kaedit.errors import user_errors_exit
 
-    try:
+    with user_errors_exit(log):
         result = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
-    except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s: %s", type(exc).__name__, exc)
-        sys.exit(2)
     s = result.summary
     print(
         f"traced {s['n_records']} records of {s['model']} in {s['trace_s']:.0f} s "

@@ -34,9 +34,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import random
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -393,15 +391,10 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from kaedit.errors import USER_ERRORS
+    from kaedit.errors import user_errors_exit
 
-    try:
+    with user_errors_exit(log):
         summary = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
-    except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s: %s", type(exc).__name__, exc)
-        sys.exit(2)
     value = summary["val_trained"].get("efficacy")
     return float(value) if value is not None and math.isfinite(value) else None
 
