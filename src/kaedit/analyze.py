@@ -217,15 +217,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def figure_dirs(run_dirs: Sequence[str | Path], out: str | Path | None) -> list[Path]:
+    """Where each run's own figures go: ``RUN_DIR/figures``, or ``out/<run name>``
+    (prefixed by its index when two runs share a name)."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    return [Path(out) / (n if names.count(n) == 1 else f"{i}-{n}") if out
+            else Path(d) / "figures" for i, (d, n) in enumerate(zip(run_dirs, names))]
+
+
 def analyze(run_dirs: Sequence[str | Path], out: str | Path | None = None,
             max_steps: int = 20) -> list[Path]:
     """Draw every figure the runs' saved files allow; returns the PNG paths written."""
     runs = [load_run(d) for d in run_dirs]
-    names = [r.name for r in runs]
     written: list[Path] = []
-    for i, run in enumerate(runs):
-        name = run.name if names.count(run.name) == 1 else f"{i}-{run.name}"
-        dest = Path(out) / name if out else run.path / "figures"
+    for run, dest in zip(runs, figure_dirs(run_dirs, out)):
         written.append(plot_scaling(run, dest))
         written += [p for p in (plot_retention(run, dest),
                                 plot_delta_similarity(run, dest, max_steps)) if p]
@@ -239,20 +244,20 @@ def wandb_run_id(run_dir: Path) -> str | None:
     return found[-1].name.rsplit("-", 1)[1] if found else None
 
 
-def log_to_wandb(run_dirs: Sequence[str | Path], written: Sequence[Path], mode: str) -> int:
-    """Log each run's figures (and the comparison) to its W&B run; returns how many runs."""
+def log_to_wandb(run_dirs: Sequence[str | Path], written: Sequence[Path], mode: str,
+                 out: str | Path | None = None) -> int:
+    """Log each run's figures (and the comparison) to its W&B run; returns how many runs.
+    ``out`` as given to :func:`analyze`."""
     from kaedit.tracking import WandbTracker
 
     compare = [p for p in written if p.name == "compare.png"]
     logged = 0
-    for i, d in enumerate(map(Path, run_dirs)):
+    for d, dest in zip(map(Path, run_dirs), figure_dirs(run_dirs, out)):
         run_id = wandb_run_id(d)
         if run_id is None:
             log.warning("%s has no W&B run (it ran without logger=wandb): not logged", d)
             continue
-        own = [p for p in written if p not in compare and (
-            p.parent.resolve() == (d / "figures").resolve()
-            or p.parent.name in (d.resolve().name, f"{i}-{d.resolve().name}"))]
+        own = [p for p in written if p not in compare and p.parent == dest]
         wb = load_run(d).config.get("logger", {}).get("wandb", {}) or {}
         tracker = WandbTracker(str(d), project=wb.get("project", "kaedit"),
                                entity=wb.get("entity"), mode=mode, resume={"run_id": run_id})
@@ -374,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in written:
         print(p)
     if args.wandb:
-        log.info("figures logged to %d W&B run(s)", log_to_wandb(args.runs, written, args.wandb))
+        logged = log_to_wandb(args.runs, written, args.wandb, args.out)
+        log.info("figures logged to %d W&B run(s)", logged)
     return 0
 
 
