@@ -14,6 +14,7 @@ from kaedit.hooks import count_hooks, edit_outputs, trace
 from kaedit.methods.base import EditContext
 from kaedit.methods.core import (
     TargetConfig,
+    context_templates,
     hidden_at_subject,
     optimize_targets,
     solve_update,
@@ -22,7 +23,7 @@ from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
 from kaedit.stats import CovarianceStore
 from kaedit.timing import Stopwatch
-from kaedit.tokens import encode
+from kaedit.tokens import encode, pad
 from kaedit.weights import applied
 
 # The subject ends each prompt, so the edited position is the one that predicts the first
@@ -182,6 +183,34 @@ def test_memit_one_request_at_a_time_matches_batched(
     for name in batched:
         torch.testing.assert_close(alone[name], batched[name], rtol=1e-3, atol=1e-5)
     assert set(ctx.clock.take()) == {"targets", "keys", "solve"}
+
+
+def test_context_templates_are_generates_cpu_samples_without_the_global_rng(
+    lm: LoadedModel,
+) -> None:
+    """The seeded CPU sampler draws what ``generate(do_sample=True, top_k=5)`` draws on the
+    CPU after ``torch.manual_seed(seed)`` (so CUDA runs get the CPU's templates), and
+    leaves the global RNG where it was."""
+    tok = lm.tokenizer
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    got = context_templates(lm, [(6, 5), (3, 10)], seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(got) == 1 + 5 + 10 and got[0] == "{}"
+    for spec, rows in (((6, 5), got[1:6]), ((3, 10), got[6:])):
+        starts = [s for s in ("The", "Therefore", "Because", "I", "You")
+                  for _ in range(spec[1] // 5)]
+        ids, mask = pad([list(tok(s)["input_ids"]) for s in starts], tok.pad_token_id,
+                        lm.device, left=True)
+        torch.manual_seed(7)
+        gen = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=spec[0],
+                                do_sample=True, top_k=5, pad_token_id=tok.pad_token_id)
+        width = ids.shape[1]
+        want = [tok.decode(r[int(width - m.sum()):], skip_special_tokens=True)
+                .replace("{", " ").replace("}", " ") + ". {}" for r, m in zip(gen, mask)]
+        assert rows == want
+    assert context_templates(lm, [(6, 5), (3, 10)], seed=7) == got
+    assert context_templates(lm, [(6, 5)], seed=8) != got[:6]
 
 
 def test_stopwatch_accumulates_and_resets() -> None:

@@ -27,6 +27,28 @@ from kaedit.tokens import Encoded, chunks, encode, final_hidden, lm_head, pad, t
 from kaedit.weights import applied
 
 
+class _SeededTopK:
+    """A ``generate`` logits processor that samples the next token itself, top-k from a
+    seeded CPU generator, and leaves only that token finite so greedy decoding picks it.
+
+    Sampling inside ``generate`` would draw from the device's RNG, so one seed would give
+    different templates on CUDA and on the CPU (and, through them, different edits). The
+    draws here are those ``generate(do_sample=True, top_k=k)`` makes on the CPU after
+    ``torch.manual_seed(seed)``, on every device.
+    """
+
+    def __init__(self, k: int, seed: int) -> None:
+        self.k = k
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.detach().float().cpu()
+        kth = torch.topk(logits, min(self.k, logits.shape[-1]), dim=-1).values[..., -1:]
+        probs = torch.softmax(logits.masked_fill(logits < kth, -float("inf")), dim=-1)
+        chosen = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, chosen, 0.0)
+
+
 def context_templates(
     lm: LoadedModel,
     specs: Sequence[Sequence[int]] = ((10, 5),),
@@ -36,22 +58,24 @@ def context_templates(
     """``["{}", "<generated text>. {}", ...]``: prefixes that make edits generalise.
 
     For each ``(length, count)`` in ``specs``, ``count`` continuations of ``length`` tokens
-    are sampled (top-k 5, seeded, without touching the global RNG) from the start words.
+    are sampled (top-k 5) from the start words, with a CPU generator seeded anew for each
+    spec: the same templates on every device, and the global RNG untouched.
     """
+    from transformers import LogitsProcessorList
+
     model, tok = lm.model, lm.tokenizer
     out = ["{}"]
     for length, count in specs:
+        sampler = _SeededTopK(5, seed)  # each spec starts from the seed
         per_start = max(1, count // len(starts))
         enc = [list(tok(s)["input_ids"]) for s in starts for _ in range(per_start)]
         # left-padded so every row continues from its last real token
         ids, mask = pad(enc, tok.pad_token_id, lm.device, left=True)
         width = ids.shape[1]
-        with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            gen = model.generate(
-                input_ids=ids, attention_mask=mask,
-                max_new_tokens=length, do_sample=True, top_k=5, pad_token_id=tok.pad_token_id,
-            )
+        gen = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=length, do_sample=False,
+            logits_processor=LogitsProcessorList([sampler]), pad_token_id=tok.pad_token_id,
+        )
         for row, m in zip(gen, mask):
             text = tok.decode(row[int(width - m.sum()) :], skip_special_tokens=True)
             out.append(text.replace("{", " ").replace("}", " ") + ". {}")
