@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import subprocess
@@ -231,7 +232,10 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}"
+    # one file per machine and accelerator (hosts of one cluster often share a name)
+    gpu = res["machine"]["gpu"]
+    accel = "-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") if gpu else ""
+    stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}{accel}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)
     (out / f"{stem}.md").write_text(md)
