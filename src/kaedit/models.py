@@ -154,7 +154,8 @@ def _finish(model: nn.Module, tokenizer, dtype, device, device_map) -> tuple[nn.
     return model, tokenizer
 
 
-def _sha256(path: Path, limit: int | None = None) -> str:
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (the first ``limit`` digits)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -192,7 +193,7 @@ def load_gguf(
     gguf = Path(path).expanduser() if path else find_package_file(package or "", file)
     if not gguf.is_file():
         raise ModelLoadError(f"GGUF file {str(gguf)!r} does not exist (model.load.path)")
-    digest = _sha256(gguf, 16)
+    digest = file_sha256(gguf, 16)
     cached = Path(cache_dir).expanduser() / f"{gguf.stem}-{digest}"
     if not (cached / "config.json").is_file():
         log.info("dequantizing %s once into %s", gguf.name, cached)

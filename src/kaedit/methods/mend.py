@@ -33,7 +33,6 @@ holds the editor, the gradient factors, the checkpoint format and the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -51,7 +50,7 @@ from torch.func import functional_call
 from kaedit.errors import ConfigError
 from kaedit.hooks import StopForward, TraceResult, trace
 from kaedit.methods.base import EditContext, Stateless
-from kaedit.models import LoadedModel
+from kaedit.models import LoadedModel, file_sha256
 from kaedit.records import Deltas, EditRequest
 from kaedit.tokens import lm_head, pad, target_ids
 from kaedit.weights import parameters
@@ -339,14 +338,6 @@ def sidecar(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_editor(
     editor: MendEditor, path: str | Path, lm: LoadedModel, extra: Mapping[str, Any] | None = None
 ) -> Path:
@@ -368,7 +359,7 @@ def save_editor(
     try:
         save_file(tensors, tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        digest = _sha256(Path(tmp))
+        digest = file_sha256(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -426,7 +417,7 @@ def load_editor(
             f"{where}: format {got!r} is not {FORMAT!r}; retrain it with "
             "`python -m kaedit.train_mend`"
         )
-    if _sha256(p) != meta.get("sha256"):
+    if file_sha256(p) != meta.get("sha256"):
         raise ConfigError(
             f"{where}: the tensors do not match the sha256 recorded in "
             f"{str(side)!r} (a file was replaced or damaged); retrain or restore it"
