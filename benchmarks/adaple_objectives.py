@@ -17,14 +17,13 @@ import json
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
 
 from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer, aggregate
-from kaedit.experiment import resolve_data_root, step_generator
+from kaedit.experiment import compose, resolve_data_root, step_generator
 from kaedit.methods.base import EditContext
 from kaedit.methods.core import context_templates
 from kaedit.models import load_model
@@ -59,8 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    with hydra.initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra.compose("config", overrides=["fusion=add", "logger=none"])
+    cfg = compose(["fusion=add", "logger=none"])
     resolve_data_root(cfg)
     lm = load_model(cfg.model, lambda: instantiate(cfg.model.load))
     stats = instantiate(cfg.stats)
@@ -103,8 +101,7 @@ def main() -> None:
 
     for name in args.variants:
         group, overrides = VARIANTS[name]
-        with hydra.initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            mcfg = hydra.compose("config", overrides=[f"method={group}"]).method
+        mcfg = compose([f"method={group}"]).method
         method = instantiate(mcfg, _convert_="all", **overrides)
         method.prepare(ctx)
         if hasattr(method, "targets"):  # PMET and AdaPLE

@@ -37,16 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kaedit.experiment import compose
+
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 STAGES = ("targets", "keys", "solve", "fusion", "eval")
-
-
-def compose(overrides: list[str]):
-    import hydra
-
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra.compose("config", overrides=overrides)
 
 
 def peak_memory_mb() -> float:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from kaedit.experiment import compose as compose_config
 from kaedit.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +47,7 @@ def compose(cache_dir: Path) -> Compose:
     """``compose([...overrides])`` -> the composed ``conf/config.yaml``, cache in tmp."""
 
     def _compose(overrides: Sequence[str] = ()) -> DictConfig:
-        with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return hydra.compose("config", overrides=[f"cache_dir={cache_dir}", *overrides])
+        return compose_config([f"cache_dir={cache_dir}", *overrides])
 
     return _compose
 

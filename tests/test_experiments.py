@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import pytest
 import torch
@@ -21,8 +20,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from conftest import CONF, REPO, Compose
+from conftest import REPO, Compose
 from kaedit import experiment
+from kaedit.experiment import compose as compose_config
 from kaedit.methods.core import TargetConfig
 from kaedit.schedule import Schedule
 from test_config import bind, targets
@@ -59,9 +59,7 @@ def sweep_points(params: dict) -> list[list[str]]:
 
 def compose_with_hydra(compose: Compose, overrides: list[str]):
     cache = compose([]).cache_dir
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra.compose("config", overrides=[f"cache_dir={cache}", *overrides],
-                             return_hydra_config=True)
+    return compose_config([f"cache_dir={cache}", *overrides], hydra_config=True)
 
 
 # ------------------------------------------------------------------------- composition

@@ -13,16 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, REPO, Compose, deltas_leaving_model_untouched, load_tiny
+from conftest import REPO, Compose, deltas_leaving_model_untouched, load_tiny
 from kaedit.data import load_requests
 from kaedit.errors import ConfigError
 from kaedit.evaluate import CounterFactEval, Scorer
+from kaedit.experiment import compose as compose_config
 from kaedit.hooks import count_hooks
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.mend import (
@@ -279,8 +279,7 @@ def test_method_warns_when_editing_a_training_record(
 
 # ------------------------------------------------------------------ train_mend
 def test_training_split_is_disjoint_from_the_default_runs(compose: Compose) -> None:
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        tcfg = hydra.compose("train_mend")
+    tcfg = compose_config(name="train_mend")
     tc = TrainConfig(**OmegaConf.to_container(tcfg.train, resolve=True))
     run = compose(["method=mend"])
     n = 2180  # CounterFact in ../shared/data (conf/dataset/counterfact.yaml)
@@ -305,23 +304,22 @@ def test_training_split_is_disjoint_from_the_default_runs(compose: Compose) -> N
 
 
 def tiny_train_cfg(tiny_rome_dataset: Path, tmp_path: Path, *extra: str):
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra.compose(
-            "train_mend",
-            overrides=[
-                "model=tiny_llama",
-                f"cache_dir={tmp_path / 'cache'}",
-                f"dataset.path='{tiny_rome_dataset}'",
-                f"output={tmp_path / 'mend.safetensors'}",
-                "train.records=8",
-                "train.val_records=2",
-                "train.batch_size=3",
-                "train.stat_batches=2",
-                "train.steps=4",
-                "train.val_every=2",
-                *extra,
-            ],
-        )
+    return compose_config(
+        name="train_mend",
+        overrides=[
+            "model=tiny_llama",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"dataset.path='{tiny_rome_dataset}'",
+            f"output={tmp_path / 'mend.safetensors'}",
+            "train.records=8",
+            "train.val_records=2",
+            "train.batch_size=3",
+            "train.stat_batches=2",
+            "train.steps=4",
+            "train.val_every=2",
+            *extra,
+        ],
+    )
 
 
 def test_train_saves_an_editor_the_runner_config_loads(
@@ -409,23 +407,19 @@ def test_smollm2_short_training_beats_the_unedited_model(tmp_path: Path) -> None
     10 real CounterFact records from the front of the dataset, far from the training
     records, and score them with the runner's evaluator."""
     torch.manual_seed(0)
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra.compose(
-            "train_mend",
-            overrides=[
-                f"output={tmp_path / 'smollm2.safetensors'}",
-                "train.steps=12",
-                "threads=1",
-                "train.val_records=0",
-                "train.stat_batches=5",
-            ],
-        )
+    cfg = compose_config(
+        name="train_mend",
+        overrides=[
+            f"output={tmp_path / 'smollm2.safetensors'}",
+            "train.steps=12",
+            "threads=1",
+            "train.val_records=0",
+            "train.stat_batches=5",
+        ],
+    )
     summary = train(cfg)
     assert summary["steps"] == 12
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        run = hydra.compose(
-            "config", overrides=["method=mend", f"method.checkpoint={summary['checkpoint']}"]
-        )
+    run = compose_config(["method=mend", f"method.checkpoint={summary['checkpoint']}"])
     lm = load_model(run.model, lambda: instantiate(run.model.load))
     method = instantiate(run.method, _convert_="all")
     ctx = EditContext(lm=lm, stats=None)  # type: ignore[arg-type]

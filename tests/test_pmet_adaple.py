@@ -11,9 +11,10 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from conftest import CONF, TINY_MODELS, Compose, deltas_leaving_model_untouched
+from conftest import TINY_MODELS, Compose, deltas_leaving_model_untouched
 from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer
+from kaedit.experiment import compose as compose_config
 from kaedit.experiment import resolve_data_root
 from kaedit.hooks import count_hooks
 from kaedit.methods import objectives
@@ -261,8 +262,7 @@ def test_adaple_solve_maps_residual_onto_each_objective() -> None:
 # ------------------------------------------------------------------------ real model (slow)
 @pytest.fixture(scope="module")
 def smollm2():
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra.compose("config")
+    cfg = compose_config()
     resolve_data_root(cfg)
     lm: LoadedModel = load_model(cfg.model, lambda: instantiate(cfg.model.load))
     templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=cfg.seed)
@@ -275,8 +275,7 @@ def smollm2():
 @pytest.mark.parametrize("method", ["pmet", "adaple"])
 def test_smollm2_edits_take_effect(smollm2, method: str) -> None:
     ctx, reqs = smollm2
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        mcfg = hydra.compose("config", overrides=[f"method={method}"]).method
+    mcfg = compose_config([f"method={method}"]).method
     m = instantiate(mcfg, _convert_="all")
     m.prepare(ctx)
     scorer = Scorer(ctx.lm)

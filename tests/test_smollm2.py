@@ -6,16 +6,14 @@ covariance statistics (~1-2 min on 2 cores); both are cached under the cache dir
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from kaedit import data
 from kaedit.evaluate import CounterFactEval, Scorer
+from kaedit.experiment import compose as compose_config
 from kaedit.experiment import resolve_data_root, run
 from kaedit.hooks import count_hooks
 from kaedit.methods.base import EditContext
@@ -24,13 +22,11 @@ from kaedit.models import load_model
 from kaedit.weights import applied
 
 pytestmark = pytest.mark.slow
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        c = compose("config", overrides=["logger=csv"])
+    c = compose_config(["logger=csv"])
     resolve_data_root(c)
     return c
 

@@ -10,16 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, REPO, Compose, load_tiny
+from conftest import REPO, Compose, load_tiny
 from kaedit import trace as T
 from kaedit.errors import ConfigError
+from kaedit.experiment import compose as compose_config
 from kaedit.hooks import count_hooks, edit_outputs, get_module
 from kaedit.models import LoadedModel, ModelLoadError
 from kaedit.records import EditRequest
@@ -34,8 +34,7 @@ REQUEST = EditRequest(
 
 
 def compose_trace(cache_dir: Path, overrides=()):
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra.compose("trace", overrides=[f"cache_dir={cache_dir}", *overrides])
+    return compose_config([f"cache_dir={cache_dir}", *overrides], "trace")
 
 
 # ----------------------------------------------------------------------------- positions

@@ -42,6 +42,19 @@ from kaedit.weights import EditedWeights, delta_problem
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def compose(overrides: Sequence[str] = (), name: str = "config", *,
+            hydra_config: bool = False) -> DictConfig:
+    """The config that ``python -m kaedit.run`` (``name="config"``), ``kaedit.trace``
+    (``"trace"``) or ``kaedit.train_mend`` (``"train_mend"``) would run with ``overrides``,
+    composed without starting a Hydra job: for scripts, notebooks and tests.
+    ``hydra_config=True`` keeps the ``hydra`` node (``hydra.runtime.choices``, ...)."""
+    import hydra
+
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra.compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
 
 
 def resolve_data_root(cfg: DictConfig) -> None:

@@ -48,7 +48,6 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUP = "reproduce-cpu"
 
 
@@ -82,11 +81,11 @@ SHARED = {"dr-p0.0": "fusion=add", "dr-p0.8": "fusion=drop_rescale"}
 
 def compose(overrides: Sequence[str]):
     """The composed run config and Hydra's group choices (for the W&B tags)."""
-    import hydra
     from omegaconf import open_dict
 
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra.compose("config", overrides=list(overrides), return_hydra_config=True)
+    from kaedit.experiment import compose as compose_config
+
+    cfg = compose_config(overrides, hydra_config=True)
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
