@@ -45,7 +45,7 @@ def test_embedded_model_is_the_real_smollm2(lm):
     cfg = lm.model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
     assert lm.tokenizer("Paris", add_special_tokens=True)["input_ids"] == [38634]  # no BOS
-    ids = lm.tokenizer("The capital of France is", return_tensors="pt")
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt").to(lm.device)
     out = lm.model.generate(**ids, max_new_tokens=2, do_sample=False)
     assert "Paris" in lm.tokenizer.decode(out[0])
 
