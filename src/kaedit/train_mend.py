@@ -154,10 +154,10 @@ def step_losses(
             list(r.paraphrase_prompts), min(int(tc.paraphrases), len(r.paraphrase_prompts))
         )
     ]
-    # Two forward passes, so that the short rows are not padded to the paraphrases' length.
-    rows_b = Rows.build(lm, edit, loc)
-    hidden_b, _ = forward(lm, rows_b, weights)
-    nll = [rows_b.forced_nll(lm, hidden_b)]
+    # The same rows with W + Δ, and the paraphrases in a pass of their own (so that the
+    # short rows are not padded to the paraphrases' length).
+    hidden_b, _ = forward(lm, rows_a, weights)
+    nll = [rows_a.forced_nll(lm, hidden_b)]
     if para:
         rows_p = Rows.build(lm, para)
         nll.append(rows_p.forced_nll(lm, forward(lm, rows_p, weights)[0]))
@@ -165,7 +165,7 @@ def step_losses(
     if base is None:
         return l_edit, torch.zeros((), device=l_edit.device)
     # KL(p_W ‖ p_W+Δ) per locality token, averaged ("batchmean" over the [P, V] rows).
-    l_loc = F.kl_div(rows_b.plain_logp(lm, hidden_b), base, log_target=True, reduction="batchmean")
+    l_loc = F.kl_div(rows_a.plain_logp(lm, hidden_b), base, log_target=True, reduction="batchmean")
     return l_edit, l_loc
 
 
@@ -265,12 +265,11 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     stats_rng = random.Random(seed + 1)
     stat_batches = [stats_rng.sample(pool, tc.batch_size) for _ in range(tc.stat_batches)]
-    n_tok = editor.set_normalisation(
-        gradient_factors(lm, names, Rows.build(lm, [(r.rewrite_prompt, r.target_new) for r in b]))[
-            0
-        ]
-        for b in stat_batches
-    )
+    def edit_factors(batch: Sequence[EditRequest]):
+        rows = Rows.build(lm, [(r.rewrite_prompt, r.target_new) for r in batch])
+        return gradient_factors(lm, names, rows)[0]
+
+    n_tok = editor.set_normalisation(edit_factors(b) for b in stat_batches)
     log.info(
         "normalisation from %d tokens of %d edits (%.1f s)",
         n_tok,
