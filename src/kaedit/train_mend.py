@@ -175,7 +175,7 @@ def validate(
     """CounterFact metrics (x100) of ``records`` edited in batches of ``batch_size``, each
     batch from the unedited model; ``editor=None`` scores the unedited model."""
     from kaedit.evaluate import CounterFactEval, Scorer, aggregate
-    from kaedit.methods.mend import Rows, gradient_factors
+    from kaedit.methods.mend import edit_factors
     from kaedit.tokens import chunks
     from kaedit.weights import applied
 
@@ -187,10 +187,8 @@ def validate(
         batch = list(records[sl])
         deltas = {}
         if editor is not None:
-            rows = Rows.build(lm, [(r.rewrite_prompt, r.target_new) for r in batch])
-            factors, _ = gradient_factors(lm, names, rows)
             with torch.no_grad():
-                deltas = editor.deltas(factors)
+                deltas = editor.deltas(edit_factors(lm, names, batch))
         with applied(lm.model, deltas):
             parts.append(evaluator(scorer, batch))
     import numpy as np
@@ -207,9 +205,8 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     from kaedit.methods.mend import (
         EditorSpec,
         MendEditor,
-        Rows,
+        edit_factors,
         edited_weights,
-        gradient_factors,
         save_editor,
     )
     from kaedit.models import LoadedModel, load_model
@@ -265,11 +262,7 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     stats_rng = random.Random(seed + 1)
     stat_batches = [stats_rng.sample(pool, tc.batch_size) for _ in range(tc.stat_batches)]
-    def edit_factors(batch: Sequence[EditRequest]):
-        rows = Rows.build(lm, [(r.rewrite_prompt, r.target_new) for r in batch])
-        return gradient_factors(lm, names, rows)[0]
-
-    n_tok = editor.set_normalisation(edit_factors(b) for b in stat_batches)
+    n_tok = editor.set_normalisation(edit_factors(lm, names, b) for b in stat_batches)
     log.info(
         "normalisation from %d tokens of %d edits (%.1f s)",
         n_tok,

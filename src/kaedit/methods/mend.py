@@ -186,6 +186,14 @@ def gradient_factors(
     return factors, hidden.detach()
 
 
+def edit_factors(lm: LoadedModel, names: Sequence[str],
+                 requests: Sequence[EditRequest]) -> Factors:
+    """The gradient factors of one edit: Σ NLL(new object | rewrite prompt) over
+    ``requests`` (MEND's batched edit; the editor turns them into the weight deltas)."""
+    rows = Rows.build(lm, [(r.rewrite_prompt, r.target_new) for r in requests])
+    return gradient_factors(lm, names, rows)[0]
+
+
 # ------------------------------------------------------------------------------ editor
 @dataclass(frozen=True)
 class EditorSpec:
@@ -493,8 +501,7 @@ class MEND(Stateless):
                 len(seen),
                 ", ".join(seen[:5]),
             )
-        rows = Rows.build(ctx.lm, [(r.rewrite_prompt, r.target_new) for r in requests])
-        factors, _ = gradient_factors(ctx.lm, self.editor.spec.weights, rows)
+        factors = edit_factors(ctx.lm, self.editor.spec.weights, requests)
         with torch.no_grad():
             deltas = self.editor.deltas(factors)
         return {n: d.detach().float() for n, d in deltas.items()}
