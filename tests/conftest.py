@@ -74,6 +74,30 @@ def deltas_leaving_model_untouched(method, ctx, requests, expected_names: list[s
     return deltas
 
 
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float,
+                          msg: str = "") -> None:
+    """``max|actual − expected| ≤ rel · max|expected|``: a normwise relative comparison.
+
+    For float results reached along two mathematically equal code paths (batched vs one
+    at a time, cached vs recomputed). The two differ by rounding, and by how much depends
+    on the CPU's BLAS blocking, so an elementwise tolerance tuned on one machine fails on
+    another as soon as an entry near zero picks up an error of the tensor's own scale.
+    Rounding errors are bounded relative to the magnitude of the computation, so the
+    bound is scaled by the largest entry; ``rel`` states how much the computation can
+    grow float32's 6e-8 roundoff (long reductions, solves, an optimiser feeding its own
+    errors back), and each caller says why it chose its value. A real bug (a wrong row, a
+    missing term) moves entries by a sizeable fraction of the scale, far above the bound.
+    """
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, msg)
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    scale = float(e.abs().max())
+    err = float((a - e).abs().max())
+    assert err <= rel * scale, (
+        f"{msg}: max |difference| {err:.3g} > {rel:g} · max|expected| = {rel * scale:.3g} "
+        f"(relative error {err / max(scale, 1e-300):.3g})"
+    )
+
+
 def load_tiny(compose: Compose, name: str) -> LoadedModel:
     cfg = compose([f"model={name}"])
     return load_model(cfg.model, lambda: hydra.utils.instantiate(cfg.model.load))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import Compose, deltas_leaving_model_untouched
+from conftest import Compose, assert_close_to_scale, deltas_leaving_model_untouched
 from kaedit.evaluate import Scorer
 from kaedit.hooks import count_hooks, edit_outputs, trace
 from kaedit.methods.base import EditContext
@@ -170,7 +170,10 @@ def test_optimize_targets_batched_equals_separate(lm: LoadedModel, early_stop_lo
         alone = optimize_targets(lm, [req], TEMPLATES, modules, cfg)
         for m in modules:
             torch.testing.assert_close(alone[m][0][0], batched[m][0][i])
-            torch.testing.assert_close(alone[m][1][0], batched[m][1][i], rtol=1e-4, atol=1e-4)
+            # Adam divides each gradient entry by its own running RMS, so entries with
+            # near-zero gradients turn rounding noise into visible steps: measured up to
+            # 8e-4 of the delta's scale on one CPU; 1e-2 leaves room for other BLAS builds.
+            assert_close_to_scale(alone[m][1][0], batched[m][1][i], rel=1e-2, msg=m)
 
 
 def test_memit_one_request_at_a_time_matches_batched(
@@ -181,7 +184,10 @@ def test_memit_one_request_at_a_time_matches_batched(
     alone = memit(compose, lm, batch_targets=False).compute_deltas(ctx, REQUESTS)
     assert batched.keys() == alone.keys()
     for name in batched:
-        torch.testing.assert_close(alone[name], batched[name], rtol=1e-3, atol=1e-5)
+        # Same maths, different batching of every matmul: measured ≤ 1.2e-5 of the delta's
+        # scale; a per-element tolerance failed on another CPU where an entry near zero
+        # picked up 2e-5 of absolute error. 1e-3 of the scale is far below any real bug.
+        assert_close_to_scale(alone[name], batched[name], rel=1e-3, msg=name)
     assert set(ctx.clock.take()) == {"targets", "keys", "solve"}
 
 
