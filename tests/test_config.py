@@ -6,7 +6,6 @@ import inspect
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,10 +124,9 @@ def test_typo_in_edit_target_fails_to_instantiate(compose: Compose) -> None:
         instantiate(cfg.method, _convert_="all")
 
 
-def _kaedit_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+def _kaedit_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KAEDIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    start = time.monotonic()
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "kaedit.run", *args],
         cwd=tmp_path,
         env=env,
@@ -137,11 +135,10 @@ def _kaedit_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess
         timeout=120,
         check=False,
     )
-    return proc, time.monotonic() - start
 
 
 def test_cli_prints_config_without_loading(tmp_path: Path) -> None:
-    proc, seconds = _kaedit_run(
+    proc = _kaedit_run(
         tmp_path,
         "--cfg",
         "job",
@@ -154,13 +151,12 @@ def test_cli_prints_config_without_loading(tmp_path: Path) -> None:
     assert "p: 0.8" in proc.stdout
     assert "meta-llama/Llama-2-7b-hf" in proc.stdout
     assert "_target_: kaedit.fusion.DropRescale" in proc.stdout
-    assert seconds < 30
     # Nothing was loaded, cached or written.
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_unknown_option_lists_available(tmp_path: Path) -> None:
-    proc, _ = _kaedit_run(tmp_path, "--cfg", "job", "method=nonexistent")
+    proc = _kaedit_run(tmp_path, "--cfg", "job", "method=nonexistent")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "nonexistent" in out

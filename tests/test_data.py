@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -222,15 +221,13 @@ def test_nonexistent_path_is_named(tmp_path: Path) -> None:
         load_requests(missing)
 
 
-def test_unreachable_url_fails_fast(tmp_path: Path) -> None:
-    start = time.monotonic()
+def test_unreachable_url_is_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"could not reach.*127\.0\.0\.1:9.*dataset\.path="):
         resolve_source(
             None, [str(tmp_path / "absent.json")], "http://127.0.0.1:9/x.json", None, str(tmp_path)
         )
     with pytest.raises(DatasetError, match="could not reach"):
         from_config({"path": "http://127.0.0.1:9/x.json"}, str(tmp_path))
-    assert time.monotonic() - start < 15
     assert [p.name for p in tmp_path.iterdir()] == []  # no partial download left behind
 
 
