@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from conftest import Compose
+from conftest import Compose, assert_close_to_scale
 from kaedit import analyze, experiment
 
 
@@ -64,8 +65,12 @@ def test_delta_similarity_and_retention_matrices(two_runs: list[Path]) -> None:
     files = analyze.step_delta_files(two_runs[1] / "deltas", fused=False)
     sim = analyze.cosine_matrix(files)
     assert sim.shape == (3, 3)
-    np.testing.assert_allclose(np.diag(sim), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(sim, sim.T, rtol=1e-6)
+    # float32 dot products of unit vectors with tens of thousands of entries: rounding grows
+    # like √n·eps relative to the scale 1 (measured: 2.4e-7 on the diagonal); off-diagonal
+    # cosines sit near 0, where only a bound relative to the scale holds on every BLAS.
+    s = torch.from_numpy(sim)
+    assert_close_to_scale(s.diagonal(), torch.ones(3), rel=1e-5, msg="diag")
+    assert_close_to_scale(s, s.T, rel=1e-5, msg="symmetric")
 
     mat = analyze.retention_matrix(pd.read_csv(two_runs[1] / "retention.csv"))
     assert mat.index.tolist() == [1, 2, 3] and mat.columns.tolist() == [1, 2, 3]

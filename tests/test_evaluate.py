@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_close_to_scale
 from kaedit.evaluate import CounterFactEval, Scorer, ZsreEval, aggregate, harmonic_mean
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
@@ -205,7 +206,10 @@ def reference_score(lm: LoadedModel, prompt: str, target: str) -> tuple[float, f
 def test_scorer_matches_unbatched_forward(lm: LoadedModel, batch_size: int) -> None:
     nll, acc = Scorer(lm, batch_size=batch_size).score(*zip(*PAIRS))
     ref = [reference_score(lm, p, t) for p, t in PAIRS]
-    np.testing.assert_allclose(nll, [r[0] for r in ref], rtol=0, atol=1e-4)
+    # padded, batched float32 forward vs one unpadded pass: the same arithmetic blocked
+    # differently, through a few layers (measured: 8.6e-8 of the largest NLL)
+    assert_close_to_scale(torch.as_tensor(nll), torch.tensor([r[0] for r in ref]),
+                          rel=1e-5, msg="nll")
     np.testing.assert_allclose(acc, [r[1] for r in ref])
     assert nll[0] != nll[4]  # same prompt, different target: different scores
 
@@ -217,5 +221,5 @@ def test_scorer_follows_the_weights(lm: LoadedModel) -> None:
         lm.model.get_output_embeddings().weight.mul_(3.0)
     after, _ = scorer.score(*zip(*PAIRS))
     ref = [reference_score(lm, p, t)[0] for p, t in PAIRS]
-    np.testing.assert_allclose(after, ref, rtol=0, atol=1e-4)
+    assert_close_to_scale(torch.as_tensor(after), torch.tensor(ref), rel=1e-5, msg="nll")
     assert np.abs(after - before).max() > 1e-3

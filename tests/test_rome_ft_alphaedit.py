@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, Compose, deltas_leaving_model_untouched
+from conftest import REPO, Compose, assert_close_to_scale, deltas_leaving_model_untouched
 from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer
 from kaedit.experiment import compose as compose_config
@@ -88,7 +88,8 @@ def test_rome_single_edit_is_rank_one_and_maps_key_to_value(
     proj = get_module(lm.model, lm.spec.module("mlp_out", rome.layer))
     with torch.no_grad(), applied(lm.model, deltas):
         reached = proj(k)  # (W + Δ) k* (+ b)
-    torch.testing.assert_close(reached, v, rtol=1e-4, atol=1e-4 * float(v.norm()))
+    # float32 weights and forward vs the float64 closed form (measured: ≤ 6.7e-7 of ‖v*‖∞)
+    assert_close_to_scale(reached, v, rel=1e-5, msg="(W + Δ)k* = v*")
 
 
 def test_rome_batch_applies_requests_one_after_the_other(
@@ -100,7 +101,8 @@ def test_rome_batch_applies_requests_one_after_the_other(
         second = rome.compute_deltas(ctx, records[1:2])
     both = rome.compute_deltas(ctx, records[:2])
     (name,) = both
-    torch.testing.assert_close(both[name], first[name] + second[name], rtol=1e-4, atol=1e-6)
+    # the same two rank-one solves, applied inside vs outside (measured: 1e-7 of the scale)
+    assert_close_to_scale(both[name], first[name] + second[name], rel=1e-5, msg=name)
     s = torch.linalg.svdvals(both[name].double())
     assert s[1] > 1e-3 * s[0] and s[2] < 1e-5 * s[0], s[:3]  # rank two (float32 noise)
 
@@ -111,7 +113,8 @@ def test_rank_one_update_closed_form() -> None:
     m = torch.randn(10, 10, generator=g)
     cov = m @ m.T / 10 + 0.1 * torch.eye(10)
     delta = rank_one_update(r, k, cov)
-    torch.testing.assert_close(delta @ k.double(), r.double())
+    # float64 throughout, a well-conditioned 10×10 solve (measured: 1e-16)
+    assert_close_to_scale(delta @ k.double(), r.double(), rel=1e-10, msg="Δk* = r")
     # Keys C-orthogonal to k* (xᵀC⁻¹k* = 0) are left alone.
     u = torch.linalg.solve(cov.double(), k.double())
     x = torch.randn(10, generator=g).double()
@@ -210,12 +213,13 @@ def test_alphaedit_commit_accumulates_and_state_round_trips(
         m.commit(ctx, records[:2], first)
         k1 = {x: compute_keys(lm, x, records[:2], ctx.templates).double() for x in m.layers}
     for x in m.layers:
-        torch.testing.assert_close(m.prev_kk[x].double(), k1[x] @ k1[x].T, rtol=1e-6, atol=1e-9)
+        # accumulated and stored in float32 (measured: ≤ 5.7e-8 of the scale)
+        assert_close_to_scale(m.prev_kk[x].double(), k1[x] @ k1[x].T, rel=1e-6, msg="K₁K₁ᵀ")
     m.commit(ctx, records[2:], {})
     k2 = {x: compute_keys(lm, x, records[2:], ctx.templates).double() for x in m.layers}
     for x in m.layers:
         want = k1[x] @ k1[x].T + k2[x] @ k2[x].T
-        torch.testing.assert_close(m.prev_kk[x].double(), want, rtol=1e-6, atol=1e-9)
+        assert_close_to_scale(m.prev_kk[x].double(), want, rel=1e-6, msg="K₁K₁ᵀ + K₂K₂ᵀ")
     assert m.n_committed == 3
 
     state = m.state_dict()
@@ -255,7 +259,8 @@ def test_solve_projected_normal_equations_and_null_space() -> None:
     # Δ (K_p K_pᵀ P + K Kᵀ P + α I) = R Kᵀ P
     M = (Kp @ Kp.T + K @ K.T).double()
     lhs = delta @ (M @ P + l2 * torch.eye(d_in, dtype=torch.float64))
-    torch.testing.assert_close(lhs, R.double() @ K.double().T @ P)
+    # Δ is returned in float32 (measured: 3e-8 of the scale)
+    assert_close_to_scale(lhs, R.double() @ K.double().T @ P, rel=1e-6, msg="normal equation")
     assert float((delta @ q[:, 8:]).abs().max()) < 1e-10  # outside the null space: 0
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, Compose, load_tiny
+from conftest import REPO, Compose, assert_close_to_scale, load_tiny
 from kaedit import trace as T
 from kaedit.errors import ConfigError
 from kaedit.experiment import compose as compose_config
@@ -163,7 +163,9 @@ def test_prefix_cache_and_batching_change_nothing(sharp: LoadedModel) -> None:
     ]
     full = T.restored_probs(lm, prompt, noise, states, restorations, 10_000, reuse_prefix=False)
     cached = T.restored_probs(lm, prompt, noise, states, restorations, 3, reuse_prefix=True)
-    assert torch.allclose(full, cached, rtol=1e-4, atol=1e-7)
+    # reused key/value cache and other batch sizes: float32 blocked differently
+    # (measured: ≤ 1.2e-6 of the largest probability)
+    assert_close_to_scale(cached, full, rel=2e-5, msg="restored P(true)")
     assert full.std() > 0  # the restorations differ
 
 
@@ -467,7 +469,9 @@ def test_smollm2_traces_known_facts(tmp_path: Path) -> None:
     ]
     cached = T.restored_probs(lm, prompt, noise, states, rest, reuse_prefix=True)
     full = T.restored_probs(lm, prompt, noise, states, rest, reuse_prefix=False)
-    assert torch.allclose(cached, full, rtol=1e-3, atol=1e-6)
+    # as in the tiny-model test, through SmolLM2's 30 layers: 1e-3 of the largest
+    # probability, the old rtol
+    assert_close_to_scale(cached, full, rel=1e-3, msg="restored P(true)")
     assert cached[0] < 0.5 * p_clean  # corrupted
     assert cached[1].item() == pytest.approx(p_clean, rel=1e-3)  # everything restored
 
