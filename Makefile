@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # e.g. BENCH_ARGS="--n-edits 30" (default: 100 edits in batches of 10)
 BENCH_ARGS ?=
 
-.PHONY: help venv run reproduce-cpu bench test test-fast lint format clean
+.PHONY: help venv run reproduce-cpu bench test test-fast lint format docs docs-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -47,5 +47,11 @@ lint: venv ## ruff check
 format: venv ## ruff format
 	$(VENV)/bin/ruff format src tests
 
-clean: ## Remove the venv and caches (not ~/.cache/kaedit)
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+docs: venv ## Build the documentation site (mkdocs-material) into site/
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build
+
+docs-check: venv ## Build the docs with --strict: a broken link, anchor or missing figure fails (CI)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+clean: ## Remove the venv, caches and site/ (not ~/.cache/kaedit)
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info site
