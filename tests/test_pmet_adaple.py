@@ -232,10 +232,14 @@ def test_paper_update_is_eq4_and_what_it_minimises() -> None:
     # it is not the minimiser of eq. 3 ...
     assert p.grad(delta, 1.0).abs().max() > 1e-2
     # ... but of ‖WK₀ − V₀‖² + 2‖WK − ½(V₂ − W₀K)‖²
-    W = (p.W0 + delta.double()).requires_grad_(True)
-    J = (W @ p.K0 - p.V0).pow(2).sum() + 2 * (W @ p.K - (p.V2 - w0k) / 2).pow(2).sum()
-    J.backward()
-    assert W.grad.abs().max() < 1e-3
+    def grad_j(W: torch.Tensor) -> torch.Tensor:
+        W = W.detach().requires_grad_(True)
+        J = (W @ p.K0 - p.V0).pow(2).sum() + 2 * (W @ p.K - (p.V2 - w0k) / 2).pow(2).sum()
+        J.backward()
+        return W.grad.abs().max()
+
+    # vanishes up to Δ's float32 rounding, relative to the gradient at W₀ (measured: 3e-8)
+    assert grad_j(p.W0 + delta.double()) < 1e-6 * grad_j(p.W0)
     # and it moves the weights for an edit that changes nothing (V₂ = W₀K); the others don't
     assert objectives.paper_update(w0k, w0k, p.K, p.C, p.lam).abs().max() > 1e-2
     for upd in (

@@ -469,9 +469,9 @@ def test_smollm2_traces_known_facts(tmp_path: Path) -> None:
     ]
     cached = T.restored_probs(lm, prompt, noise, states, rest, reuse_prefix=True)
     full = T.restored_probs(lm, prompt, noise, states, rest, reuse_prefix=False)
-    # as in the tiny-model test, through SmolLM2's 30 layers: 1e-3 of the largest
-    # probability, the old rtol
-    assert_close_to_scale(cached, full, rel=1e-3, msg="restored P(true)")
+    # as in the tiny-model test, through SmolLM2's 30 layers (measured: 1.3e-6 of the
+    # largest probability)
+    assert_close_to_scale(cached, full, rel=1e-4, msg="restored P(true)")
     assert cached[0] < 0.5 * p_clean  # corrupted
     assert cached[1].item() == pytest.approx(p_clean, rel=1e-3)  # everything restored
 
