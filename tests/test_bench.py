@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from conftest import assert_close_to_scale
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +39,13 @@ def test_bench_reports_stages_and_a_baseline_with_the_same_results(
     assert res["end_to_end_speedup"] == pytest.approx(b["wall_s"] / k["wall_s"])
     assert k["eval_prompts"] == b["eval_prompts"]  # the same prompts, scored two ways
     for metric, value in k["final"].items():  # one request's v* at a time: same edits
-        assert b["final"][metric] == pytest.approx(value, abs=1e-6), metric
+        if not metric.endswith("_mag"):  # shares of won comparisons: the same outcomes
+            assert b["final"][metric] == pytest.approx(value, abs=1e-6), metric
+    # The mean probability gaps move with the float32 difference between batched and
+    # one-at-a-time v* (Adam amplifies rounding, see test_methods): measured 8.6e-6 of the
+    # largest gap, which an absolute 1e-6 passed with only 2.5x to spare.
+    mags = [m for m in k["final"] if m.endswith("_mag")]
+    assert_close_to_scale(torch.tensor([b["final"][m] for m in mags]),
+                          torch.tensor([k["final"][m] for m in mags]), rel=1e-3, msg="*_mag")
     st = res["statistics"]
     assert st["cold_s"] > 0 and st["warm_s"] < st["cold_s"]
