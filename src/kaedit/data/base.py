@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from kaedit.errors import ConfigError
 from kaedit.records import EditRequest
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _DOWNLOAD_TIMEOUT_S = 10.0
 _OFFLINE_HINT = "download the file elsewhere and pass dataset.path=/local/file.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(ConfigError):
     """A dataset file, value or record is unusable; the message says which and why."""
 
 
