@@ -76,7 +76,7 @@ class TrainConfig:
     grad_clip: float = 100.0
     stat_batches: int = 10
     #: Validate every this many steps (0: before and after training only).
-    val_every: int = 50
+    val_every: int = 0
     log_every: int = 10
 
     def __post_init__(self) -> None:
