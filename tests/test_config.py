@@ -174,12 +174,6 @@ def test_config_dir_is_the_repo_conf() -> None:
     assert (Path(kaedit.run.__file__).parent / "../../conf").resolve() == CONF.resolve()
 
 
-def test_trace_cli_points_at_the_same_conf() -> None:
-    import kaedit.trace.cli
-
-    assert (Path(kaedit.trace.cli.__file__).parent / "../../../conf").resolve() == CONF.resolve()
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_declares_the_layers_it_edits(compose: Compose, method: str) -> None:
     # The runner checks `method.layers` against the model, whatever the method's config

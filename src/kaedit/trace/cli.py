@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kaedit.errors import ConfigError, user_errors_exit
 from kaedit.setup import (
+    CONF_DIR,
     RECOMMENDATION,
     TRACE_DIR,
     build_model,
@@ -178,7 +179,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> TraceResult:
         trackers.finish()
 
 
-@hydra.main(version_base="1.3", config_path="../../../conf", config_name="trace")
+# An absolute config dir: Hydra resolves a relative one against this module's package
+# (pkg://) since main is not defined in the __main__ module.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="trace")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
