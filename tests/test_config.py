@@ -168,10 +168,10 @@ def test_cli_unknown_option_lists_available(tmp_path: Path) -> None:
 
 
 def test_config_dir_is_the_repo_conf() -> None:
-    # kaedit.run points Hydra at ../../conf from its own file: the same dir the tests compose.
-    import kaedit.run
+    # Every entry point gives Hydra kaedit.paths.CONF_DIR: the same dir the tests compose.
+    from kaedit.paths import CONF_DIR
 
-    assert (Path(kaedit.run.__file__).parent / "../../conf").resolve() == CONF.resolve()
+    assert CONF_DIR.resolve() == CONF.resolve()
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -23,6 +23,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from kaedit.paths import CONF_DIR
+
 log = logging.getLogger("kaedit")
 
 #: Config-group choices that become W&B tags, in this order.
@@ -72,7 +74,7 @@ def fill_tracking(cfg: DictConfig) -> None:
         cfg.tracking.name = info["name"]
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 

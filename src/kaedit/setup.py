@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from kaedit import data
 from kaedit.errors import ConfigError
 from kaedit.models import LoadedModel, load_model
+from kaedit.paths import CONF_DIR, REPO_ROOT
 from kaedit.records import EditRequest
 from kaedit.schedule import Schedule
 from kaedit.stats import CovarianceStore
@@ -31,8 +32,6 @@ from kaedit.tracking import Tracker, Trackers
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
 
 #: ``method.layers=from_trace:RUN_DIR`` (or ``model.edit.layers=...``).
 FROM_TRACE = "from_trace:"

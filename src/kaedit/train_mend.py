@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from kaedit.errors import ConfigError, user_errors_exit
+from kaedit.paths import CONF_DIR
 from kaedit.records import EditRequest
 
 log = logging.getLogger("kaedit")
@@ -389,7 +390,7 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     return {"checkpoint": str(output), **summary}
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train_mend")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train_mend")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 

@@ -179,8 +179,6 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> TraceResult:
         trackers.finish()
 
 
-# An absolute config dir: Hydra resolves a relative one against this module's package
-# (pkg://) since main is not defined in the __main__ module.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="trace")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
