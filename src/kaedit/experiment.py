@@ -43,7 +43,6 @@ from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
 from kaedit.schedule import Schedule
 from kaedit.setup import (  # noqa: F401 - compose, resolve_data_root: kaedit.experiment's API
-    REPO_ROOT,
     build,
     build_model,
     build_records,

@@ -1,10 +1,11 @@
 """``python -m kaedit.run [overrides]``: the only Hydra entry point.
 
 Composes ``conf/config.yaml`` with the command-line overrides and calls
-:func:`kaedit.experiment.run`. Bad input (dataset, schedule, model path) ends the process
-with one clear error line and exit status 2 (``HYDRA_FULL_ERROR=1`` shows the
-traceback); ``--cfg job`` prints the composed config
-without loading anything.
+:func:`kaedit.experiment.run`. Bad input (dataset, schedule, model path, a config value),
+found while the run's parts are built, ends the process with one clear error line and exit
+status 2 (``HYDRA_FULL_ERROR=1`` shows the traceback); an error inside the editing loop
+keeps its traceback and exits 1, and ``resume=RUN_DIR`` continues from the last checkpoint
+(:mod:`kaedit.errors`). ``--cfg job`` prints the composed config without loading anything.
 
 With ``-m`` every job of a sweep (any launcher: the default local one, ``joblib``,
 ``slurm``, ``slurm_local``) is its own run directory and W&B run; the jobs of one sweep

@@ -26,7 +26,8 @@ case_ids it was trained on and ``method=mend`` warns when it is asked to edit on
 
 Before the first step the inputs' normalisation statistics are estimated on
 ``train.stat_batches`` batches of training edits and then kept fixed (MEND updates
-running statistics while training). Bad input ends the process with one line, exit 2.
+running statistics while training). Bad input ends the process with one line, exit 2;
+a failure while training keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
