@@ -121,3 +121,32 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 2
     assert "no checkpoint" in out and "nothing" in out
+
+
+def test_csv_rows_are_appended_widened_and_cut_back_to_the_checkpoint(tmp_path):
+    from kaedit.tracking import CsvRows
+
+    path = tmp_path / "metrics.csv"
+    rows = CsvRows(path)
+    rows.append([{"step": 0, "a": 1.5}])
+    rows.append([{"step": 1, "a": 2.0, "b": "x,y"}])  # a new column: the header widens
+    rows.append([{"step": 2, "a": 3.0}])
+    assert path.read_text() == 'step,a,b\n0,1.5,\n1,2,"x,y"\n2,3,\n' and rows.n_rows == 3
+    resumed = CsvRows(path, keep=2)  # the checkpoint had 2 rows: the third is redone
+    assert path.read_text() == 'step,a,b\n0,1.5,\n1,2,"x,y"\n' and resumed.n_rows == 2
+    with pytest.raises(ValueError, match="expects 5"):
+        CsvRows(path, keep=5)
+    CsvRows(path)  # a fresh run in the same directory starts empty
+    assert not path.exists()
+
+
+def test_run_state_names_its_keys_and_refuses_other_formats():
+    from kaedit.checkpoint import FORMAT, RunState
+    from kaedit.errors import ConfigError
+
+    state = RunState(step=3, n_done=6, faults=[{"step": 2, "reason": "nan"}],
+                     trackers={"csv": {"rows": 4}}, retention_rows=12)
+    saved = json.loads(json.dumps(state.to_json()))
+    assert saved["format"] == FORMAT and RunState.from_json(saved) == state
+    with pytest.raises(ConfigError, match="format"):
+        RunState.from_json({**saved, "format": FORMAT - 1})

@@ -133,7 +133,7 @@ def _csv_text(columns: list[str], rows: Iterable[Mapping[str, Any]], header: boo
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, restval="")
+    w = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")  # as pandas
     if header:
         w.writeheader()
     for r in rows:
