@@ -130,7 +130,8 @@ def encode_prompt(tok, request: EditRequest) -> Prompt:
         j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start
     ]
     if not inside:
-        raise ValueError(f"subject {request.subject!r} has no token in {text!r}")
+        raise ConfigError(f"record case_id={request.case_id}: subject {request.subject!r} "
+                          f"has no token in {text!r}")
     return Prompt(
         case_id=request.case_id,
         text=text,
