@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 
 from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer, aggregate
-from kaedit.experiment import compose, resolve_data_root, step_generator
+from kaedit.experiment import step_generator
 from kaedit.methods.base import EditContext
 from kaedit.methods.core import context_templates
-from kaedit.models import load_model
+from kaedit.setup import build, build_model, build_stats, compose, resolve_data_root
 from kaedit.weights import apply_deltas, restore, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,12 +59,12 @@ def main() -> None:
 
     cfg = compose(["fusion=add", "logger=none"])
     resolve_data_root(cfg)
-    lm = load_model(cfg.model, lambda: instantiate(cfg.model.load))
-    stats = instantiate(cfg.stats)
+    lm = build_model(cfg)
+    stats = build_stats(cfg)
     templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=cfg.seed)
     ctx = EditContext(lm=lm, stats=stats, templates=templates)
     reqs = load_requests(f"{cfg.data_root}/counterfact/counterfact.json", limit=args.n)
-    fusion = instantiate(cfg.fusion)
+    fusion = build(cfg.fusion)
     scorer, evaluator = Scorer(lm), CounterFactEval()
 
     def evaluate() -> dict[str, float]:
@@ -102,7 +101,7 @@ def main() -> None:
     for name in args.variants:
         group, overrides = VARIANTS[name]
         mcfg = compose([f"method={group}"]).method
-        method = instantiate(mcfg, _convert_="all", **overrides)
+        method = build(mcfg, _convert_="all", **overrides)
         method.prepare(ctx)
         if hasattr(method, "targets"):  # PMET and AdaPLE
             share_first_targets(method)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kaedit.experiment import compose
+from kaedit.setup import build_model, build_stats, compose, resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("targets", "keys", "solve", "fusion", "eval")
@@ -53,18 +53,15 @@ def peak_memory_mb() -> float:
 
 
 def phase_statistics(overrides: list[str]) -> dict[str, Any]:
-    from kaedit.experiment import build, resolve_data_root
-    from kaedit.models import load_model
-
     cfg = compose(overrides)
     resolve_data_root(cfg)
-    lm = load_model(cfg.model, lambda: build(cfg.model.load))
     layers = [int(x) for x in cfg.method.layers]
+    lm = build_model(cfg, layers)
     t0 = time.perf_counter()
-    build(cfg.stats).get(lm, layers)  # empty cache directory: computed from the corpus
+    build_stats(cfg).get(lm, layers)  # empty cache directory: computed from the corpus
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    build(cfg.stats).get(lm, layers)  # a new store, as a new run would make: read back
+    build_stats(cfg).get(lm, layers)  # a new store, as a new run would make: read back
     warm = time.perf_counter() - t0
     return {"layers": layers, "n_tokens": int(cfg.stats.n_tokens), "cold_s": cold,
             "warm_s": warm, "warm_fraction": warm / cold, "peak_memory_mb": peak_memory_mb()}

@@ -13,6 +13,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def default_dataset_size() -> int:
+    """Records of the dataset the CLI runs by default (read, not assumed)."""
+    from kaedit.setup import build_records, compose, resolve_data_root
+
+    cfg = compose(["logger=csv"])
+    resolve_data_root(cfg)
+    return len(build_records(cfg))
+
+
 def cli(tmp_path: Path, *overrides: str) -> tuple[int, str, Path]:
     run_dir = tmp_path / "run"
     p = subprocess.run(
@@ -40,13 +49,16 @@ GOOD = {"case_id": 1, "requested_rewrite": {"prompt": "{} is located in", "subje
 @pytest.mark.parametrize(
     "case, overrides, expected",
     [
-        ("n_edits", ["model=tiny_llama", "schedule.n_edits=100000"], ["100000", "2180"]),
+        ("n_edits", ["model=tiny_llama", "schedule.n_edits=100000"], ["100000", "{size}"]),
         ("malformed", ["model=tiny_llama", "dataset.path={tmp}/bad.json"], ["bad.json"]),
         ("empty", ["model=tiny_llama", "dataset.path={tmp}/empty.json"], ["empty.json", "no records"]),
         ("subject", ["model=tiny_llama", "dataset.path={tmp}/subject.json"], ["Berlin", "case_id=8"]),
         ("module", ["model=tiny_llama", "model.modules.mlp_out='model.layers.{{}}.mlp.nope'"],
          ["model.layers.1.mlp.nope"]),
         ("layer", ["model=tiny_llama", "model.edit.layers=[1,9]"], ["9", "0..3"]),
+        # ROME's setting is `layer`: the runner checks the layers the method declares
+        ("rome_layer", ["model=tiny_llama", "method=rome", "method.layer=7"], ["7", "0..3"]),
+        ("schedule_key", ["model=tiny_llama", "+schedule.n_edit=5"], ["n_edit", "n_edits"]),
         ("gguf", ["model.load.path={tmp}/missing.gguf"], ["missing.gguf"]),
         ("fusion", ["model=tiny_llama", "fusion.p=1.5"], ["fusion.p=1.5"]),
         ("guard", ["model=tiny_llama", "guard.on_fault=explode"], ["explode", "skip", "stop"]),
@@ -63,6 +75,7 @@ def test_bad_input_fails_clearly(tmp_path, case, overrides, expected):
     errors = [line for line in out.splitlines() if "ERROR" in line]
     assert len(errors) == 1, out
     for word in expected:
+        word = word.format(size=default_dataset_size()) if word == "{size}" else word
         assert word in errors[0], errors[0]
     assert "Traceback" not in out
     assert_nothing_written(run_dir)

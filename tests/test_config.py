@@ -164,7 +164,25 @@ def test_cli_unknown_option_lists_available(tmp_path: Path) -> None:
 
 
 def test_config_dir_is_the_repo_conf() -> None:
-    # kaedit.run points Hydra at ../../conf from its own file: the same dir the tests compose.
-    import kaedit.run
+    # Every entry point gives Hydra kaedit.paths.CONF_DIR: the same dir the tests compose.
+    from kaedit.paths import CONF_DIR
 
-    assert (Path(kaedit.run.__file__).parent / "../../conf").resolve() == CONF.resolve()
+    assert CONF_DIR.resolve() == CONF.resolve()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_declares_the_layers_it_edits(compose: Compose, method: str) -> None:
+    # The runner checks `method.layers` against the model, whatever the method's config
+    # calls its layer setting (ROME: `layer`; MEND: none, its checkpoint names the weights).
+    cfg = compose(["model=tiny_llama", f"method={method}"])
+    built = instantiate(cfg.method, _convert_="all")
+    expected = {"rome": [cfg.model.edit.rome_layer], "mend": []}.get(method, cfg.method.get("layers"))
+    assert [int(x) for x in built.layers] == [int(x) for x in expected]
+
+
+def test_train_mend_defaults_are_the_config_file() -> None:
+    # One source of truth: TrainConfig() trains as conf/train_mend.yaml says.
+    from kaedit.setup import compose as compose_config
+    from kaedit.train_mend import TrainConfig, train_config
+
+    assert train_config(compose_config([], "train_mend").train) == TrainConfig()

@@ -163,3 +163,33 @@ def test_trace_inside_suppress_returns_partial_forward(lm: LoadedModel) -> None:
         out = lm.model(batch(lm))
         pytest.fail(f"forward pass was not stopped: {type(out)}")
     assert tr[name].input is not None and tr[name].output is None
+
+
+def test_run_until_stops_after_the_named_module(lm: LoadedModel) -> None:
+    from kaedit.hooks import run_until
+
+    ids = batch(lm)
+    ln_f, later = lm.spec.module("ln_f"), lm.spec.lm_head
+    with trace(lm.model, [later]) as watch:
+        tr = run_until(lm.model, [ln_f], detach=False, input_ids=ids)
+    assert watch[later].output is None  # the LM head never ran
+    assert count_hooks(lm.model) == 0
+    with torch.no_grad():
+        full = lm.model(ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(tr[ln_f].output.detach(), full)  # same code path, same values
+
+
+def test_run_until_calls_a_given_forward(lm: LoadedModel) -> None:
+    from torch.func import functional_call
+
+    from kaedit.hooks import run_until
+
+    ids = batch(lm)
+    name = lm.spec.weight("mlp_out", 1)
+    module = lm.spec.module("mlp_out", 1)
+    zero = {name: torch.zeros_like(lm.model.get_parameter(name), requires_grad=True)}
+    tr = run_until(lm.model, [module], detach=False,
+                   forward=lambda: functional_call(lm.model, zero, (), {"input_ids": ids}))
+    assert torch.count_nonzero(tr[module].output) == 0  # the substituted weight was used
+    assert tr[module].output.requires_grad  # detach=False keeps the graph to the weight
+    assert count_hooks(lm.model) == 0

@@ -38,13 +38,13 @@ def run(compose: Compose, tiny_run_overrides: list[str], tmp_path: Path):
 def edited_model(monkeypatch: pytest.MonkeyPatch) -> list[LoadedModel]:
     """Collects the model the runner loads, to compare its weights after the run."""
     loaded: list[LoadedModel] = []
-    real_load_model = experiment.load_model
+    real_build_model = experiment.build_model
 
     def spy(*args, **kwargs) -> LoadedModel:
-        loaded.append(real_load_model(*args, **kwargs))
+        loaded.append(real_build_model(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(experiment, "load_model", spy)
+    monkeypatch.setattr(experiment, "build_model", spy)
     return loaded
 
 

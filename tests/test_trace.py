@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 from conftest import REPO, Compose, assert_close_to_scale, load_tiny
 from kaedit import trace as T
 from kaedit.errors import ConfigError
-from kaedit.experiment import compose as compose_config
 from kaedit.hooks import count_hooks, edit_outputs, get_module
 from kaedit.models import LoadedModel, ModelLoadError
 from kaedit.records import EditRequest
+from kaedit.setup import compose as compose_config
 
 REQUEST = EditRequest(
     case_id="7",
@@ -434,19 +434,18 @@ def test_settings_reject_unknown_keys() -> None:
 
 # ----------------------------------------------------------------------------- SmolLM2
 @pytest.mark.slow
-def test_smollm2_traces_known_facts(tmp_path: Path) -> None:
+def test_smollm2_traces_known_facts(cache_dir: Path, tmp_path: Path) -> None:
     """Two known CounterFact records, 2 noise samples: the mechanics on the real model and
     the clean/corrupted gap ROME reports (noise on the subject destroys most of P(o))."""
-    from hydra.utils import instantiate
 
     from kaedit import data
-    from kaedit.experiment import resolve_data_root
-    from kaedit.models import load_model
+    from kaedit.setup import build_model, resolve_data_root
 
     torch.set_num_threads(1)
-    cfg = compose_trace(Path("~/.cache/kaedit").expanduser(), ["logger=csv"])
+    # the tests' cache (the GGUF is dequantized into it once per session), never ~/.cache
+    cfg = compose_trace(cache_dir, ["logger=csv"])
     resolve_data_root(cfg)
-    lm = load_model(cfg.model, lambda: instantiate(cfg.model.load))
+    lm = build_model(cfg)
     records = data.from_config(cfg.dataset, cache_dir=str(tmp_path))
     chosen = T.select_records(lm, records[:100], 2, "known")
     assert len(chosen) == 2

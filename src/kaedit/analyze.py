@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kaedit.errors import EXIT_BAD_INPUT, ConfigError
+
 log = logging.getLogger(__name__)
 
 #: The paper's five CounterFact metrics, in its column order.
@@ -277,16 +279,17 @@ def topk_performance(run_dir: str | Path, ks: Sequence[float]) -> pd.DataFrame:
     """
     import json
 
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from kaedit import data
     from kaedit.evaluate import Scorer, aggregate
     from kaedit.fusion import top_k
-    from kaedit.models import load_model
-    from kaedit.schedule import Schedule
+    from kaedit.setup import build, build_model, build_records, build_schedule
     from kaedit.weights import applied
+
+    bad = [k for k in ks if not 0.0 < float(k) <= 1.0]
+    if bad:
+        raise ConfigError(f"--k {bad}: each fraction must be in (0, 1]")
 
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -298,12 +301,11 @@ def topk_performance(run_dir: str | Path, ks: Sequence[float]) -> pd.DataFrame:
     skipped = ({f["step"] for f in json.loads(summary.read_text()).get("faults", [])}
                if summary.is_file() else set())
     steps = {int(f.stem.split("-")[1]): f for f in files}
-    records = data.from_config(cfg.dataset, cache_dir=str(Path(cfg.cache_dir) / "data"))
-    batches = Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True)).batches(
-        len(records))
+    records = build_records(cfg)
+    batches = build_schedule(cfg).batches(len(records))
     made = [records[i] for b in batches[: max(steps)] for i in b]
-    lm = load_model(cfg.model, lambda: instantiate(cfg.model.load))
-    evaluator, scorer = instantiate(cfg.dataset.evaluator), Scorer(lm, int(cfg.eval_batch_size))
+    lm = build_model(cfg)
+    evaluator, scorer = build(cfg.dataset.evaluator), Scorer(lm, int(cfg.eval_batch_size))
     rows = []
     for k in ks:
         total: dict = {}
@@ -345,9 +347,9 @@ def topk_main(argv: Sequence[str]) -> int:
     ks = [float(k) for k in args.k.split(",") if k.strip()]
     try:
         table = topk_performance(args.run, ks)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ConfigError) as exc:  # bad input; other errors: traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     out = Path(args.out) if args.out else Path(args.run) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     (out / "topk.csv").write_text(table.to_csv(index=False, float_format="%.6g"))
@@ -373,9 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = analyze(args.runs, args.out, args.max_steps)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     for p in written:
         print(p)
     if args.wandb:

@@ -2,10 +2,18 @@
 
 Build the parts in order (data, schedule, model, statistics, method, fusion, evaluation,
 trackers), evaluate the unedited model (step 0), then for each step t: compute Δ on
-M_{t-1} → fuse → check → apply → evaluate → log. Everything the run owns (statistics,
-tokenisation caches, random generators, the fusion's state) is created here; nothing is
-module-level. A fusion may serve other weights than the method edits (Lookahead's slow
-weights, WiSE-FT's interpolation): evaluations and ``save_deltas`` see the served ones.
+M_{t-1} → fuse → check → apply → evaluate → log → checkpoint. Everything the run owns
+(statistics, tokenisation caches, random generators, the fusion's state) is created here;
+nothing is module-level. A fusion may serve other weights than the method edits
+(Lookahead's slow weights, WiSE-FT's interpolation): evaluations and ``save_deltas`` see
+the served ones.
+
+Errors by phase (:mod:`kaedit.errors`): building the parts raises bad input as a
+``ConfigError`` before anything is written (exit 2, one line); an error inside the loop
+keeps its traceback (exit 1) and leaves the last checkpoint to resume from. Metric and
+retention rows are appended to ``metrics.csv`` / ``retention.csv`` as they are produced;
+a checkpoint holds the :class:`~kaedit.checkpoint.RunState` (step, counters, faults,
+tracker states, row counts), not the history.
 """
 
 from __future__ import annotations
@@ -21,64 +29,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kaedit import checkpoint, data
+from kaedit import checkpoint
+from kaedit.checkpoint import RunState
 from kaedit.errors import ConfigError
 from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate
 from kaedit.fusion import FusionState, FusionStrategy
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.core import context_templates
-from kaedit.models import LoadedModel, load_model
+from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
 from kaedit.schedule import Schedule
+from kaedit.setup import (  # noqa: F401 - compose, resolve_data_root: kaedit.experiment's API
+    build,
+    build_model,
+    build_records,
+    build_schedule,
+    build_stats,
+    build_trackers,
+    compose,
+    resolve_data_root,
+    resolve_from_trace,
+)
 from kaedit.stats import CovarianceStore
-from kaedit.trace import resolve_from_trace
-from kaedit.tracking import Trackers, atomic_write
+from kaedit.tracking import CsvRows, atomic_write
 from kaedit.weights import EditedWeights, delta_problem
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
-
-
-def compose(overrides: Sequence[str] = (), name: str = "config", *,
-            hydra_config: bool = False) -> DictConfig:
-    """The config that ``python -m kaedit.run`` (``name="config"``), ``kaedit.trace``
-    (``"trace"``) or ``kaedit.train_mend`` (``"train_mend"``) would run with ``overrides``,
-    composed without starting a Hydra job: for scripts, notebooks and tests.
-    ``hydra_config=True`` keeps the ``hydra`` node (``hydra.runtime.choices``, ...)."""
-    import hydra
-
-    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra.compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
-
-
-def resolve_data_root(cfg: DictConfig) -> None:
-    """Make a relative ``data_root`` absolute: from the working dir, else the repo root."""
-    root = Path(str(cfg.data_root)).expanduser()
-    if not root.is_absolute():
-        here = Path.cwd() / root
-        root = here if here.exists() or not (REPO_ROOT / root).exists() else REPO_ROOT / root
-    cfg.data_root = str(root.resolve())
-
-
-def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, re-raising our own errors unwrapped (one clear line)."""
-    from hydra.errors import InstantiationException
-
-    from kaedit.errors import USER_ERRORS
-
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, (*USER_ERRORS, ValueError)):
-            raise cause from None
-        raise
+#: Files of a run directory the runner writes besides the trackers' ones.
+RETENTION = "retention.csv"
+REFERENCES = "references.json"
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -199,9 +182,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                               "config (compare its config.yaml); resume needs the same one")
         log.info("resuming %s", run_dir)
 
-    # 1. data and plan: fail on bad input before anything is loaded or written
-    records = data.from_config(cfg.dataset, cache_dir=str(Path(cfg.cache_dir) / "data"))
-    schedule = Schedule(**OmegaConf.to_container(cfg.schedule, resolve=True))
+    # ---- build phase: bad input raises ConfigError here, before anything is written ----
+    # 1. data and plan: fail on bad input before anything is loaded
+    records = build_records(cfg)
+    schedule = build_schedule(cfg)
     batches = schedule.batches(len(records))
     planned = [records[i] for r in batches for i in r]
     evaluator: Evaluator = build(cfg.dataset.evaluator)
@@ -213,11 +197,11 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of ['skip', 'stop']")
 
     # 2. model, statistics, method (all derived from the unedited model)
-    lm: LoadedModel = load_model(cfg.model, lambda: build(cfg.model.load))
-    lm.spec.check(lm.model, [int(x) for x in cfg.method.get("layers", cfg.model.edit.layers)])
+    lm: LoadedModel = build_model(cfg)
     torch.manual_seed(seed)
     method: EditMethod = build(cfg.method, _convert_="all")
-    stats: CovarianceStore = build(cfg.stats)
+    lm.spec.check(lm.model, [int(x) for x in method.layers])  # the layers it declares
+    stats: CovarianceStore = build_stats(cfg)
     templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=seed)
     ctx = EditContext(lm=lm, stats=stats, templates=templates)
     method.prepare(ctx)
@@ -227,34 +211,30 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     edits = EditedWeights(lm.model)
 
     # 3. state to continue from (resume), outputs and trackers
-    state: dict[str, Any] = {"step": 0, "n_done": 0, "retention": [], "faults": [],
-                             "trackers": {}, "last_row": {}}
+    state = RunState()
     fusion_state = fusion.init_state()
     if resuming:
         ckpt = checkpoint.load(run_dir)
         edits.load(ckpt.deltas)
-        method.load_state_dict(ckpt.method_tensors)
+        method.load_state_dict(ckpt.method_state)
         if ckpt.fusion_state:
             fusion_state = FusionState.from_flat(ckpt.fusion_state)
-        checkpoint.restore_rng(ckpt.state)
-        state.update(ckpt.state)
+        ckpt.restore_rng()
+        state = ckpt.state
+    run_dir.mkdir(parents=True, exist_ok=True)
     if texts.needs_references:
         # Consistency's fallback reference text comes from the unedited model: generate it
-        # now, before the first edit, for every request a generation step will evaluate.
-        if state["step"] == 0:
+        # once, before the first edit, for every request a generation step will evaluate.
+        if resuming:
+            texts.references = json.loads((run_dir / REFERENCES).read_text())
+        else:
             due = [planned[i] for i in generation_indices(schedule, batches, evaluation)]
-            state["references"] = texts.make_references(due)
-        texts.references = state.setdefault("references", {})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+            texts.references = texts.make_references(due)
+            atomic_write(run_dir / REFERENCES, json.dumps(texts.references) + "\n")
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write(run_dir / "resume.json", json.dumps({"fingerprint": fingerprint}) + "\n")
-    logger_cfg = cfg.logger or {}
-    # partial first: instantiate would otherwise recurse into the config's own _target_s
-    named = {name: instantiate(t, _partial_=True)(
-        run_dir=str(run_dir), run_config=resolved, resume=state["trackers"].get(name))
-        for name, t in logger_cfg.items()}
-    trackers = Trackers(named.values())
+    trackers, named = build_trackers(cfg, run_dir, state.trackers)
+    retention = CsvRows(run_dir / RETENTION, keep=state.retention_rows)
     n_steps = len(batches)
     made_at = [s for s, r in enumerate(batches, start=1) for _ in r]  # per planned edit
     t_start = time.perf_counter()
@@ -268,18 +248,19 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                "time/eval_s": time.perf_counter() - t0,
                "eval/prompts": evaluation.scorer.pairs_scored - pairs0}
         trackers.log(row, step)
-        for j, i in enumerate(seen):
-            state["retention"].append({"step": step, "case_id": planned[i].case_id,
-                                       "step_made": made_at[i] if i < n_done else 0,
-                                       **{k: float(v[j]) for k, v in per_seen.items()}})
+        retention.append({"step": step, "case_id": planned[i].case_id,
+                          "step_made": made_at[i] if i < n_done else 0,
+                          **{k: float(v[j]) for k, v in per_seen.items()}}
+                         for j, i in enumerate(seen))
         return row
 
+    # ---- the loop: an error keeps its traceback; the last checkpoint stays resumable ----
     try:
-        if state["step"] == 0:
-            state["last_row"] = evaluate(0, list(range(len(batches[0]))), 0, {})
-        bar = tqdm(total=n_steps, initial=state["step"], desc="editing", unit="step",
+        if state.step == 0:
+            state.last_row = evaluate(0, list(range(len(batches[0]))), 0, {})
+        bar = tqdm(total=n_steps, initial=state.step, desc="editing", unit="step",
                    disable=None)
-        for step in range(state["step"] + 1, n_steps + 1):
+        for step in range(state.step + 1, n_steps + 1):
             batch = [records[i] for i in batches[step - 1]]
             ctx.clock.take()
             t0 = time.perf_counter()
@@ -299,39 +280,39 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                 method.commit(ctx, batch, fused)
             else:
                 log.warning("step %d not applied: %s", step, problem)
-                state["faults"].append({"step": step, "reason": problem})
+                state.faults.append({"step": step, "reason": problem})
                 if cfg.guard.on_fault == "stop":
                     raise FloatingPointError(f"step {step} not applied: {problem}")
-            state["n_done"] += len(batch)
-            n_done = state["n_done"]
+            state.n_done += len(batch)
+            n_done = state.n_done
             extra = {"applied": int(problem is None), "time/compute_s": t_compute,
                      **{f"time/{k}_s": v for k, v in stages.items()},
                      "time/fusion_s": t_fuse, "time/step_s": time.perf_counter() - t0}
             if schedule.evaluate_at(step, n_steps):
-                state["last_row"] = evaluate(step, list(range(n_done - len(batch), n_done)),
-                                             n_done, extra)
-                bar.set_postfix(edits=n_done, eff=f"{state['last_row']['seen/efficacy']:.1f}",
-                                spec=f"{state['last_row']['seen/specificity']:.1f}")
-            state["step"] = step
+                state.last_row = evaluate(step, list(range(n_done - len(batch), n_done)),
+                                          n_done, extra)
+                bar.set_postfix(edits=n_done, eff=f"{state.last_row['seen/efficacy']:.1f}",
+                                spec=f"{state.last_row['seen/specificity']:.1f}")
+            state.step = step
             if schedule.checkpoint_every and (step % schedule.checkpoint_every == 0
                                               or step == n_steps):
-                state["trackers"] = {n: t.state() for n, t in named.items()}
-                checkpoint.save(run_dir, step, edits.total, method.state_dict(), state,
+                state.trackers = {n: t.state() for n, t in named.items()}
+                state.retention_rows = retention.n_rows
+                checkpoint.save(run_dir, state, edits.total, method.state_dict(),
                                 fusion_state.flat())
             bar.update(1)
         bar.close()
 
-        summary = dict(state["last_row"])
+        summary = dict(state.last_row)
         summary.update({
-            "steps": n_steps, "edits_done": state["n_done"],
-            "steps_failed": len(state["faults"]), "faults": state["faults"],
+            "steps": n_steps, "edits_done": state.n_done,
+            "steps_failed": len(state.faults), "faults": state.faults,
             "wall_s": time.perf_counter() - t_start,
             "stats_compute_s": stats.compute_seconds,
         })
         if "seen/consistency" in summary:
             summary["consistency_source"] = texts.source
-        _write_retention(run_dir / "retention.csv", state["retention"])
-        trackers.table("retention", state["retention"])  # W&B: step made x step measured
+        trackers.table("retention", _read_rows(retention.path))  # W&B: made x measured
         if cfg.save_deltas:
             from safetensors.torch import save_file
 
@@ -346,9 +327,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         trackers.finish()
 
 
-def _write_retention(path: Path, rows: list[dict[str, Any]]) -> None:
+def _read_rows(path: Path) -> list[dict[str, Any]]:
     import pandas as pd
 
-    df = pd.DataFrame(rows)
-    atomic_write(path, df.to_csv(index=False, float_format="%.6g"))
-
+    return pd.read_csv(path).to_dict("records") if path.is_file() else []

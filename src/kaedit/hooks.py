@@ -110,12 +110,32 @@ def trace(
             h.remove()
 
 
-def run_until(model: nn.Module, names: Iterable[str], **model_inputs) -> TraceResult:
-    """Forward ``model_inputs`` only as far as the named modules; return their inputs."""
-    with trace(model, names, inputs=True, outputs=True, stop=True) as tr, contextlib.suppress(
-        StopForward
+def run_until(
+    model: nn.Module,
+    names: Iterable[str],
+    *,
+    inputs: bool = False,
+    outputs: bool = True,
+    detach: bool = True,
+    forward: Callable[[], object] | None = None,
+    **model_inputs,
+) -> TraceResult:
+    """Run the forward pass only as far as the named modules and return what was traced
+    there (as :func:`trace`: outputs by default, detached unless ``detach=False``).
+
+    The pass stops after the last of ``names`` (in execution order) has run, so e.g.
+    ``run_until(model, [final_norm], input_ids=ids)`` gives the final hidden states without
+    running the LM head. ``forward`` replaces ``model(**model_inputs)`` when the model must
+    be called otherwise (``torch.func.functional_call`` with substituted weights).
+    """
+    with (
+        trace(model, names, inputs=inputs, outputs=outputs, detach=detach, stop=True) as tr,
+        contextlib.suppress(StopForward),
     ):
-        model(**model_inputs)
+        if forward is None:
+            model(**model_inputs)
+        else:
+            forward()
     return tr
 
 

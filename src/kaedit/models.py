@@ -29,10 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from kaedit.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ConfigError):
     """A model or its weights could not be found or loaded."""
 
 

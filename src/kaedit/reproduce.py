@@ -83,7 +83,7 @@ def compose(overrides: Sequence[str]):
     """The composed run config and Hydra's group choices (for the W&B tags)."""
     from omegaconf import open_dict
 
-    from kaedit.experiment import compose as compose_config
+    from kaedit.setup import compose as compose_config
 
     cfg = compose_config(overrides, hydra_config=True)
     choices = dict(cfg.hydra.runtime.choices)
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
 
-    from kaedit.errors import USER_ERRORS
+    from kaedit.errors import EXIT_BAD_INPUT, ConfigError
     from kaedit.tracking import atomic_write
 
     names = [r.name for r in PLAN]
@@ -311,9 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 atomic_write(timings_file, json.dumps(timings, indent=2) + "\n")
         path = write_results(out, plan, read_timings(timings_file), command,
                              time.perf_counter() - t0)
-    except USER_ERRORS as exc:
+    except ConfigError as exc:  # bad input (build phase); a failed run keeps its traceback
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(path.read_text())
     return 0
 

@@ -1,10 +1,11 @@
 """``python -m kaedit.run [overrides]``: the only Hydra entry point.
 
 Composes ``conf/config.yaml`` with the command-line overrides and calls
-:func:`kaedit.experiment.run`. Bad input (dataset, schedule, model path) ends the process
-with one clear error line and exit status 2 (``HYDRA_FULL_ERROR=1`` shows the
-traceback); ``--cfg job`` prints the composed config
-without loading anything.
+:func:`kaedit.experiment.run`. Bad input (dataset, schedule, model path, a config value),
+found while the run's parts are built, ends the process with one clear error line and exit
+status 2 (``HYDRA_FULL_ERROR=1`` shows the traceback); an error inside the editing loop
+keeps its traceback and exits 1, and ``resume=RUN_DIR`` continues from the last checkpoint
+(:mod:`kaedit.errors`). ``--cfg job`` prints the composed config without loading anything.
 
 With ``-m`` every job of a sweep (any launcher: the default local one, ``joblib``,
 ``slurm``, ``slurm_local``) is its own run directory and W&B run; the jobs of one sweep
@@ -22,6 +23,8 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig
+
+from kaedit.paths import CONF_DIR
 
 log = logging.getLogger("kaedit")
 
@@ -72,7 +75,7 @@ def fill_tracking(cfg: DictConfig) -> None:
         cfg.tracking.name = info["name"]
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kaedit.errors import ConfigError
 
-class ScheduleError(ValueError):
+
+class ScheduleError(ConfigError):
     """The schedule does not fit the dataset or is malformed."""
 
 

@@ -11,7 +11,6 @@ sharded with ``device_map=auto`` keeps its layers on different GPUs).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,14 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from kaedit.hooks import StopForward, trace
+from kaedit.errors import ConfigError
+from kaedit.hooks import run_until
 from kaedit.models import LoadedModel
 from kaedit.tokens import chunks
 
 log = logging.getLogger(__name__)
 
 
-class CorpusError(ValueError):
+class CorpusError(ConfigError):
     """The text corpus for statistics cannot be read."""
 
 
@@ -145,11 +145,8 @@ class CovarianceStore:
         for sl in tqdm(list(chunks(len(windows), self.batch_size)), desc="key statistics",
                        leave=False, disable=None):
             ids = windows[sl].to(lm.device)
-            with (
-                trace(lm.model, modules.values(), inputs=True, outputs=False, stop=True) as tr,
-                contextlib.suppress(StopForward),
-            ):
-                lm.model(input_ids=ids, use_cache=False)
+            tr = run_until(lm.model, modules.values(), inputs=True, outputs=False,
+                           input_ids=ids, use_cache=False)
             for layer, m in modules.items():
                 k = tr[m].input.reshape(-1, tr[m].input.shape[-1]).double()  # [tokens, d_in]
                 sums[layer] = sums.get(layer, 0) + k.T @ k

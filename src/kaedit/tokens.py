@@ -7,14 +7,13 @@ optimises and what evaluation scores are the same token sequences (ROME/MEMIT ap
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kaedit.hooks import StopForward, get_module, trace
+from kaedit.hooks import get_module, run_until
 from kaedit.models import ModelSpec
 
 
@@ -82,9 +81,9 @@ def final_hidden(
     cost of a large-vocabulary head. Gradients flow if the caller enables them.
     """
     ln_f = spec.module("ln_f")
-    with trace(model, [ln_f], detach=False, stop=True) as tr, contextlib.suppress(StopForward):
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return tr[spec.module("ln_f")].output
+    tr = run_until(model, [ln_f], detach=False, input_ids=ids, attention_mask=mask,
+                   use_cache=False)
+    return tr[ln_f].output
 
 
 def lm_head(model: nn.Module, spec: ModelSpec, hidden: torch.Tensor) -> torch.Tensor:

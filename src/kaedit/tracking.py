@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from kaedit.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -52,27 +54,65 @@ def atomic_write(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
+class CsvRows:
+    """A CSV file that rows are appended to as they are produced (never rewritten per row).
+
+    Columns are the rows' keys in order of first appearance; a row with a key the file has
+    no column for rewrites it once with the wider header (rare: the first edited step adds
+    the timing columns, a generation step the text metrics). ``keep`` rows of an existing
+    file are kept and the rest dropped (a resumed run redoes the rows logged after its
+    checkpoint); ``keep=0`` starts an empty file.
+    """
+
+    def __init__(self, path: Path, keep: int = 0) -> None:
+        self.path = Path(path)
+        self.columns: list[str] = []
+        self.n_rows = 0
+        old = self._read() if keep and self.path.is_file() else []
+        if keep > len(old):
+            raise ValueError(f"{self.path} has {len(old)} rows, the checkpoint expects {keep}")
+        if keep:
+            self._rewrite(old[:keep])
+        elif self.path.exists():
+            self.path.unlink()  # a fresh run in a used directory
+
+    def _read(self) -> list[dict[str, str]]:
+        with self.path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            self.columns = list(reader.fieldnames or [])
+            return list(reader)
+
+    def _rewrite(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        atomic_write(self.path, _csv_text(self.columns, rows))
+        self.n_rows = len(rows)
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        rows = [dict(r) for r in rows]
+        new = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in self.columns]
+        if new or not self.path.exists():
+            old = self._read() if self.path.exists() else []
+            self.columns += [k for k in new if k not in self.columns]
+            self._rewrite(old + rows)
+            return
+        with self.path.open("a", newline="") as f:
+            f.write(_csv_text(self.columns, rows, header=False))
+        self.n_rows += len(rows)
+
+
 class CsvTracker:
-    """``metrics.csv`` (one row per logged step) and ``summary.json`` in the run dir."""
+    """``metrics.csv`` (one row per logged step, appended) and ``summary.json``."""
 
     def __init__(self, run_dir: str, run_config: Mapping[str, Any] | None = None,
                  resume: Mapping[str, Any] | None = None, filename: str = "metrics.csv") -> None:
-        self.path = Path(run_dir) / filename
+        self.rows = CsvRows(Path(run_dir) / filename, keep=int((resume or {}).get("rows", 0)))
         self.summary_path = Path(run_dir) / "summary.json"
-        self.rows: list[dict[str, Any]] = [dict(r) for r in (resume or {}).get("rows", [])]
-        if resume is not None:  # drop rows logged after the checkpoint: they are redone
-            self._write()
-
-    def _write(self) -> None:
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        atomic_write(self.path, _csv_text(columns, self.rows))
 
     def log(self, row: Mapping[str, Any], step: int) -> None:
-        self.rows.append(dict(row))
-        self._write()
+        self.rows.append([row])
 
     def state(self) -> dict[str, Any]:
-        return {"rows": self.rows}
+        """The number of rows written: a resumed run keeps those and drops the rest."""
+        return {"rows": self.rows.n_rows}
 
     def summary(self, values: Mapping[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -83,18 +123,19 @@ class CsvTracker:
         return None  # the figures are files in the run directory already
 
     def table(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        return None  # written by the runner (retention.csv)
+        return None  # written by the runner as the rows came (retention.csv)
 
     def finish(self) -> None:
         return None
 
 
-def _csv_text(columns: list[str], rows: Iterable[Mapping[str, Any]]) -> str:
+def _csv_text(columns: list[str], rows: Iterable[Mapping[str, Any]], header: bool = True) -> str:
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, restval="")
-    w.writeheader()
+    w = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")  # as pandas
+    if header:
+        w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     return buf.getvalue()
@@ -119,7 +160,7 @@ class WandbTracker:
 
         valid = ("offline", "online", "disabled")
         if mode not in valid:
-            raise ValueError(f"logger.wandb.mode={mode!r} is not one of {valid}")
+            raise ConfigError(f"logger.wandb.mode={mode!r} is not one of {valid}")
         run_id = (resume or {}).get("run_id")
         self.run = wandb.init(
             project=project, entity=entity, mode=mode, group=group, tags=list(tags) or None,

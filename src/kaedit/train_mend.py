@@ -26,7 +26,8 @@ case_ids it was trained on and ``method=mend`` warns when it is asked to edit on
 
 Before the first step the inputs' normalisation statistics are estimated on
 ``train.stat_batches`` batches of training edits and then kept fixed (MEND updates
-running statistics while training). Bad input ends the process with one line, exit 2.
+running statistics while training). Bad input ends the process with one line, exit 2;
+a failure while training keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from kaedit.errors import ConfigError
+from kaedit.errors import ConfigError, user_errors_exit
+from kaedit.paths import CONF_DIR
 from kaedit.records import EditRequest
 
 log = logging.getLogger("kaedit")
@@ -54,13 +56,14 @@ log = logging.getLogger("kaedit")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """``train.*`` of ``conf/train_mend.yaml``."""
+    """``train.*`` of ``conf/train_mend.yaml``; the defaults are that file's values (a test
+    checks they agree), so code that builds one without the config trains the same way."""
 
     #: The last this-many records of the dataset are MEND's (validation + training).
     records: int = 600
     #: The first this-many of those are held out for validation.
-    val_records: int = 40
-    steps: int = 200
+    val_records: int = 20
+    steps: int = 80
     #: Stop earlier once this much wall time has passed (None: run all steps).
     max_minutes: float | None = None
     batch_size: int = 10
@@ -68,14 +71,14 @@ class TrainConfig:
     paraphrases: int = 1
     #: Neighbourhood prompts per record in the locality loss.
     loc_prompts: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
     lr_lr: float = 1e-2
     c_edit: float = 0.1
     c_loc: float = 1.0
     grad_clip: float = 100.0
     stat_batches: int = 10
     #: Validate every this many steps (0: before and after training only).
-    val_every: int = 50
+    val_every: int = 0
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -95,6 +98,16 @@ class TrainConfig:
             raise ConfigError(f"train.max_minutes={self.max_minutes} must be > 0 or null")
         if int(self.log_every) < 1:
             raise ConfigError(f"train.log_every={self.log_every} must be >= 1")
+
+
+def train_config(node: Any) -> TrainConfig:
+    """``cfg.train`` as a :class:`TrainConfig` (an unknown key is a ConfigError)."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    unknown = sorted(set(values) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown train settings {unknown}; valid: "
+                          f"{sorted(TrainConfig.__dataclass_fields__)}")
+    return TrainConfig(**values)
 
 
 def split(n_available: int, records: int, val_records: int) -> tuple[range, range]:
@@ -200,8 +213,6 @@ def validate(
 
 def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     """Train an editor as ``cfg`` says, save it to ``cfg.output``; returns the summary."""
-    from kaedit import data
-    from kaedit.experiment import build, resolve_data_root
     from kaedit.methods.mend import (
         EditorSpec,
         MendEditor,
@@ -209,12 +220,13 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         edited_weights,
         save_editor,
     )
-    from kaedit.models import LoadedModel, load_model
+    from kaedit.models import LoadedModel
+    from kaedit.setup import build_model, build_records, resolve_data_root
 
     cfg = cfg.copy()
     resolve_data_root(cfg)
     seed = int(cfg.seed)
-    tc = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    tc = train_config(cfg.train)
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     output = Path(str(cfg.output)).expanduser()
@@ -222,7 +234,7 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"output={str(output)!r} must end in .safetensors")
 
     # 1. data: fail on bad input before the model is loaded
-    records = data.from_config(cfg.dataset, cache_dir=str(Path(cfg.cache_dir) / "data"))
+    records = build_records(cfg)
     val_idx, train_idx = split(len(records), int(tc.records), int(tc.val_records))
     val = [records[i] for i in val_idx]
     pool = [records[i] for i in train_idx]
@@ -240,7 +252,7 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     )
 
     # 2. model and editor
-    lm: LoadedModel = load_model(cfg.model, lambda: build(cfg.model.load))
+    lm: LoadedModel = build_model(cfg)
     ed = OmegaConf.to_container(cfg.editor, resolve=True)
     names = edited_weights(lm, ed.pop("layers"), ed.pop("kinds"))
     spec = EditorSpec.for_model(lm, names, **ed)
@@ -379,11 +391,9 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     return {"checkpoint": str(output), **summary}
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train_mend")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train_mend")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
-
-    from kaedit.errors import user_errors_exit
 
     with user_errors_exit(log):
         summary = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)

@@ -20,91 +20,24 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from kaedit.data import counterfact, zsre
+from kaedit.data.fields import (  # noqa: F401 - re-exported
+    DatasetError,
+    Row,
+    case_id,
+    describe,
+    template,
+    text,
+    texts,
+)
 from kaedit.records import EditRequest
 
 log = logging.getLogger(__name__)
 
-Row = Mapping[str, Any]
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
 _DOWNLOAD_TIMEOUT_S = 10.0
 _OFFLINE_HINT = "download the file elsewhere and pass dataset.path=/local/file.json"
-
-
-class DatasetError(ValueError):
-    """A dataset file, value or record is unusable; the message says which and why."""
-
-
-# ----------------------------------------------------------------------------- row fields
-def describe(row: Row, index: int) -> str:
-    """``record 5 (case_id=123)``: how error messages name a row."""
-    cid = row.get("case_id") if isinstance(row, Mapping) else None
-    return f"record {index}" + (f" (case_id={cid})" if cid is not None else "")
-
-
-def case_id(row: Row, index: int) -> str:
-    """The row's ``case_id`` as a string, or its index when it has none."""
-    cid = row.get("case_id")
-    return str(index) if cid is None else str(cid)
-
-
-def text(
-    row: Row, key: str, where: str, *, optional: bool = False, loose: bool = False
-) -> str | None:
-    """A non-empty string field; missing -> error unless ``optional``. With ``loose``,
-    ``{"str": s}`` and lists (first element) are accepted too, since EasyEdit variants and
-    zsRE's ``answers`` store answers that way."""
-    if key not in row or row[key] is None:
-        if optional:
-            return None
-        raise DatasetError(f"{where}: required field {key!r} is missing")
-    value = row[key]
-    if loose and isinstance(value, Mapping) and "str" in value:
-        value = value["str"]
-    elif loose and isinstance(value, (list, tuple)):
-        if not value:
-            if optional:
-                return None
-            raise DatasetError(f"{where}: field {key!r} is an empty list")
-        value = value[0]
-    if not isinstance(value, str):
-        raise DatasetError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DatasetError(f"{where}: field {key!r} is an empty string")
-    return value
-
-
-def texts(row: Row, key: str, where: str) -> tuple[str, ...]:
-    """An optional field holding one prompt or a list of prompts, as a tuple of non-empty
-    strings (``()`` when absent)."""
-    value = row.get(key)
-    if value is None:
-        return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise DatasetError(
-            f"{where}: field {key!r} must be a string or a list of strings, "
-            f"got {type(value).__name__}"
-        )
-    for i, item in enumerate(items):
-        if not isinstance(item, str) or not item.strip():
-            raise DatasetError(
-                f"{where}: field {key!r}[{i}] must be a non-empty string, got {item!r}"
-            )
-    return tuple(items)
-
-
-def template(sentence: str, subject: str, where: str, key: str) -> str:
-    """``sentence`` with the FIRST occurrence of ``subject`` replaced by ``{}``; other braces
-    are escaped so that ``template(...).format(subject) == sentence``."""
-    at = sentence.find(subject)
-    if at < 0:
-        raise DatasetError(f"{where}: subject {subject!r} does not occur in {key} {sentence!r}")
-
-    def esc(s: str) -> str:
-        return s.replace("{", "{{").replace("}", "}}")
-
-    return esc(sentence[:at]) + "{}" + esc(sentence[at + len(subject) :])
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -116,9 +49,7 @@ class Schema(NamedTuple):
 
 
 def schemas() -> dict[str, Schema]:
-    """The known schemas by name (imported lazily: the converters import this module)."""
-    from kaedit.data import counterfact, zsre
-
+    """The known schemas by name."""
     return {
         "counterfact": Schema(counterfact.ROME_KEYS, counterfact.from_rome),
         "easyedit": Schema(counterfact.EASYEDIT_KEYS, counterfact.from_easyedit),

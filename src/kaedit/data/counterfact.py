@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kaedit.data.base import DatasetError, case_id, describe, template, text, texts
+from kaedit.data.fields import DatasetError, case_id, describe, template, text, texts
 from kaedit.records import EditRequest
 
 ROME_KEYS = ("requested_rewrite",)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kaedit.data.base import case_id, describe, template, text, texts
+from kaedit.data.fields import case_id, describe, template, text, texts
 from kaedit.records import EditRequest
 
 MEND_KEYS = ("src", "alt", "subject")

@@ -33,7 +33,12 @@ class EditMethod(Protocol):
     statistics and anything else derived from the original weights. ``state_dict`` /
     ``load_state_dict`` carry state across steps (most methods have none) so a run can be
     checkpointed and resumed; ``commit`` is told which deltas were actually applied.
+    ``layers`` are the layers it edits, which the runner checks against the model before
+    anything else is built (empty when the weights come from elsewhere, e.g. MEND's
+    checkpoint, checked when it is loaded).
     """
+
+    layers: Sequence[int]
 
     def prepare(self, ctx: EditContext) -> None: ...
 

@@ -10,14 +10,13 @@ is a leaf tensor substituted for the weight with :func:`torch.func.functional_ca
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
 
-from kaedit.hooks import StopForward, trace
+from kaedit.hooks import run_until
 from kaedit.methods.base import EditContext, Stateless
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
@@ -94,11 +93,8 @@ class _TeacherForced:
         """Mean over requests of the token-averaged NLL, with ``weights`` substituted."""
         ln_f = lm.spec.module("ln_f")
         inputs = {"input_ids": self.ids, "attention_mask": self.mask, "use_cache": False}
-        with (
-            trace(lm.model, [ln_f], detach=False, stop=True) as tr,
-            contextlib.suppress(StopForward),
-        ):
-            functional_call(lm.model, weights, (), inputs)
+        tr = run_until(lm.model, [ln_f], detach=False,
+                       forward=lambda: functional_call(lm.model, weights, (), inputs))
         hidden = tr[ln_f].output[self.rows, self.cols]  # [n_tokens, d]
         logp = torch.log_softmax(lm_head(lm.model, lm.spec, hidden).float(), dim=-1)
         nll = -logp.gather(1, self.toks[:, None]).squeeze(1)  # [n_tokens]

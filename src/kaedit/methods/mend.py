@@ -32,7 +32,6 @@ holds the editor, the gradient factors, the checkpoint format and the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ from torch import nn
 from torch.func import functional_call
 
 from kaedit.errors import ConfigError
-from kaedit.hooks import StopForward, TraceResult, trace
+from kaedit.hooks import TraceResult, run_until
 from kaedit.methods.base import EditContext, Stateless
 from kaedit.models import LoadedModel, file_sha256
 from kaedit.records import Deltas, EditRequest
@@ -145,14 +144,8 @@ def forward(
     ``capture`` names modules whose input and output are recorded, gradients attached."""
     ln_f = lm.spec.module("ln_f")
     inputs = {"input_ids": rows.ids, "attention_mask": rows.mask, "use_cache": False}
-    with (
-        trace(lm.model, [*capture, ln_f], inputs=True, detach=False, stop=True) as tr,
-        contextlib.suppress(StopForward),
-    ):
-        if weights:
-            functional_call(lm.model, dict(weights), (), inputs)
-        else:
-            lm.model(**inputs)
+    call = (lambda: functional_call(lm.model, dict(weights), (), inputs)) if weights else None
+    tr = run_until(lm.model, [*capture, ln_f], inputs=True, detach=False, forward=call, **inputs)
     return tr[ln_f].output, tr
 
 
@@ -476,6 +469,12 @@ class MEND(Stateless):
     meta: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     #: case_ids the editor was trained on (a request among them is not held out).
     trained_on: set[str] = field(default_factory=set, init=False, repr=False)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """None declared (``EditMethod.layers``): the checkpoint names the edited weights,
+        and :func:`load_editor` checks them against the model."""
+        return ()
 
     def prepare(self, ctx: EditContext) -> None:
         self.editor, self.meta = load_editor(self.checkpoint, ctx.lm)

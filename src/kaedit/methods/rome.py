@@ -45,6 +45,11 @@ class ROME(Stateless):
         if not isinstance(self.target, TargetConfig):
             self.target = TargetConfig(**dict(self.target))
 
+    @property
+    def layers(self) -> tuple[int]:
+        """The one layer ROME edits (``EditMethod.layers``)."""
+        return (self.layer,)
+
     def prepare(self, ctx: EditContext) -> None:
         ctx.stats.get(ctx.lm, [self.layer])
 
