@@ -150,7 +150,8 @@ def compute_keys(
 ) -> torch.Tensor:
     """K ``[d_in, n_requests]``: the key at the last subject token, averaged over the
     templates of each group, then over the groups (kmeng01/memit ``memit/compute_ks.py``,
-    also xpq-tech/PMET ``edit/pmet/compute_ks.py``): with the default single spec the plain
+    also xpq-tech/PMET ``edit/pmet/compute_ks.py`` and jianghoucheng/AlphaEdit
+    ``AlphaEdit/compute_ks.py``): with the default single spec the plain
     prompt weighs ½ and the generated prefixes share the other ½. A plain list of
     templates is every template its own group, i.e. the flat mean."""
     tpl = as_templates(templates)
