@@ -21,8 +21,13 @@ from kaedit.methods.base import EditMethod
 from kaedit.methods.core import TargetConfig
 from kaedit.schedule import Schedule
 
+#: Specialisations, composed by conf/config.yaml for a pair of choices
+#: (``hparams: ${method}_${model}``, ``method_fusion: ${method}_${fusion}``): each file is
+#: tested with its own pair (test_specialisation_composes_for_its_pair), not on its own.
+SPECIALISATIONS = {"hparams": "model", "method_fusion": "fusion"}
 # conf/hydra/ holds Hydra's own groups (hydra/launcher), tested in test_experiments.py
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"
+                and p.name not in SPECIALISATIONS)
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 #: Arguments the runner passes to every tracker on top of its config keys.
 RUNNER_KWARGS = {
@@ -77,6 +82,95 @@ def test_option_composes_and_targets_bind(compose: Compose, group: str, option: 
 MODELS = sorted(f.stem for f in (CONF / "model").glob("*.yaml"))
 METHODS = sorted(f.stem for f in (CONF / "method").glob("*.yaml"))
 FUSIONS = sorted(f.stem for f in (CONF / "fusion").glob("*.yaml"))
+
+
+def split_pair(group: str, stem: str) -> tuple[str, str]:
+    """``pmet_gptj`` -> ``("pmet", "gptj")``: the method and the other group's option."""
+    other = {f.stem for f in (CONF / SPECIALISATIONS[group]).glob("*.yaml")}
+    pairs = [(m, stem[len(m) + 1:]) for m in METHODS if stem.startswith(f"{m}_")]
+    pairs = [(m, o) for m, o in pairs if o in other]
+    assert len(pairs) == 1, f"conf/{group}/{stem}.yaml names no <method>_<option> pair"
+    return pairs[0]
+
+
+SPECIALISED = [(g, f.stem) for g in SPECIALISATIONS for f in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "stem"), SPECIALISED, ids=[f"{g}/{s}" for g, s in SPECIALISED])
+def test_specialisation_composes_for_its_pair(compose: Compose, group: str, stem: str) -> None:
+    method, option = split_pair(group, stem)
+    cfg = compose([f"method={method}", f"{SPECIALISATIONS[group]}={option}"])
+    for path, node in targets(OmegaConf.to_container(cfg, resolve=True)):
+        bind(path, node)
+    assert isinstance(instantiate(cfg.method, _convert_="all"), EditMethod)
+    assert isinstance(instantiate(cfg.fusion), FusionStrategy)
+
+
+def test_method_model_hparams_follow_the_reference_files(compose: Compose) -> None:
+    # xpq-tech/PMET edit/hparams/PMET/EleutherAI_gpt-j-6B.json: layers 3-8, λ 6000,
+    # v_lr 0.2, 30 steps, kl_factor 1, clamp 0.75, weight decay 0.5.
+    pmet = instantiate(compose(["method=pmet", "model=gptj"]).method, _convert_="all")
+    assert pmet.layers == [3, 4, 5, 6, 7, 8] and pmet.lam == 6000.0
+    t = pmet.target
+    assert (t.lr, t.steps, t.kl_factor, t.clamp_norm_factor, t.weight_decay) == (
+        0.2, 30, 1.0, 0.75, 0.5)
+    # kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json: λ 15000, lr 0.5, 25 steps, KL
+    # 0.0625, clamp 0.75 -- the model config's own settings, untouched by PMET's.
+    memit = instantiate(compose(["method=memit", "model=gptj"]).method, _convert_="all")
+    assert memit.layers == [3, 4, 5, 6, 7, 8] and memit.lam == 15000.0
+    t = memit.target
+    assert (t.lr, t.steps, t.kl_factor, t.clamp_norm_factor, t.weight_decay) == (
+        0.5, 25, 0.0625, 0.75, 0.5)
+    # zjunlp/EasyEdit hparams/MEMIT/llama-7b.yaml and hparams/PMET/llama-7b.yaml
+    m = instantiate(compose(["method=memit", "model=llama2"]).method, _convert_="all")
+    assert (m.layers, m.lam, m.target.steps, m.target.clamp_norm_factor,
+            m.target.weight_decay) == ([4, 5, 6, 7, 8], 15000.0, 25, 4.0, 1e-3)
+    p = instantiate(compose(["method=pmet", "model=llama2"]).method, _convert_="all")
+    assert (p.layers, p.lam, p.target.steps, p.target.clamp_norm_factor,
+            p.target.weight_decay) == ([4, 5, 6, 7, 8], 15000.0, 20, 1.0, 0.5)
+    # jianghoucheng/AlphaEdit hparams/AlphaEdit/EleutherAI_gpt-j-6B.json
+    a = instantiate(compose(["method=alphaedit", "model=gptj"]).method, _convert_="all")
+    assert (a.nullspace_threshold, a.l2, a.target.lr) == (2e-2, 10.0, 0.5)
+    # SmolLM2 keeps its measured settings for every method.
+    base = compose(["model=smollm2"]).model.edit
+    for name in ("memit", "pmet", "adaple", "alphaedit"):
+        cfg = compose([f"method={name}", "model=smollm2"])
+        assert cfg.model.edit == base, name
+    assert instantiate(compose(["method=alphaedit"]).method,
+                       _convert_="all").nullspace_threshold == 1e-2
+
+
+def test_paper_models_edit_in_the_reference_precision(compose: Compose) -> None:
+    # GPT-J and Llama-2 in float32 as the reference code loads them; NeoX-20B in float16.
+    dtypes = {m: compose([f"model={m}"]).model.dtype for m in ("gptj", "llama2", "neox20b")}
+    assert dtypes == {"gptj": "float32", "llama2": "float32", "neox20b": "float16"}
+
+
+def test_adaple_defaults_to_algorithm1_with_layer_scoped_drop_rescale(compose: Compose) -> None:
+    # `python -m kaedit.run model=llama2 method=adaple fusion.p=0.8` runs Algorithm 1.
+    cfg = compose(["model=llama2", "method=adaple", "fusion.p=0.8"])
+    assert instantiate(cfg.method, _convert_="all").objective == "algorithm1"
+    fusion = instantiate(cfg.fusion)
+    assert (type(fusion).__name__, fusion.p, fusion.scope) == ("DropRescale", 0.8, "layer")
+    assert fusion.layer_fusion(0, 1) is not None
+    # the ablation of the scope, and the other methods' default (step)
+    assert instantiate(compose(["method=adaple", "fusion.scope=step"]).fusion).scope == "step"
+    assert instantiate(compose(["method=memit"]).fusion).scope == "step"
+    # stateful fusions stay step-scoped with AdaPLE (no error) ...
+    for name in ("average", "lookahead", "wise_ft"):
+        assert instantiate(compose(["method=adaple", f"fusion={name}"]).fusion).scope == "step"
+
+
+@pytest.mark.parametrize("fusion", ["average", "lookahead", "wise_ft"])
+def test_layer_scope_for_a_stateful_fusion_is_a_config_error(compose: Compose,
+                                                             fusion: str) -> None:
+    from kaedit.errors import ConfigError
+    from kaedit.experiment import build
+
+    with pytest.raises(ConfigError, match=r"fusion.scope='layer'.*valid: \['step'\]"):
+        build(compose([f"fusion={fusion}", "fusion.scope=layer"]).fusion)
+    with pytest.raises(ConfigError, match=r"fusion.scope='tensor'.*\['step', 'layer'\]"):
+        build(compose(["fusion.scope=tensor"]).fusion)
 
 
 @pytest.mark.parametrize("method", METHODS)

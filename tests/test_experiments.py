@@ -209,6 +209,50 @@ def test_stateful_fusion_resumes_bit_identically(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_layer_scoped_fusion_saves_its_deltas_and_resumes_bit_identically(
+    compose: Compose, tiny_run_overrides: list[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # fusion.scope=layer with MEMIT: the per-step files are each layer's undropped Δ (solved
+    # with the earlier layers' fused updates in place) and the Δ̂ applied, the second the
+    # first fused with the per-(seed, step, weight) generators; a run crashed at step 3
+    # resumes to the same metrics and deltas.
+    from kaedit.fusion import DropRescale
+
+    overrides = [*tiny_run_overrides, "schedule.n_edits=4", "schedule.batch_size=1",
+                 "save_deltas=true", "save_step_deltas=true", "fusion.p=0.5",
+                 "fusion.scope=layer", "seed=3"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    experiment.run(compose(overrides), run_dir=str(ref_dir))
+    lf = DropRescale(0.5, scope="layer").layer_fusion(seed=3, step=2)
+    raw = load_file(str(ref_dir / "deltas" / "step-0002.safetensors"))
+    fused = load_file(str(ref_dir / "deltas" / "step-0002-fused.safetensors"))
+    assert raw.keys() == fused.keys() and len(raw) == 2
+    assert all(torch.equal(fused[n], lf.fuse(n, raw[n])) for n in raw)
+    assert all(not torch.equal(fused[n], raw[n]) for n in raw)
+
+    from kaedit.methods.memit import MEMIT
+
+    real, calls = MEMIT.compute_deltas, {"n": 0}
+
+    def crash_at_step_3(self, ctx, requests):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(self, ctx, requests)
+
+    monkeypatch.setattr(MEMIT, "compute_deltas", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        experiment.run(compose(overrides),
+                       run_dir=str(run_dir))
+    monkeypatch.setattr(MEMIT, "compute_deltas", real)
+    experiment.run(compose([*overrides, f"resume={run_dir}"]))
+    got = metric_columns(pd.read_csv(run_dir / "metrics.csv"))
+    pd.testing.assert_frame_equal(got, metric_columns(pd.read_csv(ref_dir / "metrics.csv")))
+    a, b = (load_file(str(d / "deltas.safetensors")) for d in (ref_dir, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_served_weights_are_evaluated_and_saved(
     compose: Compose, tiny_run_overrides: list[str], tmp_path: Path
 ) -> None:

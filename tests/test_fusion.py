@@ -229,3 +229,56 @@ def test_edited_weights_serve_an_offset_and_restore_exactly() -> None:
     assert torch.equal(model.weight, after_add)
     with edits.serving({}):
         assert torch.equal(model.weight, after_add)
+
+
+# --------------------------------------------------- scope: inside the layer loop (Alg. 1)
+def test_layer_generators_are_per_weight_and_reproducible() -> None:
+    from kaedit.fusion import layer_generator
+
+    def draw(seed: int, step: int, name: str) -> torch.Tensor:
+        return torch.rand(8, generator=layer_generator(seed, step, name))
+
+    a = "model.layers.3.mlp.down_proj.weight"
+    b = "model.layers.4.mlp.down_proj.weight"
+    assert torch.equal(draw(0, 1, a), draw(0, 1, a))  # reproducible (resume draws the same)
+    # different for every layer, step and run seed
+    others = [draw(0, 1, b), draw(0, 2, a), draw(1, 1, a)]
+    assert all(not torch.equal(draw(0, 1, a), o) for o in others)
+
+
+def test_layer_fusion_fuses_each_weight_with_its_own_generator() -> None:
+    from kaedit.fusion import LayerFusion, layer_generator
+
+    deltas = {"l1.weight": torch.randn(16, 8), "l2.weight": torch.randn(16, 8)}
+    dr = DropRescale(0.5, scope="layer")
+    lf = dr.layer_fusion(seed=3, step=7)
+    assert isinstance(lf, LayerFusion)
+    state, fused = lf.step(FusionState(steps=6), deltas, gen(0))
+    assert state == FusionState(steps=7)
+    for name, d in deltas.items():
+        expected = drop_rescale(d, 0.5, layer_generator(3, 7, name))
+        assert torch.equal(fused[name], expected)
+        assert torch.equal(lf.fuse(name, d), expected)  # what the layer loop applied
+    # same shapes, different generators: different masks per layer
+    assert not torch.equal(fused["l1.weight"] == 0, fused["l2.weight"] == 0)
+    # step scope: no layer fusion, the step's generator is used
+    assert DropRescale(0.5).layer_fusion(3, 7) is None
+    assert RunningAverage().layer_fusion(3, 7) is None
+
+
+@pytest.mark.parametrize("fusion", [Add(scope="layer"), DropRescale(0.0, scope="layer"),
+                                    TopK(1.0, scope="layer")], ids=repr)
+def test_identity_fusions_are_the_same_at_both_scopes(fusion) -> None:
+    deltas = {"a": torch.randn(6, 4), "b": torch.randn(4, 6)}
+    _, fused = fusion.layer_fusion(0, 1).step(fusion.init_state(), deltas, gen(0))
+    assert all(torch.equal(fused[n], deltas[n]) for n in deltas)
+
+
+def test_bad_scope_is_a_config_error() -> None:
+    from kaedit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fusion.scope='tensor'.*\['step', 'layer'\]"):
+        DropRescale(0.5, scope="tensor")
+    for make in (RunningAverage, Lookahead, WiseFT):
+        with pytest.raises(ConfigError, match=r"fusion.scope='layer'.*\['step'\]"):
+            make(scope="layer")

@@ -14,6 +14,8 @@ from kaedit.hooks import count_hooks, edit_outputs, trace
 from kaedit.methods.base import EditContext
 from kaedit.methods.core import (
     TargetConfig,
+    Templates,
+    compute_keys,
     context_templates,
     hidden_at_subject,
     optimize_targets,
@@ -220,7 +222,27 @@ def test_context_templates_are_generates_cpu_samples_without_the_global_rng(
                 .replace("{", " ").replace("}", " ") + ". {}" for r, m in zip(gen, mask)]
         assert rows == want
     assert context_templates(lm, [(6, 5), (3, 10)], seed=7) == got
-    assert context_templates(lm, [(6, 5)], seed=8) != got[:6]
+    assert list(context_templates(lm, [(6, 5)], seed=8)) != got[:6]
+    # one group per spec after the plain prompt's, as MEMIT's get_context_templates
+    assert [len(g) for g in got.groups] == [1, 5, 10] and got.flat == list(got)
+
+
+def test_keys_are_the_mean_over_template_groups(lm: LoadedModel) -> None:
+    """MEMIT's ``compute_ks``: mean within each template group, then across the groups
+    (the plain prompt weighs ½ with one generated group), not the flat mean."""
+    tpl = Templates((("{}",), ("Hello. {}", "Once upon a time, there. {}", "Yes. {}")))
+    layer = 1
+    per = [compute_keys(lm, layer, REQUESTS, [t]) for t in tpl]  # [d_in, n] each
+    two_level = (per[0] + (per[1] + per[2] + per[3]) / 3) / 2
+    got = compute_keys(lm, layer, REQUESTS, tpl)
+    # rel: the same keys summed with other weights in float32 (≤ 1e-6 of their scale)
+    assert_close_to_scale(got, two_level, 1e-5, "two-level mean")
+    flat = torch.stack(per).mean(0)
+    assert (got - flat).abs().max() > 1e-3 * flat.abs().max()  # the weighting matters
+    # a plain list (or Templates.ungrouped) is every template its own group: the flat mean
+    assert_close_to_scale(compute_keys(lm, layer, REQUESTS, list(tpl)), flat, 1e-5, "flat")
+    assert torch.equal(Templates.ungrouped(tpl).weights(), torch.full((4,), 0.25))
+    assert list(tpl) == tpl.flat and len(tpl) == 4 and tpl[1] == "Hello. {}"
 
 
 def test_stopwatch_accumulates_and_resets() -> None:

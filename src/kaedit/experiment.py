@@ -123,7 +123,10 @@ def generation_indices(schedule: Schedule, batches: Sequence[range],
 
 
 def save_step_deltas(folder: Path, step: int, deltas: Deltas, fused: Deltas) -> None:
-    """``step-NNNN.safetensors`` (as computed) and ``step-NNNN-fused.safetensors``."""
+    """``step-NNNN.safetensors`` (as computed) and ``step-NNNN-fused.safetensors``.
+
+    With ``fusion.scope=layer`` "as computed" is each layer's undropped Δˡ, solved with the
+    earlier layers' *fused* updates in place, and "fused" the Δ̂ˡ actually applied."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -264,12 +267,17 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             batch = [records[i] for i in batches[step - 1]]
             ctx.clock.take()
             t0 = time.perf_counter()
+            # fusion.scope=layer: the method fuses each layer's Δ inside its layer loop, and
+            # the same per-(seed, step, weight) fusion turns what it returns into the
+            # increment; step scope: None, and the fusion runs once below.
+            layer_fusion = fusion.layer_fusion(seed, step)
+            ctx.layer_fusion = None if layer_fusion is None else layer_fusion.fuse
             deltas = method.compute_deltas(ctx, batch)
             t_compute = time.perf_counter() - t0
             stages = ctx.clock.take()  # targets / keys / solve, for methods that report them
             t_fuse = time.perf_counter()
-            next_fusion_state, fused = fusion.step(fusion_state, deltas,
-                                                   step_generator(seed, step))
+            next_fusion_state, fused = (layer_fusion or fusion).step(
+                fusion_state, deltas, step_generator(seed, step))
             t_fuse = time.perf_counter() - t_fuse
             if cfg.save_step_deltas:
                 save_step_deltas(run_dir / "deltas", step, deltas, fused)

@@ -36,17 +36,42 @@ the t-th applied step:
   Σ Δ_s; the served offset is (α − 1) Σ Δ_s.
 
 For Add, TopK and DropRescale working = served, and their state only counts steps.
+
+Scope (``fusion.scope``), for the stateless strategies:
+
+* ``step`` -- the fusion runs once per step, after the method computed every layer's Δ
+  (the masks of step t come from the run's step generator).
+* ``layer`` -- the paper's Algorithm 1: the fusion runs on each edited weight's Δ *inside*
+  the method's layer loop, W₁ˡ ← W₀ˡ + Δ̂ˡ before layer l+1 is solved, so later layers'
+  keys and residual see (and compensate for) what was dropped. The runner hands the
+  method a :class:`LayerFusion` through ``EditContext.layer_fusion``; the multi-layer
+  methods (MEMIT, PMET, AdaPLE, AlphaEdit) apply it in
+  :func:`kaedit.methods.core.spread_residual` and return the undropped Δˡ, and the runner
+  applies the same :class:`LayerFusion` to them (:meth:`LayerFusion.step`). Its
+  randomness is a pure function of (run seed, step, weight name) (:func:`layer_generator`),
+  so both calls draw the same mask and a resumed run draws the same masks again. Methods
+  without a layer loop (ROME, FT, MEND) never call it: for them ``layer`` fuses each
+  edited weight once after the method, as ``step`` does, only with the per-weight
+  generators.
+
+The stateful strategies carry state across steps per weight and run at step scope only;
+``scope=layer`` for them is a :class:`~kaedit.errors.ConfigError` when the fusion is built.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from kaedit.errors import ConfigError
 from kaedit.records import Deltas
+
+#: Where a stateless fusion runs: after the method (``step``) or inside its layer loop.
+SCOPES = ("step", "layer")
 
 
 @runtime_checkable
@@ -99,9 +124,63 @@ class FusionStrategy(Protocol):
 
     def served_offset(self, state: FusionState) -> Deltas: ...
 
+    def layer_fusion(self, seed: int, step: int) -> LayerFusion | None:
+        """What the method applies in its layer loop at ``step`` (None: step scope)."""
+        ...
+
+
+def check_scope(fusion: object, scope: str, valid: tuple[str, ...] = SCOPES) -> None:
+    """Raise ConfigError unless ``scope`` is one of ``valid`` for this fusion."""
+    if scope not in valid:
+        kind = type(fusion).__name__
+        why = "" if valid == SCOPES else (
+            f" ({kind} carries state across steps and runs after the method only)")
+        raise ConfigError(f"fusion.scope={scope!r} is not available for kaedit.fusion.{kind}"
+                          f"{why}; valid: {list(valid)}")
+
+
+def layer_generator(seed: int, step: int, name: str) -> torch.Generator:
+    """The generator of weight ``name``'s mask at step ``step`` under ``scope=layer``: a pure
+    function of (run seed, step, weight name), different for every edited weight (layer)."""
+    digest = hashlib.sha256(f"{int(seed)}/{int(step)}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass(frozen=True)
+class LayerFusion:
+    """A stateless fusion applied to one weight's Δ at a time (``scope=layer``).
+
+    ``fuse(name, Δ) -> Δ̂`` is what a method's layer loop calls (through
+    ``EditContext.layer_fusion``); :meth:`step` is what the runner calls on the deltas the
+    method returns: the same function of each weight, hence the same Δ̂ the loop used.
+    """
+
+    fusion: Fusion
+    seed: int
+    step_index: int
+
+    def fuse(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        return self.fusion({name: delta}, layer_generator(self.seed, self.step_index, name))[name]
+
+    def step(self, state: FusionState, deltas: Deltas,
+             generator: torch.Generator) -> tuple[FusionState, Deltas]:
+        """As :meth:`Stateless.step`, each weight fused with its own generator (the step's
+        ``generator`` is not used)."""
+        return FusionState(steps=state.steps + 1), {n: self.fuse(n, d) for n, d in
+                                                    deltas.items()}
+
 
 class Stateless:
-    """Mixin: a ``__call__(deltas, generator)`` fusion as a :class:`FusionStrategy`."""
+    """Mixin: a ``__call__(deltas, generator)`` fusion as a :class:`FusionStrategy`, run
+    after the method (``scope="step"``) or inside its layer loop (``scope="layer"``)."""
+
+    scope: str = "step"
+
+    def layer_fusion(self, seed: int, step: int) -> LayerFusion | None:
+        """The fusion a method applies in its layer loop at ``step``; None for step scope."""
+        if self.scope != "layer":
+            return None
+        return LayerFusion(self, int(seed), int(step))  # type: ignore[arg-type]
 
     def init_state(self) -> FusionState:
         return FusionState()
@@ -177,6 +256,12 @@ def _zeros_like_cpu(d: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------- stateless fusions
 @dataclass(frozen=True)
 class Add(Stateless):
+    #: "step" or "layer" (module docstring); the same increments either way for Add.
+    scope: str = "step"
+
+    def __post_init__(self) -> None:
+        check_scope(self, self.scope)
+
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
         return {n: d.clone() for n, d in deltas.items()}
 
@@ -185,10 +270,13 @@ class Add(Stateless):
 class TopK(Stateless):
     #: Fraction of entries kept (the paper's "top 20%" is k=0.2).
     k: float = 0.2
+    #: "step" or "layer" (module docstring).
+    scope: str = "step"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.k <= 1.0:
             raise ValueError(f"fusion.k={self.k} must be in (0, 1]")
+        check_scope(self, self.scope)
 
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
         return {n: top_k(d, self.k) for n, d in deltas.items()}
@@ -198,20 +286,36 @@ class TopK(Stateless):
 class DropRescale(Stateless):
     #: Drop rate p (paper default 0.8; it sweeps 0.7-0.9).
     p: float = 0.8
+    #: "step" or "layer" (module docstring; Algorithm 1 is "layer").
+    scope: str = "step"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p < 1.0:
             raise ValueError(f"fusion.p={self.p} must be in [0, 1)")
+        check_scope(self, self.scope)
 
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
         # sorted: the mask of each tensor must not depend on dict insertion order
         return {n: drop_rescale(deltas[n], self.p, generator) for n in sorted(deltas)}
 
 
+class StepScoped:
+    """Mixin for the stateful strategies: step scope only, no fusion in the layer loop."""
+
+    def layer_fusion(self, seed: int, step: int) -> None:
+        return None
+
+
 # ---------------------------------------------------------------------- stateful fusions
 @dataclass(frozen=True)
-class RunningAverage:
+class RunningAverage(StepScoped):
     """Vanilla averaging: W_t = W₀ + mean(Δ_1, …, Δ_t) (see the module docstring)."""
+
+    #: Only "step": the state (t, mean) is per step, not per layer.
+    scope: str = "step"
+
+    def __post_init__(self) -> None:
+        check_scope(self, self.scope, ("step",))
 
     def init_state(self) -> FusionState:
         return FusionState()
@@ -229,7 +333,7 @@ class RunningAverage:
 
 
 @dataclass(frozen=True)
-class Lookahead:
+class Lookahead(StepScoped):
     """Lookahead (Zhang et al. 2019) over the sequence of edits (see the module docstring)."""
 
     #: Fast steps per synchronisation (Lookahead's default 5).
@@ -238,8 +342,11 @@ class Lookahead:
     alpha: float = 0.5
     #: Which weights are evaluated and saved: "slow" (φ, Lookahead's output) or "fast" (θ).
     evaluate: str = "slow"
+    #: Only "step".
+    scope: str = "step"
 
     def __post_init__(self) -> None:
+        check_scope(self, self.scope, ("step",))
         if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
             raise ValueError(f"fusion.k={self.k} must be an integer >= 1")
         if not 0.0 < self.alpha <= 1.0:
@@ -267,13 +374,16 @@ class Lookahead:
 
 
 @dataclass(frozen=True)
-class WiseFT:
+class WiseFT(StepScoped):
     """WiSE-FT (Wortsman et al. 2022) between W₀ and the edited weights (module docstring)."""
 
     #: Mixing coefficient α: 0 serves the unedited model, 1 the fully edited one.
     alpha: float = 0.5
+    #: Only "step".
+    scope: str = "step"
 
     def __post_init__(self) -> None:
+        check_scope(self, self.scope, ("step",))
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"fusion.alpha={self.alpha} must be in [0, 1]")
 

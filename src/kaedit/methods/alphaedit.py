@@ -112,4 +112,4 @@ class AlphaEdit:
             )
 
         return spread_residual(lm, requests, ctx.templates, self.layers, z, z_module, solve,
-                               clock=ctx.clock)
+                               clock=ctx.clock, fuse=ctx.layer_fusion)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+import torch
 
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
@@ -18,8 +20,15 @@ class EditContext:
 
     lm: LoadedModel
     stats: CovarianceStore
-    #: Prefix templates ("{}" = the prompt) used to average keys and optimise targets.
-    templates: list[str] = field(default_factory=lambda: ["{}"])
+    #: Prefix templates ("{}" = the prompt) used to average keys and optimise targets:
+    #: a :class:`~kaedit.methods.core.Templates` (grouped as MEMIT's context templates;
+    #: iterates as the flat list) or a plain list (every template its own group).
+    templates: Sequence[str] = field(default_factory=lambda: ["{}"])
+    #: ``fuse(weight name, Δ) -> Δ̂`` for ``fusion.scope=layer``: the multi-layer methods
+    #: apply it to each layer's Δ inside their layer loop (paper Algorithm 1) and still
+    #: return the undropped Δ; None (step scope) leaves the loop as it is. The runner sets
+    #: it before each step (:meth:`kaedit.fusion.LayerFusion.fuse`).
+    layer_fusion: Callable[[str, torch.Tensor], torch.Tensor] | None = None
     #: Seconds per stage ("targets", "keys", "solve") of the current step; the runner
     #: logs and resets it after each step.
     clock: Stopwatch = field(default_factory=Stopwatch)

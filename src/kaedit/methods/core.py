@@ -1,8 +1,10 @@
 """Maths shared by the locate-then-edit methods (MEMIT, PMET, AdaPLE, AlphaEdit, ROME).
 
-* :func:`context_templates` -- generated prefixes, made once per run (MEMIT §3).
+* :func:`context_templates` -- generated prefixes, made once per run (MEMIT §3), grouped
+  as :class:`Templates`.
 * :func:`compute_keys` -- k^l: input of the edited projection at the last subject token,
-  averaged over prefixed prompts (MEMIT eq. 17; AdaPLE eq. 26).
+  averaged over prefixed prompts within each template group, then across groups (MEMIT
+  eq. 17 as ``memit/compute_ks.py`` computes it; AdaPLE eq. 26).
 * :func:`optimize_targets` -- target values for all requests of a batch at once: additive
   deltas at the last subject token of chosen modules, optimised jointly in one padded
   forward/backward per step with independent per-request losses and early stopping
@@ -13,7 +15,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,22 +51,70 @@ class _SeededTopK:
         return torch.full_like(scores, -float("inf")).scatter_(-1, chosen, 0.0)
 
 
+@dataclass(frozen=True)
+class Templates(Sequence[str]):
+    """Context templates in groups, as MEMIT's ``get_context_templates`` makes them
+    (kmeng01/memit ``memit/memit_main.py``): ``(("{}",), (<generated>. {}, ...), ...)``,
+    one group for the plain prompt and one per ``(length, count)`` spec.
+
+    It iterates, indexes and measures as the flat list ``["{}", <generated>. {}, ...]``
+    (what target optimisation uses, as ``compute_z`` flattens the groups); the grouping
+    only changes how :func:`compute_keys` averages (:meth:`weights`).
+    """
+
+    groups: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.groups or not all(self.groups):
+            raise ValueError(f"Templates: every group needs a template, got {self.groups!r}")
+
+    @classmethod
+    def ungrouped(cls, templates: Sequence[str]) -> Templates:
+        """Every template its own group: :meth:`weights` is then the flat mean (ROME's
+        ``compute_u``). A plain list of templates means this."""
+        return cls(tuple((t,) for t in templates))
+
+    @property
+    def flat(self) -> list[str]:
+        return [t for group in self.groups for t in group]
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.flat[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.flat)
+
+    def weights(self) -> torch.Tensor:
+        """Weight of each flat template in the two-level mean ``[T]`` (float32, sums to 1):
+        1 / (number of groups · size of its group)."""
+        return torch.tensor([1.0 / (len(self.groups) * len(g)) for g in self.groups for _ in g])
+
+
+def as_templates(templates: Sequence[str]) -> Templates:
+    """``templates`` itself if grouped, else every template its own group."""
+    return templates if isinstance(templates, Templates) else Templates.ungrouped(templates)
+
+
 def context_templates(
     lm: LoadedModel,
     specs: Sequence[Sequence[int]] = ((10, 5),),
     starts: Sequence[str] = ("The", "Therefore", "Because", "I", "You"),
     seed: int = 0,
-) -> list[str]:
-    """``["{}", "<generated text>. {}", ...]``: prefixes that make edits generalise.
+) -> Templates:
+    """``(("{}",), ("<generated text>. {}", ...), ...)``: prefixes that make edits generalise.
 
     For each ``(length, count)`` in ``specs``, ``count`` continuations of ``length`` tokens
     are sampled (top-k 5) from the start words, with a CPU generator seeded anew for each
-    spec: the same templates on every device, and the global RNG untouched.
+    spec: the same templates on every device, and the global RNG untouched. Each spec is
+    one group (kmeng01/memit ``memit/memit_main.py``: ``get_context_templates``).
     """
     from transformers import LogitsProcessorList
 
     model, tok = lm.model, lm.tokenizer
-    out = ["{}"]
+    groups: list[tuple[str, ...]] = [("{}",)]
     for length, count in specs:
         sampler = _SeededTopK(5, seed)  # each spec starts from the seed
         per_start = max(1, count // len(starts))
@@ -76,10 +126,12 @@ def context_templates(
             input_ids=ids, attention_mask=mask, max_new_tokens=length, do_sample=False,
             logits_processor=LogitsProcessorList([sampler]), pad_token_id=tok.pad_token_id,
         )
+        group = []
         for row, m in zip(gen, mask):
             text = tok.decode(row[int(width - m.sum()) :], skip_special_tokens=True)
-            out.append(text.replace("{", " ").replace("}", " ") + ". {}")
-    return out
+            group.append(text.replace("{", " ").replace("}", " ") + ". {}")
+        groups.append(tuple(group))
+    return Templates(tuple(groups))
 
 
 def prompt_template(context: str, request: EditRequest) -> str:
@@ -96,12 +148,19 @@ def compute_keys(
     module_kind: str = "mlp_out",
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """K ``[d_in, n_requests]``: mean over templates of the key at the last subject token."""
+    """K ``[d_in, n_requests]``: the key at the last subject token, averaged over the
+    templates of each group, then over the groups (kmeng01/memit ``memit/compute_ks.py``,
+    also xpq-tech/PMET ``edit/pmet/compute_ks.py`` and jianghoucheng/AlphaEdit
+    ``AlphaEdit/compute_ks.py``): with the default single spec the plain
+    prompt weighs ½ and the generated prefixes share the other ½. A plain list of
+    templates is every template its own group, i.e. the flat mean."""
+    tpl = as_templates(templates)
     module = lm.spec.module(module_kind, layer)
     encs = [encode(lm.tokenizer, prompt_template(t, r), r.subject) for r in requests
-            for t in templates]
+            for t in tpl]
     keys = _module_io_at(lm, module, encs, batch_size, want_input=True)  # [n*T, d_in]
-    return keys.view(len(requests), len(templates), -1).mean(1).T
+    w = tpl.weights().to(keys.device)  # [T] two-level mean as one weighted sum
+    return (keys.view(len(requests), len(tpl), -1) * w[None, :, None]).sum(1).T
 
 
 @torch.no_grad()
@@ -284,27 +343,37 @@ def spread_residual(
     solve: LayerSolver,
     share: Callable[[int], float] = float,
     clock: Stopwatch | None = None,
+    fuse: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Deltas:
     """Spread the change z − cur over the edit layers' down-projections, in order.
 
     For edit layer l (the updates of the earlier layers temporarily in place): keys K at l,
     cur = output of ``z_module`` at the last subject token, R = (z − cur) / share(layers
     left, l included), Δ_l = ``solve(l, R, K, W_l)``. ``share=float`` is MEMIT's even spread,
-    ``math.sqrt`` PMET's / AdaPLE's (Algorithm 1). ``z`` is ``[n, d]``. Returns
-    ``{down-projection weight name: Δ_l}`` (float32); the model is left unchanged. Time
-    goes to ``clock``'s stages "keys" (keys and current outputs) and "solve".
+    ``math.sqrt`` PMET's / AdaPLE's (Algorithm 1). ``z`` is ``[n, d]``.
+
+    ``fuse`` (``fusion.scope=layer``, ``EditContext.layer_fusion``): the update of layer l
+    kept in place for the later layers is ``fuse(name, Δ_l)`` (Algorithm 1: W₁ˡ ← W₀ˡ + Δ̂ˡ
+    inside the loop), so their keys and residual see what was dropped and compensate.
+    Without it the undropped Δ_l stays in place (MEMIT/PMET; fusion after the loop).
+
+    Returns ``{down-projection weight name: Δ_l}`` (float32), undropped (the runner fuses
+    them with the same function); the model is left unchanged. Time goes to ``clock``'s
+    stages "keys" (keys and current outputs) and "solve".
     """
     clock = clock or Stopwatch()
     deltas: Deltas = {}
+    in_place: Deltas = {}  # what the later layers see: Δ_l, or fuse(Δ_l) at layer scope
     for i, layer in enumerate(layers):
         name = lm.spec.weight("mlp_out", layer)
-        with clock("keys"), applied(lm.model, deltas):  # earlier layers' updates in place
+        with clock("keys"), applied(lm.model, in_place):  # earlier layers' updates in place
             keys = compute_keys(lm, layer, requests, templates)  # [d_in, n]
             cur = hidden_at_subject(lm, z_module, requests)  # [n, d]
             weight = lm.model.get_parameter(name).detach().clone()  # [d_out, d_in]
         resid = (z - cur).T / share(len(layers) - i)  # [d_out, n]
         with clock("solve"):
             deltas[name] = solve(layer, resid, keys, weight).to(torch.float32)
+        in_place[name] = deltas[name] if fuse is None else fuse(name, deltas[name])
     return deltas
 
 

@@ -6,6 +6,10 @@ averaged over the batch, all requests in one padded forward pass). After every s
 entry of the change is clamped to [−ε, ε] (``norm_constraint``, an L∞ bound). The change
 is a leaf tensor substituted for the weight with :func:`torch.func.functional_call`
 (W + Δ), so the model is never modified; the deltas are returned.
+
+All layers are tuned jointly, with no layer loop: ``EditContext.layer_fusion`` is not used,
+and ``fusion.scope=layer`` fuses each returned Δ once after the method, as ``step`` does
+(each weight with its own generator, :func:`kaedit.fusion.layer_generator`).
 """
 
 from __future__ import annotations

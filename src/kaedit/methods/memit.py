@@ -62,4 +62,4 @@ class MEMIT(Stateless):
             return solve_update(resid, keys, covs[layer], self.lam)
 
         return spread_residual(lm, requests, ctx.templates, self.layers, z, z_module, solve,
-                               clock=ctx.clock)
+                               clock=ctx.clock, fuse=ctx.layer_fusion)

@@ -28,6 +28,10 @@ one rank-1 term. A batch of requests is one gradient, hence one edit (MEND's bat
 editing). Training (:mod:`kaedit.train_mend`) fits the editor's parameters; this module
 holds the editor, the gradient factors, the checkpoint format and the
 :class:`~kaedit.methods.base.EditMethod`.
+
+The editor produces every layer's Δ at once, with no layer loop: ``EditContext.layer_fusion``
+is not used, and ``fusion.scope=layer`` fuses each returned Δ once after the method, as
+``step`` does (each weight with its own generator, :func:`kaedit.fusion.layer_generator`).
 """
 
 from __future__ import annotations

@@ -66,6 +66,18 @@ def memit_update(
     return erase_update(v2, w0k, w0k, keys, cov, lam, alpha=0.0)
 
 
+def algorithm1_update(
+    v2: torch.Tensor, w0k: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """Δ = (V₂ − W₀K) Kᵀ (λC + 2KKᵀ)⁻¹: the update line of the paper's Algorithm 1
+    (Δˡ = Rˡ Kˡᵀ(Cˡ + 2KˡKˡᵀ)⁻¹ with Rˡ the spread residual), = :func:`erase_update` at α = −1.
+
+    ``v2``, ``w0k`` ``[d_out, n]``, ``keys`` ``[d_in, n]``, ``cov`` ``[d_in, d_in]``;
+    returns Δ ``[d_out, d_in]`` float32.
+    """
+    return erase_update(v2, w0k, w0k, keys, cov, lam, alpha=-1.0)
+
+
 def exact_update(
     v2: torch.Tensor,
     v1: torch.Tensor,

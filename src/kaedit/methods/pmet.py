@@ -27,7 +27,7 @@ settings are ``clamp_norm_factor`` 0.75 and ``kl_factor`` 1; here the model conf
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -84,12 +84,14 @@ def spread_mlp_target(
     z: torch.Tensor,
     solve: LayerSolver,
     clock: Stopwatch | None = None,
+    fuse: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Deltas:
     """PMET's spread: z is the MLP output target at L = ``layers[-1]``, R = (z − m^L)/√(left)
-    (√(L − l + 1) of the paper's Algorithm 1 for contiguous layers)."""
+    (√(L − l + 1) of the paper's Algorithm 1 for contiguous layers). ``fuse``: the layer
+    fusion of :func:`~kaedit.methods.core.spread_residual` (``fusion.scope=layer``)."""
     z_module = lm.spec.module("mlp_out", layers[-1])
     return spread_residual(lm, requests, templates, layers, z, z_module, solve, math.sqrt,
-                           clock)
+                           clock, fuse)
 
 
 @dataclass
@@ -119,4 +121,4 @@ class PMET(Stateless):
             return solve_update(resid, keys, covs[layer], self.lam)
 
         return spread_mlp_target(ctx.lm, requests, ctx.templates, self.layers, z, solve,
-                                 ctx.clock)
+                                 ctx.clock, ctx.layer_fusion)

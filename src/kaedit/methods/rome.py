@@ -1,7 +1,8 @@
 """ROME (Meng et al. 2022a): a rank-one update of one layer's MLP down-projection.
 
 For a request: the key k* is the input of the down-projection at the last subject token,
-averaged over the context templates (:func:`~kaedit.methods.core.compute_keys`); the value
+averaged flat over the context templates (:func:`~kaedit.methods.core.compute_keys`,
+every template its own group, as ROME's ``compute_u``); the value
 v* = m + δ is the projection's original output m at the plain prompt plus a delta
 optimised at that output so the new object becomes likely
 (:func:`~kaedit.methods.core.optimize_targets`). The closed form (ROME eq. 2)
@@ -11,6 +12,10 @@ optimised at that output so the new object becomes likely
 makes (W + Δ) k* = v* exactly (W k* includes the projection's bias, if any). A batch is
 edited one request after the other, each computed on the model with the earlier requests'
 updates in place (temporarily); the sum of the rank-one updates is returned.
+
+One matrix, no layer loop: ``EditContext.layer_fusion`` is not used, and
+``fusion.scope=layer`` fuses the returned Δ once after the method, as ``step`` does
+(with the weight's own generator, :func:`kaedit.fusion.layer_generator`).
 
 This is the paper's equation. The reference code (``rome/compute_v.py``) keeps the
 direction C⁻¹k* but uses the plain prompt's key k_p for the value:
@@ -27,7 +32,7 @@ import torch
 
 from kaedit.hooks import get_module
 from kaedit.methods.base import EditContext, Stateless
-from kaedit.methods.core import TargetConfig, compute_keys, optimize_targets
+from kaedit.methods.core import TargetConfig, Templates, compute_keys, optimize_targets
 from kaedit.methods.projections import rank_one_update
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
@@ -58,7 +63,9 @@ class ROME(Stateless):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(k* ``[d_in]``, v* ``[d_out]``) for one request on the model as it is now."""
         module = lm.spec.module("mlp_out", self.layer)
-        k = compute_keys(lm, self.layer, [request], templates)[:, 0]  # [d_in]
+        # ROME averages k* flat over its templates (kmeng01/rome ``rome/compute_u.py``),
+        # not per group as MEMIT's compute_ks does.
+        k = compute_keys(lm, self.layer, [request], Templates.ungrouped(templates))[:, 0]
         init, delta = optimize_targets(lm, [request], templates, [module], self.target)[module]
         return k, (init + delta)[0]  # v* [d_out]
 
