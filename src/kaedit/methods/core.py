@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,10 @@ def _module_io_at(lm, module: str, encs: list[Encoded], batch_size: int, want_in
     return torch.cat(rows)
 
 
+#: Where the KL term reads the next-token distribution of ``kl_prompt``.
+KL_POSITIONS = ("subject_last", "last")
+
+
 @dataclass(frozen=True)
 class TargetConfig:
     """Hyper-parameters of target-value optimisation (MEMIT's v*, PMET's δᵃ/δᵐ)."""
@@ -136,9 +140,156 @@ class TargetConfig:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    #: Stop optimising a request once its loss is below this (per request).
+    #: Stop optimising a request once its total loss (NLL + KL + weight decay, the loss it
+    #: is optimised on) is below this. kmeng01/memit ``memit/compute_z.py`` and
+    #: kmeng01/rome ``rome/compute_v.py`` compare the same total (``loss < 5e-2``); they
+    #: optimise one request at a time, so their per-call test is this per-request test.
     early_stop_loss: float = 0.05
     kl_prompt: str = "{} is a"
+    #: ``subject_last``: the KL term compares the distributions at the last subject token
+    #: of ``kl_prompt`` (kmeng01/memit ``memit/compute_z.py``, kmeng01/rome
+    #: ``rome/compute_v.py``: ``kl_logits`` are read at ``lookup_idxs``, the fact token).
+    #: ``last``: at the prompt's last token, the next-token distribution after "{S} is a",
+    #: which is how the papers' P[y | p'] reads (ROME §3; AdaPLE eq. 25 names only the
+    #: prompt '{S} is a', no position).
+    kl_position: str = "subject_last"
+    #: True: positions before each row's last subject token are run once (no grad) and
+    #: their keys/values cached; each step runs only the positions from the subject token
+    #: on (see :func:`optimize_targets`). False: every step recomputes every row in full.
+    #: Both give the same targets up to float rounding.
+    fast: bool = True
+    #: Memory budget of one joint optimisation, in token positions (rows × padded width of
+    #: the rows each step runs): requests are optimised in consecutive chunks that stay
+    #: under it (a request never splits), so activation memory is bounded whatever the
+    #: batch. Requests are independent, so the chunking does not change the result.
+    chunk_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        from kaedit.errors import ConfigError
+
+        if self.kl_position not in KL_POSITIONS:
+            raise ConfigError(
+                f"target.kl_position={self.kl_position!r} is not one of {list(KL_POSITIONS)}"
+            )
+        if int(self.chunk_tokens) < 1:
+            raise ConfigError(f"target.chunk_tokens={self.chunk_tokens} must be >= 1")
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One prompt row of a request's loss: a prefixed rewrite prompt or the KL prompt."""
+
+    request: int
+    #: Token ids, only as far as the loss reads (later tokens cannot change a causal LM's
+    #: logits at the read columns).
+    ids: tuple[int, ...]
+    #: Column of the last subject token: where the deltas are added.
+    subject: int
+    #: Columns whose logits the loss reads.
+    reads: tuple[int, ...]
+    #: NLL rows: the target token predicted at each read column; KL rows: empty.
+    targets: tuple[int, ...]
+
+    @property
+    def is_kl(self) -> bool:
+        return not self.targets
+
+
+def _request_rows(
+    tok, i: int, request: EditRequest, templates: Sequence[str], cfg: TargetConfig
+) -> list[_Row]:
+    """The NLL rows (one per template: prompt + target[:-1]) and the KL row of a request."""
+    tgt = target_ids(tok, request.target_new)
+    rows = []
+    for t in templates:
+        e = encode(tok, prompt_template(t, request), request.subject)
+        first = len(e.ids) - 1  # the column predicting the first target token
+        rows.append(_Row(i, e.ids + tgt[:-1], e.subject_last,
+                         tuple(range(first, first + len(tgt))), tgt))
+    e = encode(tok, cfg.kl_prompt, request.subject)
+    col = e.subject_last if cfg.kl_position == "subject_last" else len(e.ids) - 1
+    rows.append(_Row(i, e.ids[: col + 1], e.subject_last, (col,), ()))
+    return rows
+
+
+def _first_run_column(row: _Row, fast: bool) -> int:
+    """First column a step runs: the last subject token (fast path) or 0 (full)."""
+    return row.subject if fast else 0
+
+
+def _chunk_cost(rows: Sequence[_Row], fast: bool) -> int:
+    """Token positions one step runs for ``rows``: rows × padded width."""
+    width = max(len(r.ids) - _first_run_column(r, fast) for r in rows)
+    return len(rows) * width
+
+
+def request_chunks(rows: Sequence[Sequence[_Row]], cfg: TargetConfig) -> list[slice]:
+    """Consecutive requests grouped so each group's step stays within ``chunk_tokens``
+    (a request alone may exceed it: requests are never split)."""
+    out, start, acc = [], 0, []
+    for i, rs in enumerate(rows):
+        if acc and _chunk_cost([*acc, *rs], cfg.fast) > cfg.chunk_tokens:
+            out.append(slice(start, i))
+            start, acc = i, []
+        acc.extend(rs)
+    if rows:
+        out.append(slice(start, len(rows)))
+    return out
+
+
+@dataclass
+class _Prefix:
+    """Keys/values of every row's positions before its last subject token (issue 15).
+
+    Those positions come before every δ (all deltas sit at the last subject token, and
+    attention is causal), so they are the same at every layer in every step: one no-grad
+    forward computes them, and each step attends to them through a transformers cache
+    built anew from these tensors (caches append in place, so reusing one would grow it).
+    Rows are right-padded to the longest prefix; the padding slots are masked out in the
+    steps. The prefix forward itself needs no mask: with right padding, real positions
+    precede the padding, so causality already keeps padding out of them (and no query is
+    left with nothing to attend to, which would give NaN keys/values).
+    """
+
+    #: Per layer (keys, values), each ``[rows, kv_heads, P, head_dim]``; empty if P = 0.
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    #: ``[rows, P]`` 1 on real prefix tokens, 0 on padding.
+    mask: torch.Tensor
+    #: ``[rows]`` prefix length = position id of the row's first run token.
+    length: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, lm: LoadedModel, prefixes: Sequence[Sequence[int]]) -> _Prefix:
+        from transformers import DynamicCache
+
+        dev = lm.device
+        length = torch.tensor([len(p) for p in prefixes], device=dev)
+        width = int(length.max()) if len(prefixes) else 0
+        if width == 0:
+            return cls([], torch.zeros((len(prefixes), 0), dtype=torch.long, device=dev), length)
+        ids, mask = pad(prefixes, lm.tokenizer.pad_token_id, dev)  # [rows, P] right-padded
+        cache = DynamicCache(config=lm.model.config)
+        final_hidden(lm.model, lm.spec, ids, None, past_key_values=cache)  # fills cache
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return cls(kv, mask, length)
+
+    def hidden(self, lm: LoadedModel, rows: torch.Tensor, ids: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[len(rows), S, d]`` of the run columns ``ids`` ``[len(rows),
+        S]`` (right-padded, ``mask`` ``[len(rows), S]``) of the selected rows."""
+        from transformers import DynamicCache
+
+        cache = None
+        if self.kv:
+            cache = DynamicCache(
+                [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self.kv],
+                config=lm.model.config,
+            )
+        full_mask = torch.cat([self.mask[rows], mask], dim=1)  # [r, P + S]
+        pos = self.length[rows, None] + torch.arange(ids.shape[1], device=ids.device)  # [r, S]
+        return final_hidden(lm.model, lm.spec, ids, full_mask, position_ids=pos,
+                            past_key_values=cache)
 
 
 def optimize_targets(
@@ -155,29 +306,43 @@ def optimize_targets(
     is ``init + delta``. Loss per request (MEMIT eq. 16, PMET/AdaPLE eq. 25): mean NLL of
     the new object over the prefixed prompts + ``kl_factor`` · KL(edited ‖ original) on
     ``kl_prompt`` + ``weight_decay`` · ‖δ‖/‖init‖² (MEMIT's form) summed over modules, each
-    delta clamped to ``clamp_norm_factor`` · ‖init‖. Requests are independent: their losses are summed,
-    so each delta gets exactly its own request's gradient.
+    delta clamped to ``clamp_norm_factor`` · ‖init‖. Requests are independent: their
+    losses are summed, so each delta gets exactly its own request's gradient, and each
+    stops on its own total loss. Hence they are optimised in chunks under
+    ``cfg.chunk_tokens`` with the same result.
+
+    Fast path (``cfg.fast``, issue 15): every delta is added at a row's last subject token,
+    so the positions before it never change; they run once (:class:`_Prefix`) and each
+    step runs every layer on the columns from the subject token on only, attending to the
+    cached prefix, with each row's true position ids. Rows also stop at the last column
+    the loss reads (the KL row at its subject token by default).
     """
+    tok = lm.tokenizer
+    rows = [_request_rows(tok, i, r, templates, cfg) for i, r in enumerate(requests)]
+    parts = [
+        _optimize_chunk(lm, requests[sl], [replace(r, request=r.request - sl.start)
+                                           for rs in rows[sl] for r in rs], modules, cfg)
+        for sl in request_chunks(rows, cfg)
+    ]
+    return {m: (torch.cat([p[m][0] for p in parts]), torch.cat([p[m][1] for p in parts]))
+            for m in modules}
+
+
+def _optimize_chunk(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    rows: Sequence[_Row],
+    modules: Sequence[str],
+    cfg: TargetConfig,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`optimize_targets` for one chunk: one padded forward/backward per step."""
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     n = len(requests)
-    targets = [target_ids(tok, r.target_new) for r in requests]
-
-    # Rows: every template for every request (NLL rows), then one KL row per request.
-    row_req, row_ids, row_subj, row_tgt_start = [], [], [], []
-    for i, (r, tgt) in enumerate(zip(requests, targets)):
-        for t in templates:
-            e = encode(tok, prompt_template(t, r), r.subject)
-            row_req.append(i)
-            row_ids.append(list(e.ids) + list(tgt[:-1]))
-            row_subj.append(e.subject_last)
-            row_tgt_start.append(len(e.ids))
-    n_nll = len(row_req)
-    for i, r in enumerate(requests):
-        e = encode(tok, cfg.kl_prompt, r.subject)
-        row_req.append(i)
-        row_ids.append(list(e.ids))
-        row_subj.append(e.subject_last)
-        row_tgt_start.append(len(e.ids))
+    first = [_first_run_column(r, cfg.fast) for r in rows]
+    ids_all, mask_all = pad([r.ids[f:] for r, f in zip(rows, first)], tok.pad_token_id, dev)
+    prefix = _Prefix.build(lm, [r.ids[:f] for r, f in zip(rows, first)]) if cfg.fast else None
+    row_req_t = torch.tensor([r.request for r in rows], device=dev)
+    row_subj_t = torch.tensor([r.subject - f for r, f in zip(rows, first)], device=dev)
 
     # Original outputs of each module at the plain prompt's subject token: the "init".
     inits = {m: hidden_at_subject(lm, m, requests) for m in modules}
@@ -185,64 +350,57 @@ def optimize_targets(
     opt = torch.optim.Adam(list(d.values()), lr=cfg.lr)
     max_norm = {m: cfg.clamp_norm_factor * inits[m].norm(dim=1, keepdim=True) for m in modules}
 
-    # Positions whose logits the loss needs; the LM head runs on these alone.
-    nll_pos_row, nll_pos_col, nll_tok, nll_owner = [], [], [], []
-    for row in range(n_nll):
-        tgt = targets[row_req[row]]
-        for j, t in enumerate(tgt):
-            nll_pos_row.append(row)
-            nll_pos_col.append(row_tgt_start[row] - 1 + j)
-            nll_tok.append(t)
-            nll_owner.append(row)
-    kl_rows = list(range(n_nll, len(row_req)))
-    kl_cols = [row_tgt_start[r] - 1 for r in kl_rows]
+    # Columns whose logits the loss needs (in run coordinates); the LM head runs on these.
+    nll = [(j, c - first[j], t) for j, r in enumerate(rows) if not r.is_kl
+           for c, t in zip(r.reads, r.targets)]
+    pos_r = torch.tensor([x[0] for x in nll], device=dev)
+    pos_c = torch.tensor([x[1] for x in nll], device=dev)
+    tok_t = torch.tensor([x[2] for x in nll], device=dev)
+    kl_rows = [j for j, r in enumerate(rows) if r.is_kl]
+    kl_cols = {j: rows[j].reads[0] - first[j] for j in kl_rows}
+    n_tgt = torch.tensor([max(len(r.targets), 1) for r in rows], device=dev, dtype=torch.float)
+    nll_rows = torch.tensor([not r.is_kl for r in rows], device=dev)
+    templates_per_req = torch.bincount(row_req_t[nll_rows], minlength=n).float()
 
     active = torch.ones(n, dtype=torch.bool)
     kl_init: torch.Tensor | None = None
-    ids_all, mask_all = pad(row_ids, tok.pad_token_id, dev)
-    row_req_t = torch.tensor(row_req, device=dev)
-    row_subj_t = torch.tensor(row_subj, device=dev)
-    pos_r = torch.tensor(nll_pos_row, device=dev)
-    pos_c = torch.tensor(nll_pos_col, device=dev)
-    tok_t = torch.tensor(nll_tok, device=dev)
-    owner_t = torch.tensor(nll_owner, device=dev)
-    n_tgt_tokens = torch.tensor([len(targets[row_req[r]]) for r in range(n_nll)], device=dev)
-    templates_per_req = torch.bincount(row_req_t[:n_nll], minlength=n).float()
-
     for step in range(cfg.steps):
         # Only the rows of requests still optimising (all of them at step 0, when the KL
         # reference distribution is taken).
-        rows = torch.nonzero(active[row_req_t.cpu()]).squeeze(1).to(dev)
-        remap = torch.full((len(row_req),), -1, dtype=torch.long, device=dev)
-        remap[rows] = torch.arange(len(rows), device=dev)
+        run = torch.nonzero(active[row_req_t.cpu()]).squeeze(1).to(dev)
+        remap = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+        remap[run] = torch.arange(len(run), device=dev)
 
-        def add_delta(m: str, rows: torch.Tensor = rows):
+        def add_delta(m: str, run: torch.Tensor = run):
             def fn(h: torch.Tensor) -> torch.Tensor:
                 h = h.clone()
-                h[torch.arange(len(rows), device=dev), row_subj_t[rows]] += d[m][
-                    row_req_t[rows]
+                h[torch.arange(len(run), device=dev), row_subj_t[run]] += d[m][
+                    row_req_t[run]
                 ].to(h.dtype)
                 return h
 
             return fn
 
         with edit_outputs(model, {m: add_delta(m) for m in modules}):
-            hidden = final_hidden(model, lm.spec, ids_all[rows], mask_all[rows])
+            if prefix is None:
+                hidden = final_hidden(model, lm.spec, ids_all[run], mask_all[run])
+            else:
+                hidden = prefix.hidden(lm, run, ids_all[run], mask_all[run])
 
         keep = remap[pos_r] >= 0
         logits = lm_head(model, lm.spec, hidden[remap[pos_r[keep]], pos_c[keep]])
         logp = torch.log_softmax(logits.float(), dim=-1)
         tok_nll = -logp.gather(1, tok_t[keep, None]).squeeze(1)
-        row_nll = torch.zeros(len(row_req), device=dev).index_add(0, owner_t[keep], tok_nll)
-        row_nll = row_nll[:n_nll] / n_tgt_tokens
-        req_nll = torch.zeros(n, device=dev).index_add(0, row_req_t[:n_nll], row_nll)
-        req_nll = req_nll / templates_per_req
+        row_nll = torch.zeros(len(rows), device=dev).index_add(0, pos_r[keep], tok_nll)
+        row_nll = row_nll / n_tgt
+        req_nll = torch.zeros(n, device=dev).index_add(
+            0, row_req_t[nll_rows], row_nll[nll_rows]) / templates_per_req
 
-        kl_keep = [r for r in kl_rows if remap[r] >= 0]
+        kl_keep = [j for j in kl_rows if remap[j] >= 0]
         kl_logp = torch.log_softmax(
             lm_head(model, lm.spec, hidden[remap[kl_keep], torch.tensor(
-                [kl_cols[r - n_nll] for r in kl_keep], device=dev)]).float(), dim=-1)
-        kl_req = torch.tensor([row_req[r] for r in kl_keep], device=dev)
+                [kl_cols[j] for j in kl_keep], device=dev)]).float(), dim=-1)
+        kl_req = row_req_t[kl_keep]
         if kl_init is None:
             kl_init = kl_logp.detach().clone()  # step 0: deltas are zero -> original model
         # KL(edited ‖ original), as MEMIT/PMET: kl_div(input=log q_orig, target=log p_edit)
@@ -253,7 +411,8 @@ def optimize_targets(
             d[m].norm(dim=1) / inits[m].pow(2).sum(1).clamp_min(1e-12) for m in modules
         )
         loss_req = req_nll + cfg.kl_factor * req_kl + cfg.weight_decay * decay
-        done = (req_nll.detach() < cfg.early_stop_loss).cpu()
+        # Early stop on the total loss, as kmeng01/memit compute_z.py (``loss < 5e-2``).
+        done = (loss_req.detach() < cfg.early_stop_loss).cpu()
         active &= ~done
         if not active.any() or step == cfg.steps - 1:
             break
