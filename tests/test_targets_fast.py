@@ -175,3 +175,14 @@ def test_early_stop_reads_the_total_loss(lm: LoadedModel, fast: bool) -> None:
     assert d2.abs().min() > 0  # one step was taken by every request
     assert torch.equal(d10, d2)
     assert not torch.allclose(d3, d2)  # without the probe the same requests keep going
+
+
+@pytest.mark.parametrize("method", ["memit", "pmet", "adaple", "alphaedit", "rome"])
+def test_one_override_switches_every_method_to_the_full_path(compose: Compose,
+                                                             method: str) -> None:
+    for overrides, fast, position in (([], True, "subject_last"),
+                                      (["++model.edit.target.fast=false",
+                                        "++model.edit.target.kl_position=last"], False, "last")):
+        cfg = compose(["model=tiny_llama", f"method={method}", *overrides])
+        target = instantiate(cfg.method, _convert_="all").target
+        assert (target.fast, target.kl_position) == (fast, position)
