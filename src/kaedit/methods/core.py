@@ -163,6 +163,10 @@ class TargetConfig:
     #: under it (a request never splits), so activation memory is bounded whatever the
     #: batch. Requests are independent, so the chunking does not change the result.
     chunk_tokens: int = 8192
+    #: Rows of a chunk are run in up to this many padded forward passes per step, grouped
+    #: by length so that short rows (e.g. the KL rows, one column on the fast path) are
+    #: not padded to the longest; 1 = one padded batch.
+    length_groups: int = 4
 
     def __post_init__(self) -> None:
         from kaedit.errors import ConfigError
@@ -173,6 +177,8 @@ class TargetConfig:
             )
         if int(self.chunk_tokens) < 1:
             raise ConfigError(f"target.chunk_tokens={self.chunk_tokens} must be >= 1")
+        if int(self.length_groups) < 1:
+            raise ConfigError(f"target.length_groups={self.length_groups} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -328,6 +334,52 @@ def optimize_targets(
             for m in modules}
 
 
+def length_groups(lengths: Sequence[int], max_groups: int) -> list[list[int]]:
+    """Row indices grouped by length (shortest first) into at most ``max_groups`` groups
+    that minimise the padded positions Σ rows × longest row (dynamic programming over the
+    distinct lengths). Each group is run as its own padded forward pass."""
+    values = sorted(set(lengths))
+    count = [sum(1 for x in lengths if x == v) for v in values]
+    m, k = len(values), max(1, min(max_groups, len(values)))
+    # best[g][i]: least cost of the first i distinct lengths in g groups; cut: where the
+    # last of those groups starts.
+    inf = float("inf")
+    best = [[inf] * (m + 1) for _ in range(k + 1)]
+    cut = [[0] * (m + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for g in range(1, k + 1):
+        for i in range(1, m + 1):
+            rows = 0
+            for j in range(i - 1, -1, -1):  # the last group holds distinct lengths j..i-1
+                rows += count[j]
+                cost = best[g - 1][j] + rows * values[i - 1]
+                if cost < best[g][i]:
+                    best[g][i], cut[g][i] = cost, j
+    g = min(range(1, k + 1), key=lambda x: best[x][m])
+    bounds, i = [], m
+    while i > 0:
+        bounds.append((cut[g][i], i))
+        i, g = cut[g][i], g - 1
+    groups = []
+    for lo, hi in reversed(bounds):
+        keep = set(values[lo:hi])
+        groups.append([r for r, x in enumerate(lengths) if x in keep])
+    return groups
+
+
+@dataclass
+class _Group:
+    """Rows of one chunk run together as one padded forward pass."""
+
+    #: Chunk row indices ``[g]`` (on the model's device).
+    rows: torch.Tensor
+    #: Run columns, right-padded ``[g, S]``, and their mask.
+    ids: torch.Tensor
+    mask: torch.Tensor
+    #: Cached prefix (fast path) or None (full recomputation).
+    prefix: _Prefix | None
+
+
 def _optimize_chunk(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
@@ -335,12 +387,18 @@ def _optimize_chunk(
     modules: Sequence[str],
     cfg: TargetConfig,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`optimize_targets` for one chunk: one padded forward/backward per step."""
+    """:func:`optimize_targets` for one chunk: per step, one padded forward per group of
+    rows of similar length (``cfg.length_groups``), one backward."""
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     n = len(requests)
     first = [_first_run_column(r, cfg.fast) for r in rows]
-    ids_all, mask_all = pad([r.ids[f:] for r, f in zip(rows, first)], tok.pad_token_id, dev)
-    prefix = _Prefix.build(lm, [r.ids[:f] for r, f in zip(rows, first)]) if cfg.fast else None
+    groups = []
+    for members in length_groups([len(r.ids) - f for r, f in zip(rows, first)],
+                                 cfg.length_groups):
+        ids, mask = pad([rows[j].ids[first[j]:] for j in members], tok.pad_token_id, dev)
+        prefix = (_Prefix.build(lm, [rows[j].ids[: first[j]] for j in members])
+                  if cfg.fast else None)
+        groups.append(_Group(torch.tensor(members, device=dev), ids, mask, prefix))
     row_req_t = torch.tensor([r.request for r in rows], device=dev)
     row_subj_t = torch.tensor([r.subject - f for r, f in zip(rows, first)], device=dev)
 
@@ -350,62 +408,70 @@ def _optimize_chunk(
     opt = torch.optim.Adam(list(d.values()), lr=cfg.lr)
     max_norm = {m: cfg.clamp_norm_factor * inits[m].norm(dim=1, keepdim=True) for m in modules}
 
-    # Columns whose logits the loss needs (in run coordinates); the LM head runs on these.
-    nll = [(j, c - first[j], t) for j, r in enumerate(rows) if not r.is_kl
-           for c, t in zip(r.reads, r.targets)]
-    pos_r = torch.tensor([x[0] for x in nll], device=dev)
-    pos_c = torch.tensor([x[1] for x in nll], device=dev)
-    tok_t = torch.tensor([x[2] for x in nll], device=dev)
-    kl_rows = [j for j, r in enumerate(rows) if r.is_kl]
-    kl_cols = {j: rows[j].reads[0] - first[j] for j in kl_rows}
+    # Reads: (row, run column, target token or -1 for the KL row); the LM head runs on
+    # these positions alone.
+    reads = [(j, c - first[j], t) for j, r in enumerate(rows) if not r.is_kl
+             for c, t in zip(r.reads, r.targets)]
+    reads += [(j, r.reads[0] - first[j], -1) for j, r in enumerate(rows) if r.is_kl]
+    read_row = torch.tensor([x[0] for x in reads], device=dev)
+    read_col = torch.tensor([x[1] for x in reads], device=dev)
+    read_tok = torch.tensor([x[2] for x in reads], device=dev)
+    is_kl = read_tok < 0
     n_tgt = torch.tensor([max(len(r.targets), 1) for r in rows], device=dev, dtype=torch.float)
     nll_rows = torch.tensor([not r.is_kl for r in rows], device=dev)
     templates_per_req = torch.bincount(row_req_t[nll_rows], minlength=n).float()
 
     active = torch.ones(n, dtype=torch.bool)
-    kl_init: torch.Tensor | None = None
+    kl_init: torch.Tensor | None = None  # [n_reads, vocab] log-probs, KL reads only
     for step in range(cfg.steps):
         # Only the rows of requests still optimising (all of them at step 0, when the KL
         # reference distribution is taken).
-        run = torch.nonzero(active[row_req_t.cpu()]).squeeze(1).to(dev)
-        remap = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
-        remap[run] = torch.arange(len(run), device=dev)
+        running = active.to(dev)[row_req_t]  # [rows]
+        vectors, which = [], []
+        for g in groups:
+            run = g.rows[running[g.rows]]  # chunk rows of this group still optimising
+            if len(run) == 0:
+                continue
+            local = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+            local[run] = torch.arange(len(run), device=dev)
+            sel = running[g.rows].nonzero().squeeze(1)  # positions of `run` in the group
 
-        def add_delta(m: str, run: torch.Tensor = run):
-            def fn(h: torch.Tensor) -> torch.Tensor:
-                h = h.clone()
-                h[torch.arange(len(run), device=dev), row_subj_t[run]] += d[m][
-                    row_req_t[run]
-                ].to(h.dtype)
-                return h
+            def add_delta(m: str, run: torch.Tensor = run):
+                def fn(h: torch.Tensor) -> torch.Tensor:
+                    h = h.clone()
+                    h[torch.arange(len(run), device=dev), row_subj_t[run]] += d[m][
+                        row_req_t[run]
+                    ].to(h.dtype)
+                    return h
 
-            return fn
+                return fn
 
-        with edit_outputs(model, {m: add_delta(m) for m in modules}):
-            if prefix is None:
-                hidden = final_hidden(model, lm.spec, ids_all[run], mask_all[run])
-            else:
-                hidden = prefix.hidden(lm, run, ids_all[run], mask_all[run])
+            with edit_outputs(model, {m: add_delta(m) for m in modules}):
+                if g.prefix is None:
+                    hidden = final_hidden(model, lm.spec, g.ids[sel], g.mask[sel])
+                else:
+                    hidden = g.prefix.hidden(lm, sel, g.ids[sel], g.mask[sel])
+            mine = (local[read_row] >= 0).nonzero().squeeze(1)  # reads of these rows
+            vectors.append(hidden[local[read_row[mine]], read_col[mine]])
+            which.append(mine)
+        which_t = torch.cat(which)
+        logp = torch.log_softmax(lm_head(model, lm.spec, torch.cat(vectors)).float(), dim=-1)
 
-        keep = remap[pos_r] >= 0
-        logits = lm_head(model, lm.spec, hidden[remap[pos_r[keep]], pos_c[keep]])
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tok_nll = -logp.gather(1, tok_t[keep, None]).squeeze(1)
-        row_nll = torch.zeros(len(rows), device=dev).index_add(0, pos_r[keep], tok_nll)
-        row_nll = row_nll / n_tgt
+        nll_at = ~is_kl[which_t]
+        tok_nll = -logp[nll_at].gather(1, read_tok[which_t][nll_at, None]).squeeze(1)
+        row_nll = torch.zeros(len(rows), device=dev).index_add(
+            0, read_row[which_t][nll_at], tok_nll) / n_tgt
         req_nll = torch.zeros(n, device=dev).index_add(
             0, row_req_t[nll_rows], row_nll[nll_rows]) / templates_per_req
 
-        kl_keep = [j for j in kl_rows if remap[j] >= 0]
-        kl_logp = torch.log_softmax(
-            lm_head(model, lm.spec, hidden[remap[kl_keep], torch.tensor(
-                [kl_cols[j] for j in kl_keep], device=dev)]).float(), dim=-1)
-        kl_req = row_req_t[kl_keep]
-        if kl_init is None:
-            kl_init = kl_logp.detach().clone()  # step 0: deltas are zero -> original model
+        kl_reads = which_t[~nll_at]
+        kl_logp = logp[~nll_at]
+        if kl_init is None:  # step 0: deltas are zero -> the original model
+            kl_init = torch.zeros((len(reads), kl_logp.shape[1]), device=dev)
+            kl_init[kl_reads] = kl_logp.detach()
         # KL(edited ‖ original), as MEMIT/PMET: kl_div(input=log q_orig, target=log p_edit)
-        kl = F.kl_div(kl_init[kl_req], kl_logp, log_target=True, reduction="none").sum(1)
-        req_kl = torch.zeros(n, device=dev).index_add(0, kl_req, kl)
+        kl = F.kl_div(kl_init[kl_reads], kl_logp, log_target=True, reduction="none").sum(1)
+        req_kl = torch.zeros(n, device=dev).index_add(0, row_req_t[read_row[kl_reads]], kl)
 
         decay = sum(
             d[m].norm(dim=1) / inits[m].pow(2).sum(1).clamp_min(1e-12) for m in modules
