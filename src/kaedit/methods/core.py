@@ -4,9 +4,11 @@
 * :func:`compute_keys` -- k^l: input of the edited projection at the last subject token,
   averaged over prefixed prompts (MEMIT eq. 17; AdaPLE eq. 26).
 * :func:`optimize_targets` -- target values for all requests of a batch at once: additive
-  deltas at the last subject token of chosen modules, optimised jointly in one padded
-  forward/backward per step with independent per-request losses and early stopping
-  (MEMIT eq. 16 / PMET / AdaPLE eq. 25).
+  deltas at the last subject token of chosen modules, optimised jointly (padded forwards
+  grouped by row length, one backward per step) with independent per-request losses and
+  early stopping (MEMIT eq. 16 / PMET / AdaPLE eq. 25); positions before the subject
+  token are computed once and cached (``TargetConfig.fast``), and requests are taken in
+  chunks under a memory budget (``TargetConfig.chunk_tokens``).
 * :func:`solve_update` -- the closed form Δ = R Kᵀ (λC + c·K Kᵀ)⁻¹ (paper eq. 2 and 4).
 """
 
