@@ -419,12 +419,13 @@ def _optimize_chunk(
     read_col = torch.tensor([x[1] for x in reads], device=dev)
     read_tok = torch.tensor([x[2] for x in reads], device=dev)
     is_kl = read_tok < 0
+    kl_slot = torch.cumsum(is_kl.long(), 0) - 1  # read -> its row in kl_init (KL reads)
     n_tgt = torch.tensor([max(len(r.targets), 1) for r in rows], device=dev, dtype=torch.float)
     nll_rows = torch.tensor([not r.is_kl for r in rows], device=dev)
     templates_per_req = torch.bincount(row_req_t[nll_rows], minlength=n).float()
 
     active = torch.ones(n, dtype=torch.bool)
-    kl_init: torch.Tensor | None = None  # [n_reads, vocab] log-probs, KL reads only
+    kl_init: torch.Tensor | None = None  # [KL reads, vocab] log-probs of the original model
     for step in range(cfg.steps):
         # Only the rows of requests still optimising (all of them at step 0, when the KL
         # reference distribution is taken).
@@ -469,10 +470,11 @@ def _optimize_chunk(
         kl_reads = which_t[~nll_at]
         kl_logp = logp[~nll_at]
         if kl_init is None:  # step 0: deltas are zero -> the original model
-            kl_init = torch.zeros((len(reads), kl_logp.shape[1]), device=dev)
-            kl_init[kl_reads] = kl_logp.detach()
+            kl_init = torch.zeros((int(is_kl.sum()), kl_logp.shape[1]), device=dev)
+            kl_init[kl_slot[kl_reads]] = kl_logp.detach()
         # KL(edited ‖ original), as MEMIT/PMET: kl_div(input=log q_orig, target=log p_edit)
-        kl = F.kl_div(kl_init[kl_reads], kl_logp, log_target=True, reduction="none").sum(1)
+        kl = F.kl_div(kl_init[kl_slot[kl_reads]], kl_logp, log_target=True,
+                      reduction="none").sum(1)
         req_kl = torch.zeros(n, device=dev).index_add(0, row_req_t[read_row[kl_reads]], kl)
 
         decay = sum(
