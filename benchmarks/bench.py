@@ -5,16 +5,26 @@ On SmolLM2 (or any ``model=``) and the same CounterFact edits, runs in separate 
 1. **statistics** -- the covariance statistics of the edit layers computed from the corpus
    (cold) and read back from the cache (warm);
 2. **kaedit** -- ``python -m kaedit.run``'s runner: MEMIT, all requests' v* optimised
-   together, evaluation in padded batches across records;
-3. **baseline** -- the same runner, edits and fusion, but MEMIT as the reference ROME/MEMIT
-   code runs it: each request's v* optimised alone (``method.batch_targets=false``) and
-   evaluation one prompt sequence per forward pass (``eval_batch_size=1``). Everything else
-   (keys, closed-form solve, fusion, metrics) is the same code, so the ratio isolates those
-   two choices; both runs produce the same metrics up to numerics (checked and reported).
+   together on the fast path (positions before the subject token computed once),
+   evaluation in padded batches across records;
+3. **kaedit_full** -- the same, with every v* step recomputing every position
+   (``++model.edit.target.fast=false``): ``targets_fast_speedup`` = its targets time /
+   kaedit's, on the same edits in the same bench;
+4. **baseline** -- the same runner, edits and fusion, but MEMIT as the reference ROME/MEMIT
+   code runs it: each request's v* optimised alone (``method.batch_targets=false``), in
+   full, and evaluation one prompt sequence per forward pass (``eval_batch_size=1``).
+   Everything else (keys, closed-form solve, fusion, metrics) is the same code, so the
+   ratio isolates those choices; the runs produce the same metrics up to numerics
+   (checked and reported);
+5. **memory** -- peak memory of one target optimisation of ``--memory-batch`` requests
+   (default 100, Table 3's batch) on each path, each in a fresh process, under the
+   default ``target.chunk_tokens`` budget (``--memory-steps`` steps: the peak is reached
+   in the first backward pass).
 
 Per-stage seconds per edit come from the runner's own ``time/*`` columns (targets, keys,
 solve, fusion, evaluation). Writes ``benchmarks/results/<date>-<host>.json`` (with
-``end_to_end_speedup``) and ``.md``, and prints the table.
+``targets_s_per_edit`` per path, ``targets_fast_speedup``, ``end_to_end_speedup``,
+``projected_1000_edits_h`` and ``memory``) and ``.md``, and prints the table.
 
     python benchmarks/bench.py                       # 100 edits in batches of 10
     python benchmarks/bench.py --n-edits 20 model=smollm2 fusion=add
@@ -94,6 +104,31 @@ def phase_run(overrides: list[str], run_dir: str) -> dict[str, Any]:
     }
 
 
+def phase_memory(overrides: list[str], n: int, steps: int) -> dict[str, Any]:
+    """Peak memory of one MEMIT target optimisation of ``n`` requests (this process)."""
+    from dataclasses import replace
+
+    from kaedit import data
+    from kaedit.experiment import build, resolve_data_root
+    from kaedit.methods.core import TargetConfig, context_templates, optimize_targets
+    from kaedit.models import load_model
+
+    cfg = compose(overrides)
+    resolve_data_root(cfg)
+    lm = load_model(cfg.model, lambda: build(cfg.model.load))
+    requests = data.from_config(cfg.dataset, cache_dir=str(cfg.cache_dir))[:n]
+    templates = context_templates(lm, [tuple(x) for x in cfg.templates.specs], seed=cfg.seed)
+    target = replace(TargetConfig(**cfg.method.target), steps=steps, early_stop_loss=-1.0)
+    module = lm.spec.module("layer", int(cfg.method.layers[-1]))
+    before = peak_memory_mb()
+    t0 = time.perf_counter()
+    optimize_targets(lm, requests, templates, [module], target)
+    return {"requests": len(requests), "templates": len(templates), "steps": steps,
+            "fast": target.fast, "chunk_tokens": target.chunk_tokens,
+            "seconds": time.perf_counter() - t0, "peak_before_mb": before,
+            "peak_memory_mb": peak_memory_mb()}
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -117,17 +152,18 @@ def fusion_label(node) -> str:
     return f"{node._target_.rsplit('.', 1)[-1]}({params})"
 
 
-def child(phase: str, overrides: list[str], run_dir: str, out: Path) -> dict[str, Any]:
+def child(phase: str, overrides: list[str], run_dir: str, out: Path,
+          extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run one phase in a fresh process (its own peak memory, no shared caches)."""
     cmd = [sys.executable, __file__, "--phase", phase, "--phase-out", str(out),
-           "--run-dir", run_dir, "--", *overrides]
+           "--run-dir", run_dir, *extra, "--", *overrides]
     print(f"[bench] {phase}: {' '.join(overrides)}", flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
     return json.loads(out.read_text())
 
 
 def markdown(res: dict[str, Any]) -> str:
-    k, b, st = res["kaedit"], res.get("baseline"), res["statistics"]
+    k, f, b, st = res["kaedit"], res["kaedit_full"], res.get("baseline"), res["statistics"]
     mc = res["machine"]
     lines = [
         (f"Machine: {mc['host']}, {mc['cpu']}, {mc['cores']} cores "
@@ -137,37 +173,52 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['n_edits']} CounterFact edits in sequential batches of {res['batch_size']}, "
         "every step evaluated on its batch and on all edits so far."),
         "",
-        "| seconds per edit | kaedit | one-at-a-time baseline | ratio |",
-        "|---|---|---|---|",
+        ("| seconds per edit | kaedit (fast targets) | kaedit (full targets) "
+         "| one-at-a-time baseline | baseline / kaedit |"),
+        "|---|---|---|---|---|",
     ]
     for s in STAGES:
-        kv = k["stage_s_per_edit"][s]
+        kv, fv = k["stage_s_per_edit"][s], f["stage_s_per_edit"][s]
         bv = b["stage_s_per_edit"][s] if b else None
         ratio = f"{bv / kv:.1f}×" if b and kv > 0 else ""
-        lines.append(f"| {s} | {kv:.2f} | {'' if bv is None else f'{bv:.2f}'} | {ratio} |")
+        lines.append(f"| {s} | {kv:.2f} | {fv:.2f} | {'' if bv is None else f'{bv:.2f}'} "
+                     f"| {ratio} |")
     end = f"{b['s_per_edit']:.2f}" if b else ""
+    speedup = f"**{res['end_to_end_speedup']:.1f}×**" if b else ""
     lines += [
-        f"| **end to end** (model load, templates, step 0 included) | {k['s_per_edit']:.2f} "
-        f"| {end} | **{res['end_to_end_speedup']:.1f}×** |" if b else
-        f"| **end to end** | {k['s_per_edit']:.2f} | | |",
+        (f"| **end to end** (model load, templates, step 0 included) | {k['s_per_edit']:.2f} "
+         f"| {f['s_per_edit']:.2f} | {end} | {speedup} |"),
         "",
+        (f"- targets: fast path {res['targets_s_per_edit']['fast']:.2f} s/edit, full "
+         f"recomputation {res['targets_s_per_edit']['full']:.2f} s/edit: "
+         f"**{res['targets_fast_speedup']:.1f}×** (same run, same edits)"),
         f"- evaluation throughput: {k['eval_prompts_per_s']:.0f} prompts/s"
         + (f" vs {b['eval_prompts_per_s']:.0f} prompts/s one at a time "
            f"({res['eval_speedup']:.1f}×)" if b else ""),
         (f"- covariance statistics ({len(st['layers'])} layers, {st['n_tokens']:,} tokens): "
         f"cold {st['cold_s']:.1f} s, warm (cached) {st['warm_s']:.2f} s = "
         f"{100 * st['warm_fraction']:.1f} % of cold"),
-        f"- peak memory: kaedit {k['peak_memory_mb']:.0f} MiB"
+        f"- peak memory: kaedit {k['peak_memory_mb']:.0f} MiB, full targets "
+        f"{f['peak_memory_mb']:.0f} MiB"
         + (f", baseline {b['peak_memory_mb']:.0f} MiB" if b else "")
         + f", statistics {st['peak_memory_mb']:.0f} MiB",
         (f"- 1,000 sequential edits evaluated every 100 (projected from this run): "
-        f"{res['projected_1000_edits_h']:.1f} h"),
+        f"{res['projected_1000_edits_h']:.2f} h"),
     ]
+    mem = res.get("memory")
+    if mem:
+        lines.append(
+            f"- peak memory of one target optimisation of {mem['fast']['requests']} requests "
+            f"({mem['fast']['templates']} templates, chunk_tokens "
+            f"{mem['fast']['chunk_tokens']}): fast {mem['fast']['peak_memory_mb']:.0f} MiB, "
+            f"full {mem['full']['peak_memory_mb']:.0f} MiB (model and data loaded: "
+            f"{mem['fast']['peak_before_mb']:.0f} MiB)")
     if b:
         lines.append(
             "- same results: final seen/efficacy, generalization, specificity "
-            + ", ".join(f"{k['final'][m]:.1f} vs {b['final'][m]:.1f}" for m in
-                        ("seen/efficacy", "seen/generalization", "seen/specificity")))
+            + ", ".join(f"{k['final'][m]:.1f} vs {f['final'][m]:.1f} vs {b['final'][m]:.1f}"
+                        for m in ("seen/efficacy", "seen/generalization",
+                                  "seen/specificity")))
     return "\n".join(lines) + "\n"
 
 
@@ -176,16 +227,23 @@ def main() -> None:
     ap.add_argument("--n-edits", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--no-baseline", action="store_true", help="skip the reference baseline")
+    ap.add_argument("--memory-batch", type=int, default=100,
+                    help="requests in the memory phase (0: skip it)")
+    ap.add_argument("--memory-steps", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--phase", choices=["statistics", "kaedit", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=["statistics", "run", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--phase-out", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=smollm2 fusion=add")
     args = ap.parse_args()
 
     if args.phase:
-        result = (phase_statistics(args.overrides) if args.phase == "statistics"
-                  else phase_run(args.overrides, args.run_dir))
+        if args.phase == "statistics":
+            result = phase_statistics(args.overrides)
+        elif args.phase == "memory":
+            result = phase_memory(args.overrides, args.memory_batch, args.memory_steps)
+        else:
+            result = phase_run(args.overrides, args.run_dir)
         Path(args.phase_out).write_text(json.dumps(result, indent=2))
         return
 
@@ -206,15 +264,28 @@ def main() -> None:
         }
         t = Path(tmp)
         res["statistics"] = child("statistics", common, str(t / "stats-run"), t / "s.json")
-        res["kaedit"] = child("kaedit", common, str(t / "kaedit"), t / "k.json")
-        k = res["kaedit"]
+        full = "++model.edit.target.fast=false"  # every v* step recomputes every position
+        res["kaedit"] = k = child("run", common, str(t / "kaedit"), t / "k.json")
+        res["kaedit_full"] = f = child("run", [*common, full], str(t / "full"), t / "f.json")
+        res["targets_s_per_edit"] = {"fast": k["stage_s_per_edit"]["targets"],
+                                     "full": f["stage_s_per_edit"]["targets"]}
+        res["targets_fast_speedup"] = (f["stage_s_per_edit"]["targets"]
+                                       / k["stage_s_per_edit"]["targets"])
         if not args.no_baseline:
-            base = [*common, "method.batch_targets=false", "eval_batch_size=1"]
-            res["baseline"] = b = child("baseline", base, str(t / "baseline"), t / "b.json")
+            base = [*common, full, "method.batch_targets=false", "eval_batch_size=1"]
+            res["baseline"] = b = child("run", base, str(t / "baseline"), t / "b.json")
             res["end_to_end_speedup"] = b["wall_s"] / k["wall_s"]
             res["eval_speedup"] = k["eval_prompts_per_s"] / b["eval_prompts_per_s"]
             res["targets_speedup"] = (b["stage_s_per_edit"]["targets"]
                                       / k["stage_s_per_edit"]["targets"])
+        if args.memory_batch > 0:
+            mem_args = ("--memory-batch", str(args.memory_batch),
+                        "--memory-steps", str(args.memory_steps))
+            res["memory"] = {
+                path: child("memory", [*common, *extra], str(t / "mem"), t / f"m-{path}.json",
+                            mem_args)
+                for path, extra in (("fast", []), ("full", [full]))
+            }
         # 1,000 edits, evaluation every 100 edits on a sample of 100 earlier ones + the batch
         prompts_per_edit = k["eval_prompts"] / k["eval_edits"]
         edit_s = sum(k["stage_s_per_edit"][s] for s in STAGES if s != "eval")

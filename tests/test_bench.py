@@ -24,14 +24,15 @@ def test_bench_reports_stages_and_a_baseline_with_the_same_results(
     env = {**os.environ, "KAEDIT_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--n-edits", "4",
-         "--batch-size", "2", "--out", str(tmp_path), *overrides, "templates.specs=[[5,2]]"],
+         "--batch-size", "2", "--memory-batch", "3", "--out", str(tmp_path), *overrides,
+         "templates.specs=[[5,2]]"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (result,) = tmp_path.glob("*.json")
     res = json.loads(result.read_text())
     assert (tmp_path / f"{result.stem}.md").read_text() in proc.stdout
-    k, b = res["kaedit"], res["baseline"]
-    for run in (k, b):
+    k, f, b = res["kaedit"], res["kaedit_full"], res["baseline"]
+    for run in (k, f, b):
         assert run["edits"] == 4 and run["steps"] == 2
         assert set(run["stage_s_per_edit"]) == {"targets", "keys", "solve", "fusion", "eval"}
         assert all(v >= 0 for v in run["stage_s_per_edit"].values())
@@ -41,11 +42,24 @@ def test_bench_reports_stages_and_a_baseline_with_the_same_results(
     for metric, value in k["final"].items():  # one request's v* at a time: same edits
         if not metric.endswith("_mag"):  # shares of won comparisons: the same outcomes
             assert b["final"][metric] == pytest.approx(value, abs=1e-6), metric
+            assert f["final"][metric] == pytest.approx(value, abs=1e-6), metric  # full path
     # The mean probability gaps move with the float32 difference between batched and
     # one-at-a-time v* (Adam amplifies rounding, see test_methods): measured 8.6e-6 of the
     # largest gap, which an absolute 1e-6 passed with only 2.5x to spare.
     mags = [m for m in k["final"] if m.endswith("_mag")]
-    assert_close_to_scale(torch.tensor([b["final"][m] for m in mags]),
-                          torch.tensor([k["final"][m] for m in mags]), rel=1e-3, msg="*_mag")
+    for other, name in ((b, "baseline"), (f, "full path")):
+        assert_close_to_scale(torch.tensor([other["final"][m] for m in mags]),
+                              torch.tensor([k["final"][m] for m in mags]), rel=1e-3,
+                              msg=f"*_mag, {name}")
+    # Both target paths timed in the same bench, on the same edits.
+    paths = res["targets_s_per_edit"]
+    assert paths == {"fast": k["stage_s_per_edit"]["targets"],
+                     "full": f["stage_s_per_edit"]["targets"]}
+    assert res["targets_fast_speedup"] == pytest.approx(paths["full"] / paths["fast"])
+    assert res["projected_1000_edits_h"] > 0
+    mem = res["memory"]
+    assert (mem["fast"]["fast"], mem["full"]["fast"]) == (True, False)
+    for m in mem.values():
+        assert m["requests"] == 3 and m["peak_memory_mb"] >= m["peak_before_mb"] > 0
     st = res["statistics"]
     assert st["cold_s"] > 0 and st["warm_s"] < st["cold_s"]

@@ -7,6 +7,16 @@ computed in one pass over the corpus, and the forward pass stops after the deepe
 (the rest of the model never runs); each layer is saved, and its float64 sum freed, before
 the next pass. Each layer's C is served on the device of that layer's weights (a model
 sharded with ``device_map=auto`` keeps its layers on different GPUs).
+
+The corpus is streamed, never held as one string: it is read as lines (universal
+newlines; every line ends with ``"\n"``; an ``hf:`` dataset's rows are split into lines the
+same way), each line is tokenised on its own, and the token ids of all lines, in order,
+form one stream. Lines are handed to the tokenizer in chunks of about ``chunk_chars``
+characters (a line is never split), so the chunk size changes only speed and memory,
+never a token: any chunking gives the same stream, hence the same windows and the same
+statistics. Two passes over the stream: the first counts its tokens, the second keeps
+only the ``seq_len``-token windows spread evenly over it (those windows are all that is
+held in memory).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -52,9 +62,12 @@ class CovarianceStore:
         batch_size: int = 16,
         module_kind: str = "mlp_out",
         layers_per_pass: int | None = None,
+        chunk_chars: int = 1 << 20,
     ) -> None:
         if layers_per_pass is not None and int(layers_per_pass) < 1:
             raise ValueError(f"stats.layers_per_pass={layers_per_pass} must be >= 1 or null")
+        if int(chunk_chars) < 1:
+            raise ValueError(f"stats.chunk_chars={chunk_chars} must be >= 1")
         self.corpus = [corpus] if isinstance(corpus, str) else [str(c) for c in corpus]
         self.cache_dir = Path(cache_dir).expanduser()
         self.n_tokens = int(n_tokens)
@@ -62,38 +75,63 @@ class CovarianceStore:
         self.batch_size = int(batch_size)
         self.module_kind = module_kind
         self.layers_per_pass = None if layers_per_pass is None else int(layers_per_pass)
+        #: Characters of whole lines tokenised per call (memory/speed only; module doc).
+        self.chunk_chars = int(chunk_chars)
         self._memory: dict[str, torch.Tensor] = {}
         self._corpus_id: str | None = None
         #: Seconds spent computing (not loading) statistics in this run (benchmarks read it).
         self.compute_seconds = 0.0
 
     # -- corpus -----------------------------------------------------------------------
-    def _read_corpus(self) -> str:
-        return read_corpus(self.corpus, "stats.corpus")
-
     def corpus_id(self) -> str:
         if self._corpus_id is None:
             h = hashlib.sha256()
             for src in self.corpus:
                 path = Path(src).expanduser()
-                h.update(src.encode() if src.startswith("hf:") or not path.is_file()
-                         else path.read_bytes())
+                if src.startswith("hf:") or not path.is_file():
+                    h.update(src.encode())
+                    continue
+                with path.open("rb") as f:  # in blocks: the corpus may be large
+                    while block := f.read(1 << 20):
+                        h.update(block)
             self._corpus_id = h.hexdigest()[:16]
         return self._corpus_id
 
+    def _token_chunks(self, tok) -> Iterator[list[int]]:
+        """The corpus's token stream, one chunk of whole lines at a time (module doc)."""
+        for lines in corpus_chunks(self.corpus, self.chunk_chars, "stats.corpus"):
+            for ids in tok(lines, add_special_tokens=False)["input_ids"]:
+                yield list(ids)
+
     def _windows(self, tok) -> torch.Tensor:
-        ids = tok(self._read_corpus(), add_special_tokens=False)["input_ids"]
-        n_win_total = len(ids) // self.seq_len
-        n_win = min(max(1, self.n_tokens // self.seq_len), n_win_total)
+        """``[n_win, seq_len]``: ``n_tokens // seq_len`` windows spread evenly over the
+        stream's ``total // seq_len`` consecutive windows (at most all of them)."""
+        total = sum(len(ids) for ids in self._token_chunks(tok))  # pass 1: count
+        n_win_total = total // self.seq_len
         if n_win_total == 0:
             raise CorpusError(f"statistics corpus has fewer than seq_len={self.seq_len} tokens")
-        starts = torch.linspace(0, n_win_total - 1, n_win).round().long() * self.seq_len
-        return torch.stack([torch.tensor(ids[s : s + self.seq_len]) for s in starts.tolist()])
+        n_win = min(max(1, self.n_tokens // self.seq_len), n_win_total)
+        starts = (torch.linspace(0, n_win_total - 1, n_win).round().long()
+                  * self.seq_len).tolist()
+        out: list[list[int]] = []
+        buf: list[int] = []  # the stream from token `buf_start` on
+        buf_start = 0
+        for ids in self._token_chunks(tok):  # pass 2: keep the chosen windows
+            buf.extend(ids)
+            while len(out) < len(starts) and starts[len(out)] + self.seq_len <= buf_start + len(buf):
+                s = starts[len(out)] - buf_start
+                out.append(buf[s : s + self.seq_len])
+            if len(out) == len(starts):
+                break
+            keep_from = min(starts[len(out)], buf_start + len(buf)) - buf_start
+            buf, buf_start = buf[keep_from:], buf_start + keep_from
+        return torch.tensor(out, dtype=torch.long)
 
     # -- cache --------------------------------------------------------------------------
     def key(self, lm: LoadedModel, module: str) -> str:
         dtype = str(next(lm.model.parameters()).dtype)
-        parts = [lm.fingerprint, module, self.corpus_id(), self.n_tokens, self.seq_len, dtype]
+        parts = [lm.fingerprint, module, self.corpus_id(), self.n_tokens, self.seq_len, dtype,
+                 "tokenised-by-line"]  # statistics of the whole-string tokenisation differ
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
     def _path(self, key: str) -> Path:
@@ -160,12 +198,57 @@ def _weight_device(lm: LoadedModel, module: str) -> torch.device:
     return weight.device if isinstance(weight, torch.Tensor) else lm.device
 
 
+def corpus_lines(sources: Sequence[str], key: str = "stats.corpus") -> Iterator[str]:
+    """The lines of local files and ``hf:NAME/CONFIG:SPLIT`` datasets, in order, streamed;
+    every line ends with ``"\\n"`` (``"\\r\\n"`` read as ``"\\n"``)."""
+    any_text = False
+    for src in sources:
+        if src.startswith("hf:"):
+            texts: Iterator[str] = _hf_rows(src[3:])
+        else:
+            path = Path(src).expanduser()
+            if not path.is_file():
+                raise CorpusError(
+                    f"{key} file {src!r} does not exist; set {key} to "
+                    "text files or 'hf:wikitext/wikitext-103-raw-v1:train'"
+                )
+            texts = _file_lines(path)
+        for text in texts:
+            *full, last = text.replace("\r\n", "\n").split("\n")
+            for line in [*full, last] if last or not full else full:  # "" -> one empty line
+                any_text = any_text or bool(line.strip())
+                yield line + "\n"
+    if not any_text:
+        raise CorpusError(f"{key} {list(sources)} is empty")
+
+
+def _file_lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace", newline=None) as f:
+        yield from f
+
+
+def corpus_chunks(sources: Sequence[str], chunk_chars: int,
+                  key: str = "stats.corpus") -> Iterator[list[str]]:
+    """:func:`corpus_lines` grouped into lists of about ``chunk_chars`` characters (whole
+    lines; a longer line is a chunk of its own)."""
+    buf: list[str] = []
+    size = 0
+    for line in corpus_lines(sources, key):
+        buf.append(line)
+        size += len(line)
+        if size >= chunk_chars:
+            yield buf
+            buf, size = [], 0
+    if buf:
+        yield buf
+
+
 def read_corpus(sources: Sequence[str], key: str = "stats.corpus") -> str:
     """The text of local files and ``hf:NAME/CONFIG:SPLIT`` datasets, joined in order."""
     texts = []
     for src in sources:
         if src.startswith("hf:"):
-            texts.append(_read_hf_text(src[3:]))
+            texts.append("\n".join(_hf_rows(src[3:])))
             continue
         path = Path(src).expanduser()
         if not path.is_file():
@@ -180,8 +263,8 @@ def read_corpus(sources: Sequence[str], key: str = "stats.corpus") -> str:
     return text
 
 
-def _read_hf_text(spec: str) -> str:
-    """``NAME/CONFIG:SPLIT`` (e.g. ``wikitext/wikitext-103-raw-v1:train``) -> joined text."""
+def _hf_rows(spec: str) -> Iterator[str]:
+    """``NAME/CONFIG:SPLIT`` (e.g. ``wikitext/wikitext-103-raw-v1:train``) -> its text rows."""
     from datasets import load_dataset
 
     name, _, split = spec.partition(":")
@@ -190,4 +273,5 @@ def _read_hf_text(spec: str) -> str:
         ds = load_dataset(path, config or None, split=split or "train")
     except Exception as exc:  # noqa: BLE001
         raise CorpusError(f"could not load statistics corpus 'hf:{spec}': {exc}") from None
-    return "\n".join(ds["text"])
+    for row in ds:
+        yield row["text"]

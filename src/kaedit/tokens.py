@@ -7,6 +7,7 @@ optimises and what evaluation scores are the same token sequences (ROME/MEMIT ap
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -73,16 +74,34 @@ def pad(
 
 
 def final_hidden(
-    model: nn.Module, spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor
+    model: nn.Module,
+    spec: ModelSpec,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    past_key_values=None,
 ) -> torch.Tensor:
     """Hidden states after the final norm ``[batch, len, d]``; the LM head is not run.
 
     Callers apply :func:`lm_head` to just the positions they need, which saves most of the
     cost of a large-vocabulary head. Gradients flow if the caller enables them.
+
+    With ``past_key_values`` (a ``transformers`` cache holding earlier positions), ``ids``
+    are the positions after the cached ones: ``mask`` then covers cache + ``ids``
+    ``[batch, cached + len]`` and ``position_ids`` ``[batch, len]`` give each row's true
+    positions. The cache is extended in place (transformers' caches append).
     """
     ln_f = spec.module("ln_f")
-    tr = run_until(model, [ln_f], detach=False, input_ids=ids, attention_mask=mask,
-                   use_cache=False)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    if past_key_values is not None:
+        # transformers renamed the argument (``past_key_values`` deprecated from 5.2x)
+        params = inspect.signature(model.forward).parameters
+        extra["cache" if "cache" in params else "past_key_values"] = past_key_values
+        extra["use_cache"] = True
+    else:
+        extra["use_cache"] = False
+    tr = run_until(model, [ln_f], detach=False, input_ids=ids, attention_mask=mask, **extra)
     return tr[ln_f].output
 
 

@@ -6,22 +6,23 @@
   averaged over prefixed prompts within each template group, then across groups (MEMIT
   eq. 17 as ``memit/compute_ks.py`` computes it; AdaPLE eq. 26).
 * :func:`optimize_targets` -- target values for all requests of a batch at once: additive
-  deltas at the last subject token of chosen modules, optimised jointly in one padded
-  forward/backward per step with independent per-request losses and early stopping
-  (MEMIT eq. 16 / PMET / AdaPLE eq. 25).
+  deltas at the last subject token of chosen modules, optimised jointly (padded forwards
+  grouped by row length, one backward per step) with independent per-request losses and
+  early stopping (MEMIT eq. 16 / PMET / AdaPLE eq. 25); positions before the subject
+  token are computed once and cached (``TargetConfig.fast``), and requests are taken in
+  chunks under a memory budget (``TargetConfig.chunk_tokens``).
 * :func:`solve_update` -- the closed form Δ = R Kᵀ (λC + c·K Kᵀ)⁻¹ (paper eq. 2 and 4).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from kaedit.hooks import StopForward, edit_outputs, trace
+from kaedit.hooks import edit_outputs, run_until
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
 from kaedit.timing import Stopwatch
@@ -177,13 +178,16 @@ def _module_io_at(lm, module: str, encs: list[Encoded], batch_size: int, want_in
     for sl in chunks(len(encs), batch_size):
         batch = encs[sl]
         ids, mask = pad([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
-        with trace(lm.model, [module], inputs=want_input, outputs=not want_input,
-                   stop=True) as tr, contextlib.suppress(StopForward):
-            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        tr = run_until(lm.model, [module], inputs=want_input, outputs=not want_input,
+                       input_ids=ids, attention_mask=mask, use_cache=False)
         h = tr[module].input if want_input else tr[module].output
         idx = torch.tensor([e.subject_last for e in batch], device=h.device)
         rows.append(h[torch.arange(len(batch), device=h.device), idx].float())
     return torch.cat(rows)
+
+
+#: Where the KL term reads the next-token distribution of ``kl_prompt``.
+KL_POSITIONS = ("subject_last", "last")
 
 
 @dataclass(frozen=True)
@@ -195,9 +199,162 @@ class TargetConfig:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    #: Stop optimising a request once its loss is below this (per request).
+    #: Stop optimising a request once its total loss (NLL + KL + weight decay, the loss it
+    #: is optimised on) is below this. kmeng01/memit ``memit/compute_z.py`` and
+    #: kmeng01/rome ``rome/compute_v.py`` compare the same total (``loss < 5e-2``); they
+    #: optimise one request at a time, so their per-call test is this per-request test.
     early_stop_loss: float = 0.05
     kl_prompt: str = "{} is a"
+    #: ``subject_last``: the KL term compares the distributions at the last subject token
+    #: of ``kl_prompt`` (kmeng01/memit ``memit/compute_z.py``, kmeng01/rome
+    #: ``rome/compute_v.py``: ``kl_logits`` are read at ``lookup_idxs``, the fact token).
+    #: ``last``: at the prompt's last token, the next-token distribution after "{S} is a",
+    #: which is how the papers' P[y | p'] reads (ROME §3; AdaPLE eq. 25 names only the
+    #: prompt '{S} is a', no position).
+    kl_position: str = "subject_last"
+    #: True: positions before each row's last subject token are run once (no grad) and
+    #: their keys/values cached; each step runs only the positions from the subject token
+    #: on (see :func:`optimize_targets`). False: every step recomputes every row in full.
+    #: Both give the same targets up to float rounding.
+    fast: bool = True
+    #: Memory budget of one joint optimisation, in token positions (rows × padded width of
+    #: the rows each step runs): requests are optimised in consecutive chunks that stay
+    #: under it (a request never splits), so activation memory is bounded whatever the
+    #: batch. Requests are independent, so the chunking does not change the result.
+    chunk_tokens: int = 8192
+    #: Rows of a chunk are run in up to this many padded forward passes per step, grouped
+    #: by length so that short rows (e.g. the KL rows, one column on the fast path) are
+    #: not padded to the longest; 1 = one padded batch.
+    length_groups: int = 4
+
+    def __post_init__(self) -> None:
+        from kaedit.errors import ConfigError
+
+        if self.kl_position not in KL_POSITIONS:
+            raise ConfigError(
+                f"target.kl_position={self.kl_position!r} is not one of {list(KL_POSITIONS)}"
+            )
+        if int(self.chunk_tokens) < 1:
+            raise ConfigError(f"target.chunk_tokens={self.chunk_tokens} must be >= 1")
+        if int(self.length_groups) < 1:
+            raise ConfigError(f"target.length_groups={self.length_groups} must be >= 1")
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One prompt row of a request's loss: a prefixed rewrite prompt or the KL prompt."""
+
+    request: int
+    #: Token ids, only as far as the loss reads (later tokens cannot change a causal LM's
+    #: logits at the read columns).
+    ids: tuple[int, ...]
+    #: Column of the last subject token: where the deltas are added.
+    subject: int
+    #: Columns whose logits the loss reads.
+    reads: tuple[int, ...]
+    #: NLL rows: the target token predicted at each read column; KL rows: empty.
+    targets: tuple[int, ...]
+
+    @property
+    def is_kl(self) -> bool:
+        return not self.targets
+
+
+def _request_rows(
+    tok, i: int, request: EditRequest, templates: Sequence[str], cfg: TargetConfig
+) -> list[_Row]:
+    """The NLL rows (one per template: prompt + target[:-1]) and the KL row of a request."""
+    tgt = target_ids(tok, request.target_new)
+    rows = []
+    for t in templates:
+        e = encode(tok, prompt_template(t, request), request.subject)
+        first = len(e.ids) - 1  # the column predicting the first target token
+        rows.append(_Row(i, e.ids + tgt[:-1], e.subject_last,
+                         tuple(range(first, first + len(tgt))), tgt))
+    e = encode(tok, cfg.kl_prompt, request.subject)
+    col = e.subject_last if cfg.kl_position == "subject_last" else len(e.ids) - 1
+    rows.append(_Row(i, e.ids[: col + 1], e.subject_last, (col,), ()))
+    return rows
+
+
+def _first_run_column(row: _Row, fast: bool) -> int:
+    """First column a step runs: the last subject token (fast path) or 0 (full)."""
+    return row.subject if fast else 0
+
+
+def _chunk_cost(rows: Sequence[_Row], fast: bool) -> int:
+    """Token positions one step runs for ``rows``: rows × padded width."""
+    width = max(len(r.ids) - _first_run_column(r, fast) for r in rows)
+    return len(rows) * width
+
+
+def request_chunks(rows: Sequence[Sequence[_Row]], cfg: TargetConfig) -> list[slice]:
+    """Consecutive requests grouped so each group's step stays within ``chunk_tokens``
+    (a request alone may exceed it: requests are never split)."""
+    out, start, acc = [], 0, []
+    for i, rs in enumerate(rows):
+        if acc and _chunk_cost([*acc, *rs], cfg.fast) > cfg.chunk_tokens:
+            out.append(slice(start, i))
+            start, acc = i, []
+        acc.extend(rs)
+    if rows:
+        out.append(slice(start, len(rows)))
+    return out
+
+
+@dataclass
+class _Prefix:
+    """Keys/values of every row's positions before its last subject token (issue 15).
+
+    Those positions come before every δ (all deltas sit at the last subject token, and
+    attention is causal), so they are the same at every layer in every step: one no-grad
+    forward computes them, and each step attends to them through a transformers cache
+    built anew from these tensors (caches append in place, so reusing one would grow it).
+    Rows are right-padded to the longest prefix; the padding slots are masked out in the
+    steps. The prefix forward itself needs no mask: with right padding, real positions
+    precede the padding, so causality already keeps padding out of them (and no query is
+    left with nothing to attend to, which would give NaN keys/values).
+    """
+
+    #: Per layer (keys, values), each ``[rows, kv_heads, P, head_dim]``; empty if P = 0.
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    #: ``[rows, P]`` 1 on real prefix tokens, 0 on padding.
+    mask: torch.Tensor
+    #: ``[rows]`` prefix length = position id of the row's first run token.
+    length: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, lm: LoadedModel, prefixes: Sequence[Sequence[int]]) -> _Prefix:
+        from transformers import DynamicCache
+
+        dev = lm.device
+        length = torch.tensor([len(p) for p in prefixes], device=dev)
+        width = int(length.max()) if len(prefixes) else 0
+        if width == 0:
+            return cls([], torch.zeros((len(prefixes), 0), dtype=torch.long, device=dev), length)
+        ids, mask = pad(prefixes, lm.tokenizer.pad_token_id, dev)  # [rows, P] right-padded
+        cache = DynamicCache(config=lm.model.config)
+        final_hidden(lm.model, lm.spec, ids, None, past_key_values=cache)  # fills cache
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return cls(kv, mask, length)
+
+    def hidden(self, lm: LoadedModel, rows: torch.Tensor, ids: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[len(rows), S, d]`` of the run columns ``ids`` ``[len(rows),
+        S]`` (right-padded, ``mask`` ``[len(rows), S]``) of the selected rows."""
+        from transformers import DynamicCache
+
+        cache = None
+        if self.kv:
+            cache = DynamicCache(
+                [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self.kv],
+                config=lm.model.config,
+            )
+        full_mask = torch.cat([self.mask[rows], mask], dim=1)  # [r, P + S]
+        pos = self.length[rows, None] + torch.arange(ids.shape[1], device=ids.device)  # [r, S]
+        return final_hidden(lm.model, lm.spec, ids, full_mask, position_ids=pos,
+                            past_key_values=cache)
 
 
 def optimize_targets(
@@ -214,29 +371,95 @@ def optimize_targets(
     is ``init + delta``. Loss per request (MEMIT eq. 16, PMET/AdaPLE eq. 25): mean NLL of
     the new object over the prefixed prompts + ``kl_factor`` · KL(edited ‖ original) on
     ``kl_prompt`` + ``weight_decay`` · ‖δ‖/‖init‖² (MEMIT's form) summed over modules, each
-    delta clamped to ``clamp_norm_factor`` · ‖init‖. Requests are independent: their losses are summed,
-    so each delta gets exactly its own request's gradient.
+    delta clamped to ``clamp_norm_factor`` · ‖init‖. Requests are independent: their
+    losses are summed, so each delta gets exactly its own request's gradient, and each
+    stops on its own total loss. Hence they are optimised in chunks under
+    ``cfg.chunk_tokens`` with the same result.
+
+    Fast path (``cfg.fast``, issue 15): every delta is added at a row's last subject token,
+    so the positions before it never change; they run once (:class:`_Prefix`) and each
+    step runs every layer on the columns from the subject token on only, attending to the
+    cached prefix, with each row's true position ids. Rows also stop at the last column
+    the loss reads (the KL row at its subject token by default).
     """
+    tok = lm.tokenizer
+    rows = [_request_rows(tok, i, r, templates, cfg) for i, r in enumerate(requests)]
+    parts = [
+        _optimize_chunk(lm, requests[sl], [replace(r, request=r.request - sl.start)
+                                           for rs in rows[sl] for r in rs], modules, cfg)
+        for sl in request_chunks(rows, cfg)
+    ]
+    return {m: (torch.cat([p[m][0] for p in parts]), torch.cat([p[m][1] for p in parts]))
+            for m in modules}
+
+
+def length_groups(lengths: Sequence[int], max_groups: int) -> list[list[int]]:
+    """Row indices grouped by length (shortest first) into at most ``max_groups`` groups
+    that minimise the padded positions Σ rows × longest row (dynamic programming over the
+    distinct lengths). Each group is run as its own padded forward pass."""
+    values = sorted(set(lengths))
+    count = [sum(1 for x in lengths if x == v) for v in values]
+    m, k = len(values), max(1, min(max_groups, len(values)))
+    # best[g][i]: least cost of the first i distinct lengths in g groups; cut: where the
+    # last of those groups starts.
+    inf = float("inf")
+    best = [[inf] * (m + 1) for _ in range(k + 1)]
+    cut = [[0] * (m + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for g in range(1, k + 1):
+        for i in range(1, m + 1):
+            rows = 0
+            for j in range(i - 1, -1, -1):  # the last group holds distinct lengths j..i-1
+                rows += count[j]
+                cost = best[g - 1][j] + rows * values[i - 1]
+                if cost < best[g][i]:
+                    best[g][i], cut[g][i] = cost, j
+    g = min(range(1, k + 1), key=lambda x: best[x][m])
+    bounds, i = [], m
+    while i > 0:
+        bounds.append((cut[g][i], i))
+        i, g = cut[g][i], g - 1
+    groups = []
+    for lo, hi in reversed(bounds):
+        keep = set(values[lo:hi])
+        groups.append([r for r, x in enumerate(lengths) if x in keep])
+    return groups
+
+
+@dataclass
+class _Group:
+    """Rows of one chunk run together as one padded forward pass."""
+
+    #: Chunk row indices ``[g]`` (on the model's device).
+    rows: torch.Tensor
+    #: Run columns, right-padded ``[g, S]``, and their mask.
+    ids: torch.Tensor
+    mask: torch.Tensor
+    #: Cached prefix (fast path) or None (full recomputation).
+    prefix: _Prefix | None
+
+
+def _optimize_chunk(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    rows: Sequence[_Row],
+    modules: Sequence[str],
+    cfg: TargetConfig,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`optimize_targets` for one chunk: per step, one padded forward per group of
+    rows of similar length (``cfg.length_groups``), one backward."""
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     n = len(requests)
-    targets = [target_ids(tok, r.target_new) for r in requests]
-
-    # Rows: every template for every request (NLL rows), then one KL row per request.
-    row_req, row_ids, row_subj, row_tgt_start = [], [], [], []
-    for i, (r, tgt) in enumerate(zip(requests, targets)):
-        for t in templates:
-            e = encode(tok, prompt_template(t, r), r.subject)
-            row_req.append(i)
-            row_ids.append(list(e.ids) + list(tgt[:-1]))
-            row_subj.append(e.subject_last)
-            row_tgt_start.append(len(e.ids))
-    n_nll = len(row_req)
-    for i, r in enumerate(requests):
-        e = encode(tok, cfg.kl_prompt, r.subject)
-        row_req.append(i)
-        row_ids.append(list(e.ids))
-        row_subj.append(e.subject_last)
-        row_tgt_start.append(len(e.ids))
+    first = [_first_run_column(r, cfg.fast) for r in rows]
+    groups = []
+    for members in length_groups([len(r.ids) - f for r, f in zip(rows, first)],
+                                 cfg.length_groups):
+        ids, mask = pad([rows[j].ids[first[j]:] for j in members], tok.pad_token_id, dev)
+        prefix = (_Prefix.build(lm, [rows[j].ids[: first[j]] for j in members])
+                  if cfg.fast else None)
+        groups.append(_Group(torch.tensor(members, device=dev), ids, mask, prefix))
+    row_req_t = torch.tensor([r.request for r in rows], device=dev)
+    row_subj_t = torch.tensor([r.subject - f for r, f in zip(rows, first)], device=dev)
 
     # Original outputs of each module at the plain prompt's subject token: the "init".
     inits = {m: hidden_at_subject(lm, m, requests) for m in modules}
@@ -244,75 +467,79 @@ def optimize_targets(
     opt = torch.optim.Adam(list(d.values()), lr=cfg.lr)
     max_norm = {m: cfg.clamp_norm_factor * inits[m].norm(dim=1, keepdim=True) for m in modules}
 
-    # Positions whose logits the loss needs; the LM head runs on these alone.
-    nll_pos_row, nll_pos_col, nll_tok, nll_owner = [], [], [], []
-    for row in range(n_nll):
-        tgt = targets[row_req[row]]
-        for j, t in enumerate(tgt):
-            nll_pos_row.append(row)
-            nll_pos_col.append(row_tgt_start[row] - 1 + j)
-            nll_tok.append(t)
-            nll_owner.append(row)
-    kl_rows = list(range(n_nll, len(row_req)))
-    kl_cols = [row_tgt_start[r] - 1 for r in kl_rows]
+    # Reads: (row, run column, target token or -1 for the KL row); the LM head runs on
+    # these positions alone.
+    reads = [(j, c - first[j], t) for j, r in enumerate(rows) if not r.is_kl
+             for c, t in zip(r.reads, r.targets)]
+    reads += [(j, r.reads[0] - first[j], -1) for j, r in enumerate(rows) if r.is_kl]
+    read_row = torch.tensor([x[0] for x in reads], device=dev)
+    read_col = torch.tensor([x[1] for x in reads], device=dev)
+    read_tok = torch.tensor([x[2] for x in reads], device=dev)
+    is_kl = read_tok < 0
+    kl_slot = torch.cumsum(is_kl.long(), 0) - 1  # read -> its row in kl_init (KL reads)
+    n_tgt = torch.tensor([max(len(r.targets), 1) for r in rows], device=dev, dtype=torch.float)
+    nll_rows = torch.tensor([not r.is_kl for r in rows], device=dev)
+    templates_per_req = torch.bincount(row_req_t[nll_rows], minlength=n).float()
 
     active = torch.ones(n, dtype=torch.bool)
-    kl_init: torch.Tensor | None = None
-    ids_all, mask_all = pad(row_ids, tok.pad_token_id, dev)
-    row_req_t = torch.tensor(row_req, device=dev)
-    row_subj_t = torch.tensor(row_subj, device=dev)
-    pos_r = torch.tensor(nll_pos_row, device=dev)
-    pos_c = torch.tensor(nll_pos_col, device=dev)
-    tok_t = torch.tensor(nll_tok, device=dev)
-    owner_t = torch.tensor(nll_owner, device=dev)
-    n_tgt_tokens = torch.tensor([len(targets[row_req[r]]) for r in range(n_nll)], device=dev)
-    templates_per_req = torch.bincount(row_req_t[:n_nll], minlength=n).float()
-
+    kl_init: torch.Tensor | None = None  # [KL reads, vocab] log-probs of the original model
     for step in range(cfg.steps):
         # Only the rows of requests still optimising (all of them at step 0, when the KL
         # reference distribution is taken).
-        rows = torch.nonzero(active[row_req_t.cpu()]).squeeze(1).to(dev)
-        remap = torch.full((len(row_req),), -1, dtype=torch.long, device=dev)
-        remap[rows] = torch.arange(len(rows), device=dev)
+        running = active.to(dev)[row_req_t]  # [rows]
+        vectors, which = [], []
+        for g in groups:
+            run = g.rows[running[g.rows]]  # chunk rows of this group still optimising
+            if len(run) == 0:
+                continue
+            local = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+            local[run] = torch.arange(len(run), device=dev)
+            sel = running[g.rows].nonzero().squeeze(1)  # positions of `run` in the group
 
-        def add_delta(m: str, rows: torch.Tensor = rows):
-            def fn(h: torch.Tensor) -> torch.Tensor:
-                h = h.clone()
-                h[torch.arange(len(rows), device=dev), row_subj_t[rows]] += d[m][
-                    row_req_t[rows]
-                ].to(h.dtype)
-                return h
+            def add_delta(m: str, run: torch.Tensor = run):
+                def fn(h: torch.Tensor) -> torch.Tensor:
+                    h = h.clone()
+                    h[torch.arange(len(run), device=dev), row_subj_t[run]] += d[m][
+                        row_req_t[run]
+                    ].to(h.dtype)
+                    return h
 
-            return fn
+                return fn
 
-        with edit_outputs(model, {m: add_delta(m) for m in modules}):
-            hidden = final_hidden(model, lm.spec, ids_all[rows], mask_all[rows])
+            with edit_outputs(model, {m: add_delta(m) for m in modules}):
+                if g.prefix is None:
+                    hidden = final_hidden(model, lm.spec, g.ids[sel], g.mask[sel])
+                else:
+                    hidden = g.prefix.hidden(lm, sel, g.ids[sel], g.mask[sel])
+            mine = (local[read_row] >= 0).nonzero().squeeze(1)  # reads of these rows
+            vectors.append(hidden[local[read_row[mine]], read_col[mine]])
+            which.append(mine)
+        which_t = torch.cat(which)
+        logp = torch.log_softmax(lm_head(model, lm.spec, torch.cat(vectors)).float(), dim=-1)
 
-        keep = remap[pos_r] >= 0
-        logits = lm_head(model, lm.spec, hidden[remap[pos_r[keep]], pos_c[keep]])
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tok_nll = -logp.gather(1, tok_t[keep, None]).squeeze(1)
-        row_nll = torch.zeros(len(row_req), device=dev).index_add(0, owner_t[keep], tok_nll)
-        row_nll = row_nll[:n_nll] / n_tgt_tokens
-        req_nll = torch.zeros(n, device=dev).index_add(0, row_req_t[:n_nll], row_nll)
-        req_nll = req_nll / templates_per_req
+        nll_at = ~is_kl[which_t]
+        tok_nll = -logp[nll_at].gather(1, read_tok[which_t][nll_at, None]).squeeze(1)
+        row_nll = torch.zeros(len(rows), device=dev).index_add(
+            0, read_row[which_t][nll_at], tok_nll) / n_tgt
+        req_nll = torch.zeros(n, device=dev).index_add(
+            0, row_req_t[nll_rows], row_nll[nll_rows]) / templates_per_req
 
-        kl_keep = [r for r in kl_rows if remap[r] >= 0]
-        kl_logp = torch.log_softmax(
-            lm_head(model, lm.spec, hidden[remap[kl_keep], torch.tensor(
-                [kl_cols[r - n_nll] for r in kl_keep], device=dev)]).float(), dim=-1)
-        kl_req = torch.tensor([row_req[r] for r in kl_keep], device=dev)
-        if kl_init is None:
-            kl_init = kl_logp.detach().clone()  # step 0: deltas are zero -> original model
+        kl_reads = which_t[~nll_at]
+        kl_logp = logp[~nll_at]
+        if kl_init is None:  # step 0: deltas are zero -> the original model
+            kl_init = torch.zeros((int(is_kl.sum()), kl_logp.shape[1]), device=dev)
+            kl_init[kl_slot[kl_reads]] = kl_logp.detach()
         # KL(edited ‖ original), as MEMIT/PMET: kl_div(input=log q_orig, target=log p_edit)
-        kl = F.kl_div(kl_init[kl_req], kl_logp, log_target=True, reduction="none").sum(1)
-        req_kl = torch.zeros(n, device=dev).index_add(0, kl_req, kl)
+        kl = F.kl_div(kl_init[kl_slot[kl_reads]], kl_logp, log_target=True,
+                      reduction="none").sum(1)
+        req_kl = torch.zeros(n, device=dev).index_add(0, row_req_t[read_row[kl_reads]], kl)
 
         decay = sum(
             d[m].norm(dim=1) / inits[m].pow(2).sum(1).clamp_min(1e-12) for m in modules
         )
         loss_req = req_nll + cfg.kl_factor * req_kl + cfg.weight_decay * decay
-        done = (req_nll.detach() < cfg.early_stop_loss).cpu()
+        # Early stop on the total loss, as kmeng01/memit compute_z.py (``loss < 5e-2``).
+        done = (loss_req.detach() < cfg.early_stop_loss).cpu()
         active &= ~done
         if not active.any() or step == cfg.steps - 1:
             break

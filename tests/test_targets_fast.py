@@ -1,0 +1,218 @@
+"""Target optimisation's fast path (issue 15) against the full recomputation, chunking by
+memory budget, and the reference's KL position and early stopping (issue 14, items 4-5),
+on the three tiny architectures (Llama, GPT-J, GPT-NeoX)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import Compose, assert_close_to_scale
+from kaedit.errors import ConfigError
+from kaedit.hooks import count_hooks, edit_outputs
+from kaedit.methods.base import EditContext
+from kaedit.methods.core import (
+    TargetConfig,
+    _chunk_cost,
+    _Prefix,
+    _request_rows,
+    length_groups,
+    optimize_targets,
+    request_chunks,
+)
+from kaedit.models import LoadedModel
+from kaedit.records import EditRequest
+from kaedit.stats import CovarianceStore
+from kaedit.tokens import encode, final_hidden, pad
+
+# Subjects at the start, in the middle and at the end of prompts of different lengths;
+# "X" at the start of "{} is a" leaves that KL row an empty prefix.
+REQUESTS = [
+    EditRequest("a", "Paris", "A song about {}", "Rome"),
+    EditRequest("b", "Toyota", "{} cars are built in", "Germany"),
+    EditRequest("c", "Leonhard Euler", "Number theory by {} and his friends", "Carl Gauss"),
+    EditRequest("d", "X", "{} marks the", "spot"),
+]
+TEMPLATES = ["{}", "Hello. {}", "Once upon a time, there. {}"]
+
+
+def test_prefix_cache_gives_the_full_forward(lm: LoadedModel) -> None:
+    """Final hidden states of the run columns, with a delta at the subject token: cached
+    prefix + suffix vs the whole rows in one forward, rows of different lengths (prefix
+    lengths 0..~30), right padding, masks and position ids."""
+    tok = lm.tokenizer
+    rows = [r for i, q in enumerate(REQUESTS) for r in _request_rows(
+        tok, i, q, TEMPLATES, TargetConfig(kl_position="last"))]
+    assert min(r.subject for r in rows) == 0 and max(r.subject for r in rows) > 20
+    module = lm.spec.module("layer", 1)
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(len(rows), lm.model.config.hidden_size, generator=gen)
+    dev = lm.device
+    every = torch.arange(len(rows), device=dev)
+
+    def add_at(cols: list[int]):
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            h = h.clone()
+            h[every, torch.tensor(cols)] += delta.to(h.dtype)
+            return h
+        return fn
+
+    ids, mask = pad([r.ids for r in rows], tok.pad_token_id, dev)
+    with torch.no_grad(), edit_outputs(lm.model, {module: add_at([r.subject for r in rows])}):
+        full = final_hidden(lm.model, lm.spec, ids, mask)
+    prefix = _Prefix.build(lm, [r.ids[: r.subject] for r in rows])
+    sids, smask = pad([r.ids[r.subject:] for r in rows], tok.pad_token_id, dev)
+    with torch.no_grad(), edit_outputs(lm.model, {module: add_at([0] * len(rows))}):
+        fast = prefix.hidden(lm, every, sids, smask)
+    for j, r in enumerate(rows):
+        # Same maths, different matmul shapes: measured ≤ 2.8e-7 of the scale; 1e-5 is far
+        # below a wrong position id, mask or padding slot (errors of the scale itself).
+        assert_close_to_scale(fast[j, : len(r.ids) - r.subject], full[j, r.subject: len(r.ids)],
+                              rel=1e-5, msg=f"row {j}")
+    assert count_hooks(lm.model) == 0
+
+
+@pytest.mark.parametrize("kl_position", ["subject_last", "last"])
+def test_fast_and_full_paths_give_the_same_targets(lm: LoadedModel, kl_position: str) -> None:
+    cfg = TargetConfig(lr=0.5, steps=8, kl_position=kl_position, early_stop_loss=2.0)
+    for modules in ([lm.spec.module("layer", 2)],
+                    [lm.spec.module("attn_out", 2), lm.spec.module("mlp_out", 2)]):
+        full = optimize_targets(lm, REQUESTS, TEMPLATES, modules, replace(cfg, fast=False))
+        fast = optimize_targets(lm, REQUESTS, TEMPLATES, modules, cfg)
+        for m in modules:
+            torch.testing.assert_close(fast[m][0], full[m][0])  # init: the same forward
+            # The targets init + δ. The gradients of both paths agree to 3e-7 of their
+            # scale (measured), but Adam divides each entry by its own running RMS, so
+            # entries with near-zero gradients turn that rounding into visible steps (the
+            # same effect test_optimize_targets_batched_equals_separate bounds by 1e-2).
+            # Measured ≤ 1.7e-4 of the target's scale; 5e-3 leaves room for other BLAS.
+            assert_close_to_scale(fast[m][0] + fast[m][1], full[m][0] + full[m][1],
+                                  rel=5e-3, msg=m)
+
+
+@pytest.fixture
+def ctx(lm: LoadedModel, cache_dir: Path, tiny_corpus: Path) -> EditContext:
+    stats = CovarianceStore([str(tiny_corpus)], str(cache_dir / "stats"), n_tokens=2000)
+    return EditContext(lm=lm, stats=stats, templates=TEMPLATES)
+
+
+@pytest.mark.parametrize("method", ["memit", "pmet", "adaple", "alphaedit", "rome"])
+def test_every_method_gets_the_same_deltas_on_both_paths(
+    compose: Compose, lm: LoadedModel, ctx: EditContext, method: str
+) -> None:
+    cfg = compose([f"model={lm.spec.name}", f"method={method}"])
+    deltas = {}
+    for fast in (True, False):
+        m = instantiate(cfg.method, _convert_="all")
+        assert m.target.fast  # the fast path is every method's default
+        m.target = replace(m.target, fast=fast)
+        m.prepare(ctx)
+        deltas[fast] = m.compute_deltas(ctx, REQUESTS[:3])
+    assert deltas[True].keys() == deltas[False].keys()
+    for name in deltas[True]:
+        # The targets agree to ≤ 1.7e-4 of their scale (test above); the closed-form solves
+        # carry that over. Measured ≤ 6e-5 of the delta's scale; 5e-3 as for the targets.
+        assert_close_to_scale(deltas[True][name], deltas[False][name], rel=5e-3, msg=name)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_chunks_under_the_memory_budget_give_the_same_targets(lm: LoadedModel,
+                                                              fast: bool) -> None:
+    cfg = TargetConfig(lr=0.5, steps=8, early_stop_loss=2.0, fast=fast)
+    rows = [_request_rows(lm.tokenizer, i, r, TEMPLATES, cfg) for i, r in enumerate(REQUESTS)]
+    one = request_chunks(rows, cfg)
+    assert one == [slice(0, len(REQUESTS))]  # the default budget holds these four
+    small = replace(cfg, chunk_tokens=_chunk_cost([*rows[0], *rows[1]], fast))
+    several = request_chunks(rows, small)
+    assert several[0] == slice(0, 2) and len(several) > 1  # exactly the first two fit
+    alone = replace(cfg, chunk_tokens=1)
+    assert request_chunks(rows, alone) == [slice(i, i + 1) for i in range(len(REQUESTS))]
+    modules = [lm.spec.module("attn_out", 2), lm.spec.module("mlp_out", 2)]
+    ref = optimize_targets(lm, REQUESTS, TEMPLATES, modules, cfg)
+    for c in (small, alone):
+        out = optimize_targets(lm, REQUESTS, TEMPLATES, modules, c)
+        for m in modules:
+            torch.testing.assert_close(out[m][0], ref[m][0])
+            # Requests are independent; only the matmul batching differs. Adam's amplified
+            # rounding as in test_optimize_targets_batched_equals_separate (its 1e-2);
+            # measured ≤ 3e-4 of the scale.
+            assert_close_to_scale(out[m][1], ref[m][1], rel=1e-2, msg=m)
+
+
+def test_kl_row_reads_the_subject_token_by_default(lm: LoadedModel) -> None:
+    tok, req = lm.tokenizer, REQUESTS[2]
+    assert TargetConfig().kl_position == "subject_last"  # kmeng01/memit compute_z.py
+    for position in ("subject_last", "last"):
+        cfg = TargetConfig(kl_position=position)
+        *nll, kl = _request_rows(tok, 0, req, TEMPLATES, cfg)
+        assert kl.is_kl and not any(r.is_kl for r in nll)
+        e = encode(tok, cfg.kl_prompt, req.subject)
+        col = e.subject_last if position == "subject_last" else len(e.ids) - 1
+        assert kl.reads == (col,) and kl.subject == e.subject_last
+        assert kl.ids == e.ids[: col + 1]  # nothing after the read column is run
+    with pytest.raises(ConfigError, match="kl_position='first'.*subject_last"):
+        TargetConfig(kl_position="first")
+    with pytest.raises(ConfigError, match="chunk_tokens=0"):
+        TargetConfig(chunk_tokens=0)
+    with pytest.raises(ConfigError, match="length_groups=0"):
+        TargetConfig(length_groups=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_early_stop_reads_the_total_loss(lm: LoadedModel, fast: bool) -> None:
+    """A probe: with a (nonsensical) negative weight decay, the total loss drops far below
+    the threshold as soon as δ ≠ 0, while the NLL stays far above it (random model: NLL ≈
+    log 257). Stopping on the total loss ends every request after one step, so 10 steps
+    give exactly the 2-step result; stopping on the NLL alone would not."""
+    modules = [lm.spec.module("layer", 2)]
+    probe = TargetConfig(lr=0.5, weight_decay=-1e3, early_stop_loss=0.05, fast=fast)
+    two = optimize_targets(lm, REQUESTS, TEMPLATES, modules, replace(probe, steps=2))
+    ten = optimize_targets(lm, REQUESTS, TEMPLATES, modules, replace(probe, steps=10))
+    three = optimize_targets(lm, REQUESTS, TEMPLATES, modules,
+                             replace(probe, steps=3, weight_decay=0.0))
+    d2, d10, d3 = (x[modules[0]][1] for x in (two, ten, three))
+    assert d2.abs().min() > 0  # one step was taken by every request
+    assert torch.equal(d10, d2)
+    assert not torch.allclose(d3, d2)  # without the probe the same requests keep going
+
+
+@pytest.mark.parametrize("method", ["memit", "pmet", "adaple", "alphaedit", "rome"])
+def test_one_override_switches_every_method_to_the_full_path(compose: Compose,
+                                                             method: str) -> None:
+    for overrides, fast, position in (([], True, "subject_last"),
+                                      (["++model.edit.target.fast=false",
+                                        "++model.edit.target.kl_position=last"], False, "last")):
+        cfg = compose(["model=tiny_llama", f"method={method}", *overrides])
+        target = instantiate(cfg.method, _convert_="all").target
+        assert (target.fast, target.kl_position) == (fast, position)
+
+
+def test_length_groups_minimise_padding() -> None:
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.choice([1, 2, 4, 5, 7, 8, 11, 15]) for _ in range(rng.randint(1, 30))]
+        k = rng.randint(1, 4)
+        groups = length_groups(lengths, k)
+        assert sorted(j for g in groups for j in g) == list(range(len(lengths)))
+        assert len(groups) <= k
+
+        def cost(parts, lengths=lengths):
+            return sum(len(p) * max(lengths[j] for j in p) for p in parts)
+
+        # brute force: every way to cut the sorted distinct lengths into <= k runs
+        values = sorted(set(lengths))
+        best = min(
+            cost([[j for j, x in enumerate(lengths) if lo <= x <= hi]
+                  for lo, hi in zip([values[0], *[values[c] for c in cuts]],
+                                    [*[values[c - 1] for c in cuts], values[-1]])])
+            for r in range(min(k, len(values)))
+            for cuts in itertools.combinations(range(1, len(values)), r)
+        )
+        assert cost(groups) == best
