@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,9 @@ from kaedit import experiment
 from kaedit.experiment import compose as compose_config
 from kaedit.methods.core import TargetConfig
 from kaedit.schedule import Schedule
+from kaedit.sweep import job_dirs
 from test_config import bind, targets
+from wandb_file import of_type, wandb_records
 
 EXPERIMENTS_DIR = REPO / "experiments"
 EXPERIMENTS = sorted(f.stem for f in (EXPERIMENTS_DIR / "experiment").glob("*.yaml"))
@@ -286,28 +287,8 @@ def test_main_returns_the_optimized_metric(
 
 # ------------------------------------------------------- submitit multirun, W&B grouping
 def wandb_run_records(path: Path) -> list:
-    """The ``run`` records of an offline W&B file (LevelDB log format: 32 KiB blocks of
-    7-byte-header chunks after a 7-byte ``:W&B`` file header)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, buf, runs = path.read_bytes(), 7, b"", []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer
-            pos += 32768 - pos % 32768
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            continue
-        buf = chunk if kind == 2 else buf + chunk  # FIRST starts, MIDDLE/LAST extend
-        if kind in (1, 4):  # FULL or LAST: a whole record
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            if rec.WhichOneof("record_type") == "run":
-                runs.append(rec.run)
-            buf = b""
-    return runs
+    """The ``run`` records of an offline W&B file."""
+    return of_type(wandb_records(path), "run")
 
 
 @pytest.mark.slow  # two subprocess jobs: ~30 s on an idle 2-core machine
@@ -325,8 +306,9 @@ def test_submitit_local_multirun_groups_jobs_in_wandb(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     runs = {}
-    for job in ("0", "1"):
-        run_dir = sweep / job
+    jobs = {d.name.split("_", 1)[0]: d for d in job_dirs(sweep)}  # NUM_OVERRIDES
+    assert sorted(jobs) == ["0", "1"] and "fusion.p=0.5" in jobs["1"].name
+    for job, run_dir in jobs.items():
         assert (run_dir / "summary.json").is_file(), job
         (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
         (record,) = wandb_run_records(wandb_file)

@@ -25,6 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kaedit.paths import CONF_DIR
+from kaedit.sweep import register_resolver
 
 log = logging.getLogger("kaedit")
 
@@ -73,6 +74,9 @@ def fill_tracking(cfg: DictConfig) -> None:
         cfg.tracking.tags = info["tags"]
     if cfg.tracking.name is None:
         cfg.tracking.name = info["name"]
+
+
+register_resolver()  # hydra.sweep.subdir: job folders named by their overrides
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
