@@ -258,6 +258,8 @@ def test_tracking_info_names_method_fusion_and_parameters() -> None:
     assert info["tags"] == ["method=adaple", "fusion=lookahead", "fusion.k=5",
                             "fusion.alpha=0.5", "scale=cpu", "model=smollm2"]
     assert info["name"] == "adaple/lookahead(k=5,alpha=0.5)"
+    assert info["choices"] == {"method": "adaple", "fusion": "lookahead", "scale": "cpu",
+                               "model": "smollm2"}  # the dashboard's grouping keys
     assert sweep_group("outputs/multirun/2026-11-25/10-00-00/") == (
         "outputs/multirun/2026-11-25/10-00-00")
     long = sweep_group("/x" * 100)

@@ -339,7 +339,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         by_batch = retention_by_batch(retention.path)
         by_batch.to_csv(run_dir / RETENTION_BY_BATCH, index=False, float_format="%.6g")
         trackers.table("retention", retention.path)  # every row: a file artifact
-        trackers.table("retention_by_batch", run_dir / RETENTION_BY_BATCH)
+        trackers.table(Path(RETENTION_BY_BATCH).stem, run_dir / RETENTION_BY_BATCH)
         if cfg.save_deltas:
             trackers.files("deltas", [run_dir / "deltas.safetensors"])
         return summary

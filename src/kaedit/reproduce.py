@@ -121,6 +121,7 @@ def execute(run: PlannedRun, out: Path, extra: Sequence[str]) -> float:
     cfg, choices = compose([*run.overrides, *extra, f"tracking.group={GROUP}"])
     info = tracking_info(choices, cfg.fusion)
     cfg.tracking.tags, cfg.tracking.name = info["tags"], info["name"]
+    cfg.tracking.choices = info["choices"]
     meta = run_dir / "resume.json"
     if meta.is_file():
         saved = json.loads(meta.read_text())

@@ -41,6 +41,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 RESULTS = "results.csv"
+#: The name results.csv is logged under (a W&B table and artifact; kaedit.dashboard).
+TABLE = "sweep_results"
 FIGURE = "compare.png"
 #: Summary values of a job that results.csv keeps, after the seen metrics.
 KEPT = ("retention/first_batch", "edits_done", "steps", "steps_failed", "wall_s")
@@ -147,7 +149,7 @@ def log_results(cfg: DictConfig, sweep_dir: Path, table: Path, figure: Path | No
 
     trackers, _ = build_trackers(cfg, sweep_dir)
     try:
-        trackers.table("sweep_results", table)
+        trackers.table(TABLE, table)
         if figure is not None:
             trackers.images({"sweep/compare": str(figure)})
     finally:
