@@ -110,3 +110,51 @@ def test_two_job_sweep_leaves_results_and_figure_logged_in_its_group(
     files = {e.path: e for a in of_type(records, "artifact") for e in a.manifest.contents}
     assert files["results.csv"].size == (sweep_dir / "results.csv").stat().st_size
     assert any("sweep/compare/path" in row for row in history_rows(records))  # the image
+
+
+# ------------------------------------------------------------------ Optuna: p and λ
+def test_optuna_sweeper_config_searches_p_and_lambda(compose) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import (
+        create_optuna_distribution_from_override,
+    )
+
+    from kaedit.setup import compose as compose_hydra
+
+    cache = compose([]).cache_dir
+    cfg = compose_hydra([f"cache_dir={cache}", "hydra/sweeper=ka_optuna", "method=adaple"],
+                        hydra_config=True)
+    sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
+    assert sweeper["_target_"].endswith("OptunaSweeper")
+    assert sweeper["direction"] == "maximize" and cfg.optimized_metric == "seen/score"
+    assert sweeper["sampler"]["seed"] == cfg.seed
+    parsed = OverridesParser.create().parse_overrides(
+        [f"{k}={v}" for k, v in sweeper["params"].items()])
+    dists = {o.get_key_element(): create_optuna_distribution_from_override(o)
+             for o in parsed}
+    assert (dists["fusion.p"].low, dists["fusion.p"].high) == (0.0, 0.95)
+    lam = dists["method.lam"]
+    assert (lam.low, lam.high, type(lam).__name__) == (100.0, 1e5, "LogUniformDistribution")
+    for key in dists:  # both exist in the job config the sweeper overrides
+        assert OmegaConf.select(cfg, key) is not None, key
+
+
+@pytest.mark.slow  # two tiny trials in a subprocess: ~30 s
+def test_optuna_sweep_runs_trials_and_ends_with_the_table(
+    tiny_run_overrides: list[str], tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "optuna"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kaedit.run", "-m", "hydra/sweeper=ka_optuna",
+         "hydra.sweeper.n_trials=2", *tiny_run_overrides, "schedule.n_edits=2",
+         "schedule.batch_size=2", "schedule.generation_every=0",
+         f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    best = OmegaConf.load(sweep_dir / "optimization_results.yaml")  # the sweeper's own
+    table = pd.read_csv(sweep_dir / "results.csv")
+    assert len(table) == 2 and set(table["status"]) == {"done"}
+    assert 0.0 <= table["fusion.p"].min() and table["fusion.p"].max() <= 0.95
+    assert 100.0 <= table["method.lam"].min() and table["method.lam"].max() <= 1e5
+    assert best.best_value == pytest.approx(table["seen/score"].max(), rel=1e-5)
