@@ -341,7 +341,14 @@ def fake_run(run_dir: Path, p: float, final_eff: float, fusion: dict | None = No
         "fusion": fusion or {"_target_": "kaedit.fusion.DropRescale", "p": p},
         "dataset": {"name": "counterfact"}, "seed": 0,
         "schedule": {"n_edits": 4, "batch_size": 2}}), run_dir / "config.yaml")
-    (run_dir / "summary.json").write_text("{}")
+    # as the runner ends: summary (the last row, first-batch retention), resume.json done;
+    # as reproduce.execute starts: the run's overrides where a Hydra job keeps them
+    (run_dir / "summary.json").write_text(json.dumps({
+        "seen/efficacy": final_eff, "seen/generalization": 40.0, "seen/specificity": 70.0,
+        "seen/score": 50.0, "retention/first_batch": 50.0, "edits_done": 4, "steps": 2}))
+    (run_dir / "resume.json").write_text(json.dumps({"fingerprint": "x", "done": True}))
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text(f"- fusion.p={p}\n")
 
 
 def test_reproduce_results_table_and_figures(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ the sweep directory
   overridden key, and all of them as ``overrides``), status (``done``, ``unfinished``:
   resumable with ``resume=JOB_DIR``, ``failed``: no checkpoint), final seen metrics
   (``seen/*``), first-batch retention (``retention/first_batch``: efficacy of the step-1
-  edits after the last step), edits, steps, failed steps and wall time;
+  edits after the last step), edits, steps, failed steps, wall time, and the attenuation
+  (:func:`attenuation`: unedited, immediate efficacy and the KA drop);
 * ``compare.png`` -- seen efficacy, generalization and specificity against the number of
   edits, one line per job (:func:`kaedit.analyze.plot_comparison`);
 
@@ -105,7 +106,25 @@ def job_result(job_dir: Path) -> dict[str, Any]:
     row.update({k: v for k, v in summary.items() if k.startswith("seen/")
                 and isinstance(v, (int, float))})
     row.update({k: summary.get(k) for k in KEPT})
+    if (job_dir / "metrics.csv").is_file():
+        row.update(attenuation(pd.read_csv(job_dir / "metrics.csv")))
     return row
+
+
+def attenuation(metrics: pd.DataFrame) -> dict[str, float]:
+    """How much of the edits' immediate success is lost (knowledge attenuation):
+    ``immediate_efficacy`` = mean of ``batch/efficacy`` over the edited steps (each batch
+    scored right after it was applied), ``ka_drop`` = that − the last seen efficacy;
+    ``unedited_efficacy`` = seen efficacy at step 0."""
+    nan = math.nan
+    if "seen/efficacy" not in metrics or metrics.empty:
+        return {"unedited_efficacy": nan, "immediate_efficacy": nan, "ka_drop": nan}
+    edited = metrics[metrics["step"] > 0]
+    immediate = (float(edited["batch/efficacy"].mean())
+                 if len(edited) and "batch/efficacy" in edited else nan)
+    return {"unedited_efficacy": float(metrics["seen/efficacy"].iloc[0]),
+            "immediate_efficacy": immediate,
+            "ka_drop": immediate - float(metrics["seen/efficacy"].iloc[-1])}
 
 
 def results_table(sweep_dir: Path) -> pd.DataFrame:
