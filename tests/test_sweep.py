@@ -96,6 +96,10 @@ def test_two_job_sweep_leaves_results_and_figure_logged_in_its_group(
                     "retention/first_batch", "wall_s"):
             assert row[key] == pytest.approx(summary[key], rel=1e-5), key  # %.6g in the csv
         assert f"fusion.p={row['fusion.p']}" in row["overrides"].split()
+        metrics = pd.read_csv(job / "metrics.csv")  # one edited step: its batch/efficacy
+        assert row["immediate_efficacy"] == pytest.approx(metrics["batch/efficacy"].iloc[1])
+        assert row["ka_drop"] == pytest.approx(
+            row["immediate_efficacy"] - row["seen/efficacy"], abs=1e-4)  # csv: 6 digits
     assert "cache_dir" not in table and "dataset.path" not in table  # in `overrides` only
     assert (sweep_dir / "compare.png").stat().st_size > 0
 
