@@ -5,6 +5,8 @@ repeated step, the fan-out reaching every tracker, and the per-step progress lin
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -107,6 +109,13 @@ def test_offline_resume_leaves_segments_of_one_run_without_a_repeated_step(
     assert len(dirs) == 2 and all(d.endswith(f"-{run_id}") for d in dirs)
     steps = [[r["_step"] for r in history_rows(seg) if "step" in r] for seg in (first, second)]
     assert steps == [[0, 1, 2, 3], [4]]
+    # the documented upload command takes both segments (--dry-run: no server here)
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    proc = subprocess.run([str(wandb_cli), "sync", "--dry-run",
+                           *map(str, sorted(run_dir.glob("wandb/offline-run-*")))],
+                          capture_output=True, text=True, timeout=120, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Would sync 2 run(s)" in out, out
     # the csv tracker cut its rows back to the checkpoint and redid them: the same steps
     assert pd.read_csv(run_dir / "metrics.csv")["step"].tolist() == [0, 1, 2, 3, 4]
 
