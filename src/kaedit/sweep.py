@@ -178,16 +178,16 @@ def log_results(cfg: DictConfig, sweep_dir: Path, table: Path, figure: Path | No
 class SweepResults(Callback):
     """Hydra callback: ``results.csv`` and ``compare.png`` at the end of every multirun.
 
-    ``log``: also log them through the sweep's trackers (W&B: the sweep's group).
+    ``track``: also log them through the sweep's trackers (W&B: the sweep's group).
     """
 
-    def __init__(self, log: bool = True) -> None:
-        self.log = log
+    def __init__(self, track: bool = True) -> None:
+        self.track = track
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         table, figure = write_results(sweep_dir)
-        if not self.log:
+        if not self.track:
             return
         try:
             log_results(sweep_config(config, sweep_dir), sweep_dir, table, figure)
