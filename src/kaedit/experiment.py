@@ -241,7 +241,6 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     n_steps = len(batches)
     made_at = [s for s, r in enumerate(batches, start=1) for _ in r]  # per planned edit
     t_start = time.perf_counter()
-    done_before = state.step  # steps of earlier segments (resume): not timed here
 
     def evaluate(step: int, batch: Sequence[int], n_done: int, extra: Mapping) -> dict:
         t0, pairs0 = time.perf_counter(), evaluation.scorer.pairs_scored
@@ -268,6 +267,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             state.last_row = evaluate(0, list(range(len(batches[0]))), 0, {})
         bar = tqdm(total=n_steps, initial=state.step, desc="editing", unit="step",
                    disable=None)
+        t_loop, done_before = time.perf_counter(), state.step  # s/step: this segment's steps
         for step in range(state.step + 1, n_steps + 1):
             batch = [records[i] for i in batches[step - 1]]
             ctx.clock.take()
@@ -313,7 +313,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                                 fusion_state.flat())
             bar.update(1)
             log.info(progress_line(step, n_steps, n_done, state.last_row,
-                                   (time.perf_counter() - t_start) / (step - done_before)))
+                                   (time.perf_counter() - t_loop) / (step - done_before)))
         bar.close()
 
         summary = dict(state.last_row)
