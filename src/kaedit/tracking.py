@@ -236,9 +236,10 @@ class WandbTracker:
         if not path.is_file():
             return
         self._artifact(name, "table", [path])
-        rows = pd.read_csv(path)
-        if len(rows) <= wandb.Table.MAX_ROWS:  # also browsable in the run's page
-            self.run.summary[name] = wandb.Table(dataframe=rows)
+        with path.open() as f:
+            n_rows = sum(1 for _ in f) - 1  # without reading a long table into memory
+        if n_rows <= wandb.Table.MAX_ROWS:  # also browsable in the run's page
+            self.run.summary[name] = wandb.Table(dataframe=pd.read_csv(path))
 
     def files(self, name: str, paths: Sequence[str | Path]) -> None:
         if self.log_artifacts and paths:
