@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,9 @@ from kaedit import experiment
 from kaedit.experiment import compose as compose_config
 from kaedit.methods.core import TargetConfig
 from kaedit.schedule import Schedule
+from kaedit.sweep import job_dirs
 from test_config import bind, targets
+from wandb_file import of_type, wandb_records
 
 EXPERIMENTS_DIR = REPO / "experiments"
 EXPERIMENTS = sorted(f.stem for f in (EXPERIMENTS_DIR / "experiment").glob("*.yaml"))
@@ -301,6 +302,8 @@ def test_tracking_info_names_method_fusion_and_parameters() -> None:
     assert info["tags"] == ["method=adaple", "fusion=lookahead", "fusion.k=5",
                             "fusion.alpha=0.5", "scale=cpu", "model=smollm2"]
     assert info["name"] == "adaple/lookahead(k=5,alpha=0.5)"
+    assert info["choices"] == {"method": "adaple", "fusion": "lookahead", "scale": "cpu",
+                               "model": "smollm2"}  # the dashboard's grouping keys
     assert sweep_group("outputs/multirun/2026-11-25/10-00-00/") == (
         "outputs/multirun/2026-11-25/10-00-00")
     long = sweep_group("/x" * 100)
@@ -330,28 +333,8 @@ def test_main_returns_the_optimized_metric(
 
 # ------------------------------------------------------- submitit multirun, W&B grouping
 def wandb_run_records(path: Path) -> list:
-    """The ``run`` records of an offline W&B file (LevelDB log format: 32 KiB blocks of
-    7-byte-header chunks after a 7-byte ``:W&B`` file header)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, buf, runs = path.read_bytes(), 7, b"", []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer
-            pos += 32768 - pos % 32768
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            continue
-        buf = chunk if kind == 2 else buf + chunk  # FIRST starts, MIDDLE/LAST extend
-        if kind in (1, 4):  # FULL or LAST: a whole record
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            if rec.WhichOneof("record_type") == "run":
-                runs.append(rec.run)
-            buf = b""
-    return runs
+    """The ``run`` records of an offline W&B file."""
+    return of_type(wandb_records(path), "run")
 
 
 @pytest.mark.slow  # two subprocess jobs: ~30 s on an idle 2-core machine
@@ -369,8 +352,9 @@ def test_submitit_local_multirun_groups_jobs_in_wandb(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     runs = {}
-    for job in ("0", "1"):
-        run_dir = sweep / job
+    jobs = {d.name.split("_", 1)[0]: d for d in job_dirs(sweep)}  # NUM_OVERRIDES
+    assert sorted(jobs) == ["0", "1"] and "fusion.p=0.5" in jobs["1"].name
+    for job, run_dir in jobs.items():
         assert (run_dir / "summary.json").is_file(), job
         (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
         (record,) = wandb_run_records(wandb_file)
@@ -401,7 +385,14 @@ def fake_run(run_dir: Path, p: float, final_eff: float, fusion: dict | None = No
         "fusion": fusion or {"_target_": "kaedit.fusion.DropRescale", "p": p},
         "dataset": {"name": "counterfact"}, "seed": 0,
         "schedule": {"n_edits": 4, "batch_size": 2}}), run_dir / "config.yaml")
-    (run_dir / "summary.json").write_text("{}")
+    # as the runner ends: summary (the last row, first-batch retention), resume.json done;
+    # as reproduce.execute starts: the run's overrides where a Hydra job keeps them
+    (run_dir / "summary.json").write_text(json.dumps({
+        "seen/efficacy": final_eff, "seen/generalization": 40.0, "seen/specificity": 70.0,
+        "seen/score": 50.0, "retention/first_batch": 50.0, "edits_done": 4, "steps": 2}))
+    (run_dir / "resume.json").write_text(json.dumps({"fingerprint": "x", "done": True}))
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text(f"- fusion.p={p}\n")
 
 
 def test_reproduce_results_table_and_figures(tmp_path: Path) -> None:

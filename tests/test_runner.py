@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from kaedit import analyze, experiment
 from kaedit.data import DatasetError
 from kaedit.models import LoadedModel
 from kaedit.schedule import ScheduleError
+from wandb_file import history_rows, of_type, wandb_records
 
 HEADLINE_COLUMNS = ["batch/efficacy", "seen/efficacy", "seen/specificity", "seen/score"]
 
@@ -179,19 +181,50 @@ def test_guard_stop_raises(run) -> None:
         run("guard.max_delta_norm=1e-12", "guard.on_fault=stop")
 
 
-def test_wandb_offline_run(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def wandb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B's own folders (artifact staging included) under tmp_path."""
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    _, run_dir = run("logger=wandb", "logger.wandb.mode=offline", "schedule.n_edits=3")
+    return tmp_path / "wandb-home"
+
+
+def test_wandb_offline_run(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb_home(tmp_path, monkeypatch)
+    console = logging.StreamHandler(sys.stderr)  # as Hydra's job logging, on the console
+    logger = logging.getLogger("kaedit")
+    logger.addHandler(console)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    try:
+        _, run_dir = run("logger=wandb", "logger.wandb.mode=offline", "schedule.n_edits=3",
+                         "save_deltas=true", "logger.wandb.log_artifacts=true")
+    finally:
+        logger.removeHandler(console)
     assert (run_dir / "wandb").is_dir()
     (wb_run,) = (run_dir / "wandb").glob("offline-run-*")
     assert (run_dir / "metrics.csv").is_file()  # the csv tracker runs beside it
-    # the retention rows as a W&B table
-    (table,) = (wb_run / "files" / "media" / "table").glob("retention_*.table.json")
+    records = wandb_records(next(wb_run.glob("run-*.wandb")))
+    # every metric against edits_done; the step index is a metric too
+    assert any(m.glob_name == "*" and m.step_metric == "edits_done"
+               for m in of_type(records, "metric"))
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    history = history_rows(records)
+    assert [r["step"] for r in history] == [r["_step"] for r in history] == list(metrics["step"])
+    assert [r["edits_done"] for r in history] == list(metrics["edits_done"])
+    # the retention rows as a file artifact (all of them), the by-batch table also as a
+    # table; the final deltas as an artifact (log_artifacts=true)
+    artifacts = {a.type: a for a in of_type(records, "artifact")}
+    assert {"table", "deltas"} <= set(artifacts)
+    files = {e.path: e for a in of_type(records, "artifact") for e in a.manifest.contents}
+    for name in ("retention.csv", "retention_by_batch.csv", "deltas.safetensors"):
+        assert files[name].size == (run_dir / name).stat().st_size, name
+        assert Path(files[name].local_path).read_bytes() == (run_dir / name).read_bytes()
+    (table,) = (wb_run / "files" / "media" / "table").glob("retention_by_batch_*.table.json")
     data = json.loads(table.read_text())
-    assert {"step", "step_made", "case_id", "efficacy"} <= set(data["columns"])
-    assert len(data["data"]) == len(pd.read_csv(run_dir / "retention.csv"))
+    assert {"step_made", "efficacy", "n_sampled"} <= set(data["columns"])
+    assert len(data["data"]) == len(pd.read_csv(run_dir / "retention_by_batch.csv")) == 1
+    # W&B captured the console: the per-step log line is in the run's output.log
+    assert "s/step" in (wb_run / "files" / "output.log").read_text()
 
     # figures from `python -m kaedit.analyze --wandb` go to the same W&B run id
     assert analyze.main([str(run_dir), "--wandb", "offline"]) == 0

@@ -262,7 +262,8 @@ def log_to_wandb(run_dirs: Sequence[str | Path], written: Sequence[Path], mode: 
         own = [p for p in written if p not in compare and p.parent == dest]
         wb = load_run(d).config.get("logger", {}).get("wandb", {}) or {}
         tracker = WandbTracker(str(d), project=wb.get("project", "kaedit"),
-                               entity=wb.get("entity"), mode=mode, resume={"run_id": run_id})
+                               entity=wb.get("entity"), mode=mode, resume={"run_id": run_id},
+                               log_artifacts=bool(wb.get("log_artifacts", False)))
         try:
             tracker.images({f"analysis/{p.stem}": str(p) for p in [*own, *compare]})
         finally:

@@ -54,7 +54,7 @@ from kaedit.setup import (  # noqa: F401 - compose, resolve_data_root: kaedit.ex
     resolve_from_trace,
 )
 from kaedit.stats import CovarianceStore
-from kaedit.tracking import CsvRows, atomic_write
+from kaedit.tracking import CsvRows, atomic_write, progress_line
 from kaedit.weights import EditedWeights, delta_problem
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 #: Files of a run directory the runner writes besides the trackers' ones.
 RETENTION = "retention.csv"
 REFERENCES = "references.json"
+#: The final efficacy / generalization / specificity of each batch (x100, one row per step
+#: that made edits), written at the end: the dashboard's retention table.
+RETENTION_BY_BATCH = "retention_by_batch.csv"
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -250,6 +253,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         row = {"step": step, "edits_done": n_done, **extra, **row,
                "time/eval_s": time.perf_counter() - t0,
                "eval/prompts": evaluation.scorer.pairs_scored - pairs0}
+        # first-batch retention: efficacy (x100) of the step-1 edits in the seen sample
+        first = [j for j, i in enumerate(seen) if i < n_done and made_at[i] == 1]
+        if first and "efficacy" in per_seen:
+            row["retention/first_batch"] = 100.0 * float(per_seen["efficacy"][first].mean())
         trackers.log(row, step)
         retention.append({"step": step, "case_id": planned[i].case_id,
                           "step_made": made_at[i] if i < n_done else 0,
@@ -263,6 +270,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             state.last_row = evaluate(0, list(range(len(batches[0]))), 0, {})
         bar = tqdm(total=n_steps, initial=state.step, desc="editing", unit="step",
                    disable=None)
+        t_loop, done_before = time.perf_counter(), state.step  # s/step: this segment's steps
         for step in range(state.step + 1, n_steps + 1):
             batch = [records[i] for i in batches[step - 1]]
             ctx.clock.take()
@@ -296,6 +304,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             extra = {"applied": int(problem is None), "time/compute_s": t_compute,
                      **{f"time/{k}_s": v for k, v in stages.items()},
                      "time/fusion_s": t_fuse, "time/step_s": time.perf_counter() - t0}
+            # seconds per edit by stage: comparable across batch sizes (the dashboard's)
+            extra.update({f"time/per_edit/{k[len('time/'):]}": v / len(batch)
+                          for k, v in list(extra.items()) if k.startswith("time/")})
             if schedule.evaluate_at(step, n_steps):
                 state.last_row = evaluate(step, list(range(n_done - len(batch), n_done)),
                                           n_done, extra)
@@ -309,6 +320,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                 checkpoint.save(run_dir, state, edits.total, method.state_dict(),
                                 fusion_state.flat())
             bar.update(1)
+            log.info(progress_line(step, n_steps, n_done, state.last_row,
+                                   (time.perf_counter() - t_loop) / (step - done_before)))
         bar.close()
 
         summary = dict(state.last_row)
@@ -320,22 +333,36 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         })
         if "seen/consistency" in summary:
             summary["consistency_source"] = texts.source
-        trackers.table("retention", _read_rows(retention.path))  # W&B: made x measured
         if cfg.save_deltas:
             from safetensors.torch import save_file
 
             served = fusion.served_offset(fusion_state)  # W_served − W₀ = total + offset
             save_file({k: (v + served[k] if k in served else v).contiguous()
                        for k, v in edits.total.items()}, str(run_dir / "deltas.safetensors"))
+        # Local files first (summary.json: the csv tracker comes first), then what W&B
+        # may refuse: a failure at W&B's end loses nothing of the run's ending.
         trackers.summary(summary)
         atomic_write(run_dir / "resume.json",
                      json.dumps({"fingerprint": fingerprint, "done": True}) + "\n")
+        by_batch = retention_by_batch(retention.path)
+        by_batch.to_csv(run_dir / RETENTION_BY_BATCH, index=False, float_format="%.6g")
+        trackers.table("retention", retention.path)  # every row: a file artifact
+        trackers.table(Path(RETENTION_BY_BATCH).stem, run_dir / RETENTION_BY_BATCH)
+        if cfg.save_deltas:
+            trackers.files("deltas", [run_dir / "deltas.safetensors"])
         return summary
     finally:
         trackers.finish()
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def retention_by_batch(path: Path):
+    """Per batch (``step_made``), the mean of each retention metric (x100) of its edits in
+    the seen sample at the last evaluated step, and how many were sampled."""
     import pandas as pd
 
-    return pd.read_csv(path).to_dict("records") if path.is_file() else []
+    rows = pd.read_csv(path)
+    last = rows[(rows["step"] == rows["step"].max()) & (rows["step_made"] > 0)]
+    metrics = [c for c in ("efficacy", "generalization", "specificity") if c in last]  # 0/1
+    table = last.groupby("step_made")[metrics].mean() * 100.0
+    table.insert(0, "n_sampled", last.groupby("step_made").size())
+    return table.reset_index()

@@ -8,7 +8,9 @@ every edit re-checked after every step) and writes, under ``--out``
 * ``runs/<name>/`` -- one run directory each (metrics.csv, retention.csv, summary.json,
   the offline W&B run; all runs in the W&B group ``reproduce-cpu``);
 * ``results.md`` -- both tables, the settings, the command and the wall times;
-  ``results.csv`` -- the same numbers, one row per run;
+  ``results.csv`` -- :mod:`kaedit.sweep`'s table (the one every ``-m`` sweep ends with:
+  ``runs/`` is laid out as a sweep directory), one row per run: its overrides, status,
+  final seen metrics, first-batch retention, wall time, immediate efficacy and KA drop;
 * ``figures/`` -- ``drop_rate.png`` (final metrics against p, Fig. 6),
   ``drop_rate_curves.png`` and ``fusion_curves.png`` (the edits made so far against the
   number of edits, one line per run: Fig. 6 and Fig. 5 as curves, via
@@ -43,8 +45,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def execute(run: PlannedRun, out: Path, extra: Sequence[str]) -> float:
     cfg, choices = compose([*run.overrides, *extra, f"tracking.group={GROUP}"])
     info = tracking_info(choices, cfg.fusion)
     cfg.tracking.tags, cfg.tracking.name = info["tags"], info["name"]
+    cfg.tracking.choices = info["choices"]
     meta = run_dir / "resume.json"
     if meta.is_file():
         saved = json.loads(meta.read_text())
@@ -134,6 +135,13 @@ def execute(run: PlannedRun, out: Path, extra: Sequence[str]) -> float:
             log.info("%s: resuming", run.name)
             cfg.resume = str(run_dir)
     log.info("%s: %s", run.name, " ".join([*run.overrides, *extra]))
+    # what defines the run, where a Hydra job keeps it: out/runs is a sweep directory
+    # for kaedit.sweep, which makes results.csv
+    from omegaconf import OmegaConf
+
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create([*run.overrides, *extra]),
+                   run_dir / ".hydra" / "overrides.yaml")
     t0 = time.perf_counter()
     run_experiment(cfg, run_dir=str(run_dir))
     return time.perf_counter() - t0
@@ -143,29 +151,16 @@ def execute(run: PlannedRun, out: Path, extra: Sequence[str]) -> float:
 METRICS = ("efficacy", "generalization", "specificity", "score")
 
 
-def run_results(run_dir: Path) -> dict[str, Any]:
-    """Final metrics of all edits, and how much of each edit's immediate success is lost.
-
-    ``immediate efficacy``: mean of ``batch/efficacy`` over the steps (each batch scored
-    right after it was applied); ``KA drop`` = immediate − final efficacy of all edits;
-    ``first batch at end``: efficacy of the step-1 edits after the last step.
-    """
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    retention = pd.read_csv(run_dir / "retention.csv")
-    last = metrics.iloc[-1]
-    edited = metrics[metrics["step"] > 0]
-    immediate = float(edited["batch/efficacy"].mean())
-    end = retention[(retention["step"] == last["step"]) & (retention["step_made"] == 1)]
-    unedited = metrics.iloc[0]
-    return {
-        "steps": int(last["step"]),
-        "edits": int(last["edits_done"]),
-        **{m: float(last[f"seen/{m}"]) for m in METRICS},
-        "unedited_efficacy": float(unedited["seen/efficacy"]),
-        "immediate_efficacy": immediate,
-        "ka_drop": immediate - float(last["seen/efficacy"]),
-        "first_batch_at_end": float(end["efficacy"].mean() * 100) if len(end) else math.nan,
-    }
+def run_results(row: dict[str, Any]) -> dict[str, Any]:
+    """A run's row of :func:`kaedit.sweep.results_table` (the sweep table every ``-m``
+    sweep ends with) in the terms of the tables here: final metrics of all edits (the
+    seen sample is every edit at this scale), immediate efficacy, KA drop and the
+    efficacy of the step-1 edits after the last step."""
+    return {**{m: float(row[f"seen/{m}"]) for m in METRICS},
+            "unedited_efficacy": float(row["unedited_efficacy"]),
+            "immediate_efficacy": float(row["immediate_efficacy"]),
+            "ka_drop": float(row["ka_drop"]),
+            "first_batch_at_end": float(row["retention/first_batch"])}
 
 
 def _fmt(v: float) -> str:
@@ -205,9 +200,13 @@ def write_results(out: Path, plan: Sequence[PlannedRun], timings: dict[str, floa
     from omegaconf import OmegaConf
 
     from kaedit.analyze import load_run, plot_comparison, plot_retention
+    from kaedit.sweep import RESULTS, results_table
 
-    done = [r for r in plan if (out / "runs" / r.name / "summary.json").is_file()]
-    results = {r.name: run_results(out / "runs" / r.name) for r in done}
+    table = results_table(out / "runs")  # kaedit.sweep: the table of every -m sweep
+    table = table[table["job"].isin([r.name for r in plan])] if len(table) else table
+    rows = {row["job"]: row for row in table.to_dict("records") if row["status"] == "done"}
+    done = [r for r in plan if r.name in rows]
+    results = {r.name: run_results(rows[r.name]) for r in done}
     sweep = [{"label": f"p = {r.drop_rate}", "p": r.drop_rate, **results[r.name]}
              for r in done if r.drop_rate is not None]
     fusions = [{"label": r.fusion, **results[r.name]} for r in done if r.fusion]
@@ -227,8 +226,8 @@ def write_results(out: Path, plan: Sequence[PlannedRun], timings: dict[str, floa
             (figures / sub).rmdir()
 
     cfg = OmegaConf.load(out / "runs" / done[0].name / "config.yaml") if done else None
-    pd.DataFrame([{"run": n, **v} for n, v in results.items()]).to_csv(
-        out / "results.csv", index=False, float_format="%.4g")
+    table.rename(columns={"job": "run"}).to_csv(out / RESULTS, index=False,
+                                                float_format="%.4g")
     per_run = ", ".join(f"{n} {timings.get(n, 0) / 60:.1f}" for n in results)
     wall = (f"Wall time: {total_s / 60:.1f} min for this invocation ({platform.node()}, "
             f"{os.cpu_count()} CPUs); per run (min, all invocations): {per_run}.")

@@ -25,6 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kaedit.paths import CONF_DIR
+from kaedit.sweep import register_resolver
 
 log = logging.getLogger("kaedit")
 
@@ -46,7 +47,8 @@ def tracking_info(choices: Mapping[str, Any], fusion: Mapping[str, Any]) -> dict
 
     ``choices`` is Hydra's ``runtime.choices`` (group -> option, None when unset);
     ``fusion`` the fusion config node. E.g. ``{"tags": ["method=memit",
-    "fusion=drop_rescale", "fusion.p=0.8", ...], "name": "memit/drop_rescale(p=0.8)"}``.
+    "fusion=drop_rescale", "fusion.p=0.8", ...], "name": "memit/drop_rescale(p=0.8)",
+    "choices": {"method": "memit", "fusion": "drop_rescale", ...}}``.
     """
     params = {k: v for k, v in fusion.items() if not str(k).startswith("_")}
     tags = []
@@ -57,11 +59,13 @@ def tracking_info(choices: Mapping[str, Any], fusion: Mapping[str, Any]) -> dict
             tags += [f"fusion.{k}={v}" for k, v in params.items()]
     args = ",".join(f"{k}={v}" for k, v in params.items())
     name = f"{choices.get('method')}/{choices.get('fusion')}" + (f"({args})" if args else "")
-    return {"tags": [t[:64] for t in tags], "name": name}  # W&B: tags of at most 64 chars
+    chosen = {g: str(choices[g]) for g in TAGGED_GROUPS if choices.get(g) is not None}
+    return {"tags": [t[:64] for t in tags], "name": name,  # W&B: tags of at most 64 chars
+            "choices": chosen}
 
 
 def fill_tracking(cfg: DictConfig) -> None:
-    """Fill ``cfg.tracking`` (group, tags, name) from Hydra where the user left it empty."""
+    """Fill ``cfg.tracking`` (group, tags, name, choices) from Hydra where the user left it empty."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -73,6 +77,11 @@ def fill_tracking(cfg: DictConfig) -> None:
         cfg.tracking.tags = info["tags"]
     if cfg.tracking.name is None:
         cfg.tracking.name = info["name"]
+    if not cfg.tracking.get("choices"):
+        cfg.tracking.choices = info["choices"]
+
+
+register_resolver()  # hydra.sweep.subdir: job folders named by their overrides
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

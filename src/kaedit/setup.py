@@ -49,6 +49,9 @@ def compose(overrides: Sequence[str] = (), name: str = "config", *,
     ``hydra_config=True`` keeps the ``hydra`` node (``hydra.runtime.choices``, ...)."""
     import hydra
 
+    from kaedit.sweep import register_resolver
+
+    register_resolver()  # hydra.sweep.subdir, when hydra_config=True
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra.compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
 
