@@ -7,6 +7,11 @@ computed in one pass over the corpus, and the forward pass stops after the deepe
 (the rest of the model never runs); each layer is saved, and its float64 sum freed, before
 the next pass. Each layer's C is served on the device of that layer's weights (a model
 sharded with ``device_map=auto`` keeps its layers on different GPUs).
+
+``import_from`` takes C from second-moment files that ROME, MEMIT or EasyEdit computed
+(``{module}_float32_mom2_N.npz``: Σ kkᵀ and the count, :func:`read_mom2`) instead of
+computing it; each layer's file is checked against that layer's key dimension and cached
+like a computed one, keyed by the file's bytes instead of the corpus and sizes.
 """
 
 from __future__ import annotations
