@@ -35,6 +35,8 @@ doc_to_choice: choices
 doc_to_target: label
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
 """
 
 

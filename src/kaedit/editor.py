@@ -90,6 +90,9 @@ class Editor:
         self.fusion = build(cfg.fusion)
         if not isinstance(self.fusion, FusionStrategy):
             raise ConfigError(f"fusion._target_={cfg.fusion._target_!r} is not a fusion strategy")
+        if cfg.guard.on_fault not in ("skip", "stop"):
+            raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of "
+                              "['skip', 'stop']")
         self.evaluator = build(cfg.dataset.evaluator)
         self.lm = build_model(cfg)
         torch.manual_seed(self.seed)  # as the runner, before building the method
