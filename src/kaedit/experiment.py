@@ -25,6 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from kaedit.fusion import FusionState, FusionStrategy
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.core import context_templates
 from kaedit.models import LoadedModel
+from kaedit.perplexity import Perplexity
 from kaedit.records import Deltas, EditRequest
 from kaedit.schedule import Schedule
 from kaedit.setup import (  # noqa: F401 - compose, resolve_data_root: kaedit.experiment's API
@@ -111,6 +113,60 @@ class Evaluation:
         per_seen = pick(seen)
         row = {**aggregate(pick(batch), "batch"), **aggregate(per_seen, "seen")}
         return row, seen, per_seen
+
+
+@dataclass
+class StepDone:
+    """What one edit step did (:func:`edit_step`)."""
+
+    deltas: Deltas  # as the method computed them
+    fused: Deltas  # after the fusion
+    fusion_state: FusionState  # the state to continue from (unchanged if not applied)
+    problem: str | None  # why the fused deltas were not applied (guard), or None
+    t_compute: float
+    t_fuse: float
+    stages: dict[str, float]  # targets / keys / solve, for methods that report them
+
+
+def fuse_step(fusion: FusionStrategy, state: FusionState, deltas: Deltas, seed: int,
+              step: int) -> tuple[FusionState, Deltas]:
+    """Step ``step``'s fusion of the method's deltas: ``(next state, increment)``.
+
+    At ``fusion.scope=layer`` it is the same per-(seed, step, weight) fusion the method
+    applied inside its layer loop (:meth:`~kaedit.fusion.Stateless.layer_fusion`), so the
+    increment is exactly what the later layers were solved against; at step scope, the
+    fusion with the step's generator (:func:`step_generator`). Used by :func:`edit_step`
+    and by ``kaedit.export``'s replay of saved step deltas."""
+    layer = fusion.layer_fusion(seed, step)
+    return (layer or fusion).step(state, deltas, step_generator(seed, step))
+
+
+def edit_step(method: EditMethod, ctx: EditContext, fusion: FusionStrategy,
+              fusion_state: FusionState, edits: EditedWeights, batch: Sequence[EditRequest],
+              seed: int, step: int, max_delta_norm: float | None) -> StepDone:
+    """One step of the recipe on ``M_{t-1}``: compute Δ → fuse → check → apply (or not).
+
+    Shared by :func:`run` and :class:`kaedit.editor.Editor`, so a notebook edits exactly as
+    a run does. With ``fusion.scope=layer`` the method fuses each layer's Δ inside its layer
+    loop (``ctx.layer_fusion``); step scope: ``None``, and the fusion runs once after it.
+    Deltas that fail the guard (:func:`~kaedit.weights.delta_problem`) are not applied,
+    the fusion state is not advanced and the method is not told of them."""
+    layer = fusion.layer_fusion(seed, step)
+    ctx.layer_fusion = None if layer is None else layer.fuse
+    ctx.clock.take()
+    t0 = time.perf_counter()
+    deltas = method.compute_deltas(ctx, batch)
+    t_compute = time.perf_counter() - t0
+    stages = ctx.clock.take()
+    t_fuse = time.perf_counter()
+    next_state, fused = fuse_step(fusion, fusion_state, deltas, seed, step)
+    t_fuse = time.perf_counter() - t_fuse
+    problem = delta_problem(fused, max_delta_norm)
+    if problem is None:
+        edits.add(fused)
+        fusion_state = next_state
+        method.commit(ctx, batch, fused)
+    return StepDone(deltas, fused, fusion_state, problem, t_compute, t_fuse, stages)
 
 
 def generation_indices(schedule: Schedule, batches: Sequence[range],
@@ -215,6 +271,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     evaluation = Evaluation(evaluator, Scorer(lm, int(cfg.eval_batch_size)), planned,
                             schedule.retention_sample, seed, texts)
     edits = EditedWeights(lm.model)
+    # WikiText-2 perplexity on the steps perplexity.every picks (0: never)
+    perplexity: Perplexity | None = build(cfg.perplexity) if cfg.get("perplexity") else None
 
     # 3. state to continue from (resume), outputs and trackers
     state = RunState()
@@ -250,6 +308,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         with edits.serving(fusion.served_offset(fusion_state)):
             row, seen, per_seen = evaluation(batch, n_done,
                                              schedule.generation_at(step, n_steps))
+            if perplexity is not None and perplexity.due(step, n_steps):
+                row["general/perplexity"] = perplexity(lm)
         row = {"step": step, "edits_done": n_done, **extra, **row,
                "time/eval_s": time.perf_counter() - t0,
                "eval/prompts": evaluation.scorer.pairs_scored - pairs0}
@@ -273,37 +333,22 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         t_loop, done_before = time.perf_counter(), state.step  # s/step: this segment's steps
         for step in range(state.step + 1, n_steps + 1):
             batch = [records[i] for i in batches[step - 1]]
-            ctx.clock.take()
             t0 = time.perf_counter()
-            # fusion.scope=layer: the method fuses each layer's Δ inside its layer loop, and
-            # the same per-(seed, step, weight) fusion turns what it returns into the
-            # increment; step scope: None, and the fusion runs once below.
-            layer_fusion = fusion.layer_fusion(seed, step)
-            ctx.layer_fusion = None if layer_fusion is None else layer_fusion.fuse
-            deltas = method.compute_deltas(ctx, batch)
-            t_compute = time.perf_counter() - t0
-            stages = ctx.clock.take()  # targets / keys / solve, for methods that report them
-            t_fuse = time.perf_counter()
-            next_fusion_state, fused = (layer_fusion or fusion).step(
-                fusion_state, deltas, step_generator(seed, step))
-            t_fuse = time.perf_counter() - t_fuse
+            done = edit_step(method, ctx, fusion, fusion_state, edits, batch, seed, step,
+                             cfg.guard.max_delta_norm)
+            fusion_state, problem = done.fusion_state, done.problem
             if cfg.save_step_deltas:
-                save_step_deltas(run_dir / "deltas", step, deltas, fused)
-            problem = delta_problem(fused, cfg.guard.max_delta_norm)
-            if problem is None:
-                edits.add(fused)
-                fusion_state = next_fusion_state
-                method.commit(ctx, batch, fused)
-            else:
+                save_step_deltas(run_dir / "deltas", step, done.deltas, done.fused)
+            if problem is not None:
                 log.warning("step %d not applied: %s", step, problem)
                 state.faults.append({"step": step, "reason": problem})
                 if cfg.guard.on_fault == "stop":
                     raise FloatingPointError(f"step {step} not applied: {problem}")
             state.n_done += len(batch)
             n_done = state.n_done
-            extra = {"applied": int(problem is None), "time/compute_s": t_compute,
-                     **{f"time/{k}_s": v for k, v in stages.items()},
-                     "time/fusion_s": t_fuse, "time/step_s": time.perf_counter() - t0}
+            extra = {"applied": int(problem is None), "time/compute_s": done.t_compute,
+                     **{f"time/{k}_s": v for k, v in done.stages.items()},
+                     "time/fusion_s": done.t_fuse, "time/step_s": time.perf_counter() - t0}
             # seconds per edit by stage: comparable across batch sizes (the dashboard's)
             extra.update({f"time/per_edit/{k[len('time/'):]}": v / len(batch)
                           for k, v in list(extra.items()) if k.startswith("time/")})

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,16 +61,34 @@ class ModelSpec:
     embed: str
     ln_f: str
     lm_head: str
+    #: Kinds whose weight is stored ``[d_in, d_out]`` (GPT-2's ``Conv1D``: ``y = x W + b``)
+    #: instead of ``nn.Linear``'s ``[d_out, d_in]`` (``model.transposed`` in the config).
+    #: Methods compute Δ in ``nn.Linear``'s orientation; :meth:`to_param` stores it.
+    transposed: tuple[str, ...] = ()
 
     @classmethod
-    def from_config(cls, name: str, modules: Mapping[str, str], n_layers: int) -> ModelSpec:
+    def from_config(cls, name: str, modules: Mapping[str, str], n_layers: int,
+                    transposed: Sequence[str] = ()) -> ModelSpec:
         missing = [k for k in MODULE_KINDS if not modules.get(k)]
         if missing:
             raise ModelLoadError(
                 f"model config {name!r} lacks module templates {missing}; "
                 f"expected all of {list(MODULE_KINDS)}"
             )
-        return cls(name=name, n_layers=n_layers, **{k: str(modules[k]) for k in MODULE_KINDS})
+        bad = [k for k in transposed if k not in MODULE_KINDS]
+        if bad:
+            raise ModelLoadError(f"model.transposed of {name!r} names {bad}, not module kinds "
+                                 f"{list(MODULE_KINDS)}")
+        return cls(name=name, n_layers=n_layers, transposed=tuple(str(k) for k in transposed),
+                   **{k: str(modules[k]) for k in MODULE_KINDS})
+
+    def to_param(self, kind: str, delta: torch.Tensor) -> torch.Tensor:
+        """Δ ``[d_out, d_in]`` (``nn.Linear`` orientation) in the layout of ``kind``'s weight."""
+        return delta.T.contiguous() if kind in self.transposed else delta
+
+    def as_linear(self, kind: str, weight: torch.Tensor) -> torch.Tensor:
+        """``kind``'s weight as ``[d_out, d_in]`` (a view; the inverse of :meth:`to_param`)."""
+        return weight.T if kind in self.transposed else weight
 
     def module(self, kind: str, layer: int | None = None) -> str:
         template = getattr(self, kind)
@@ -313,5 +331,6 @@ def load_model(model_cfg: Mapping[str, Any], load_fn) -> LoadedModel:
     """Call the configured loader and wrap the result with its :class:`ModelSpec`."""
     model, tok, fingerprint = load_fn()
     n_layers = int(model.config.num_hidden_layers)
-    spec = ModelSpec.from_config(str(model_cfg["name"]), model_cfg["modules"], n_layers)
+    spec = ModelSpec.from_config(str(model_cfg["name"]), model_cfg["modules"], n_layers,
+                                 model_cfg.get("transposed") or ())
     return LoadedModel(model=model, tokenizer=tok, spec=spec, fingerprint=fingerprint)

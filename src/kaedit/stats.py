@@ -17,6 +17,11 @@ never a token: any chunking gives the same stream, hence the same windows and th
 statistics. Two passes over the stream: the first counts its tokens, the second keeps
 only the ``seq_len``-token windows spread evenly over it (those windows are all that is
 held in memory).
+
+``import_from`` takes C from second-moment files that ROME, MEMIT or EasyEdit computed
+(``{module}_float32_mom2_N.npz``: Σ kkᵀ and the count, :func:`read_mom2`) instead of
+computing it; each layer's file is checked against that layer's key dimension and cached
+like a computed one, keyed by the file's bytes instead of the corpus and sizes.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from tqdm.auto import tqdm
 
 from kaedit.errors import ConfigError
 from kaedit.hooks import run_until
-from kaedit.models import LoadedModel
+from kaedit.models import LoadedModel, file_sha256
 from kaedit.tokens import chunks
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ class CovarianceStore:
         module_kind: str = "mlp_out",
         layers_per_pass: int | None = None,
         chunk_chars: int = 1 << 20,
+        import_from: str | None = None,
     ) -> None:
         if layers_per_pass is not None and int(layers_per_pass) < 1:
             raise ValueError(f"stats.layers_per_pass={layers_per_pass} must be >= 1 or null")
@@ -77,6 +83,9 @@ class CovarianceStore:
         self.layers_per_pass = None if layers_per_pass is None else int(layers_per_pass)
         #: Characters of whole lines tokenised per call (memory/speed only; module doc).
         self.chunk_chars = int(chunk_chars)
+        #: ROME/MEMIT/EasyEdit ``*_mom2_*.npz`` files (a file or a folder searched
+        #: recursively) to take C from instead of computing it (:func:`read_mom2`).
+        self.import_from = None if import_from in (None, "") else str(import_from)
         self._memory: dict[str, torch.Tensor] = {}
         self._corpus_id: str | None = None
         #: Seconds spent computing (not loading) statistics in this run (benchmarks read it).
@@ -130,8 +139,11 @@ class CovarianceStore:
     # -- cache --------------------------------------------------------------------------
     def key(self, lm: LoadedModel, module: str) -> str:
         dtype = str(next(lm.model.parameters()).dtype)
-        parts = [lm.fingerprint, module, self.corpus_id(), self.n_tokens, self.seq_len, dtype,
-                 "tokenised-by-line"]  # statistics of the whole-string tokenisation differ
+        if self.import_from is not None:  # the imported file's bytes replace corpus and sizes
+            source = ["import", file_sha256(mom2_file(self.import_from, module), 32)]
+        else:  # statistics of the whole-string tokenisation differed: marked
+            source = [self.corpus_id(), self.n_tokens, self.seq_len, "tokenised-by-line"]
+        parts = [lm.fingerprint, module, *source, dtype]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
     def _path(self, key: str) -> Path:
@@ -146,6 +158,15 @@ class CovarianceStore:
             if k not in self._memory and self._path(k).is_file():
                 self._memory[k] = load_file(self._path(k))["second_moment"]
         todo = [layer for layer, k in keys.items() if k not in self._memory]
+        if self.import_from is not None:
+            for layer in todo:
+                path = mom2_file(self.import_from, modules[layer])
+                c, count = read_mom2(path, _input_dim(lm, self.module_kind, layer))
+                log.info("imported E[kk^T] of %s from %s (%d samples)", modules[layer], path,
+                         count)
+                self._save(keys[layer], modules[layer], c, count, lm, source=f"import:{path}")
+                self._memory[keys[layer]] = c
+            todo = []
         step = self.layers_per_pass or max(1, len(todo))
         for i in range(0, len(todo), step):
             import time
@@ -160,9 +181,11 @@ class CovarianceStore:
         return {layer: self._memory[keys[layer]].to(_weight_device(lm, modules[layer]))
                 for layer in layers}
 
-    def _save(self, key: str, module: str, c: torch.Tensor, count: int, lm: LoadedModel) -> None:
+    def _save(self, key: str, module: str, c: torch.Tensor, count: int, lm: LoadedModel,
+              source: str | None = None) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"module": module, "model": lm.fingerprint, "corpus": ",".join(self.corpus),
+        meta = {"module": module, "model": lm.fingerprint,
+                "corpus": source or ",".join(self.corpus),
                 "n_tokens": str(count), "seq_len": str(self.seq_len)}
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
         os.close(fd)
@@ -190,6 +213,69 @@ class CovarianceStore:
                 sums[layer] = sums.get(layer, 0) + k.T @ k
             count += ids.numel()
         return {layer: ((s / count).float(), count) for layer, s in sums.items()}
+
+
+# ----------------------------------------------------------------------------- import
+#: Keys of a ROME ``layer_stats`` file (kmeng01/rome ``util/runningstats.py``: a
+#: ``CombinedStat(mom2=SecondMoment())`` state dict saved with ``numpy.savez``): the summed
+#: second moment Σ k kᵀ and the number of keys summed. MEMIT and EasyEdit use the same code.
+MOM2_SUM, MOM2_COUNT = "mom2.mom2", "mom2.count"
+
+
+def mom2_file(source: str | Path, module: str) -> Path:
+    """The ``*.npz`` for ``module`` in ``source``: ROME names each file after the module,
+    ``{module}_{precision}_mom2[_{samples}].npz`` (e.g.
+    ``gpt2-xl/wikipedia_stats/transformer.h.17.mlp.c_proj_float32_mom2_100000.npz``). A
+    folder is searched recursively; a file must be the one for ``module``."""
+    src = Path(str(source)).expanduser()
+    if src.is_file():
+        files = [src]
+    elif src.is_dir():
+        files = sorted(src.rglob("*.npz"))
+    else:
+        raise ConfigError(f"stats.import_from={str(source)!r} is neither a file nor a folder")
+    found = [f for f in files if f.name.startswith(f"{module}_") and "mom2" in f.name]
+    if len(found) != 1:
+        names = [f.name for f in files][:6]
+        raise ConfigError(
+            f"stats.import_from={str(source)!r}: {'no' if not found else len(found)} "
+            f"'{module}_*mom2*.npz' file{'s' if found else ''} for module {module!r} "
+            f"(found {names}{' ...' if len(files) > 6 else ''}); ROME names a layer's file "
+            f"'{module}_float32_mom2_100000.npz'"
+        )
+    return found[0]
+
+
+def read_mom2(path: str | Path, d_in: int) -> tuple[torch.Tensor, int]:
+    """(C = Σ k kᵀ / count as float32 ``[d_in, d_in]``, count) from a ROME mom2 file; a
+    file of another shape, or without ROME's keys, is a :class:`ConfigError`."""
+    import numpy as np
+
+    try:
+        with np.load(str(path), allow_pickle=False) as z:
+            missing = [k for k in (MOM2_SUM, MOM2_COUNT) if k not in z.files]
+            if missing:
+                raise ConfigError(f"{str(path)!r} lacks {missing} (has {sorted(z.files)}): "
+                                  "not a ROME/MEMIT layer_stats mom2 file")
+            total, count = z[MOM2_SUM], int(z[MOM2_COUNT])
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{str(path)!r} is not a readable .npz file ({exc})") from None
+    if total.shape != (d_in, d_in):
+        raise ConfigError(f"{str(path)!r} holds a {list(total.shape)} second moment; the "
+                          f"edited module takes {d_in}-dim keys, so it must be "
+                          f"[{d_in}, {d_in}] (a file of another model or layer kind?)")
+    if count <= 0:
+        raise ConfigError(f"{str(path)!r}: sample count {count} must be positive")
+    c = torch.from_numpy(np.asarray(total, dtype=np.float64)) / count  # [d_in, d_in]
+    return c.float(), count
+
+
+def _input_dim(lm: LoadedModel, kind: str, layer: int) -> int:
+    """d_in of ``kind``'s weight at ``layer`` (``nn.Linear`` orientation)."""
+    weight = lm.model.get_parameter(lm.spec.weight(kind, layer))
+    return int(lm.spec.as_linear(kind, weight).shape[1])
 
 
 def _weight_device(lm: LoadedModel, module: str) -> torch.device:

@@ -596,10 +596,12 @@ def spread_residual(
         with clock("keys"), applied(lm.model, in_place):  # earlier layers' updates in place
             keys = compute_keys(lm, layer, requests, templates)  # [d_in, n]
             cur = hidden_at_subject(lm, z_module, requests)  # [n, d]
-            weight = lm.model.get_parameter(name).detach().clone()  # [d_out, d_in]
+            weight = lm.spec.as_linear("mlp_out", lm.model.get_parameter(name))
+            weight = weight.detach().clone()  # [d_out, d_in]
         resid = (z - cur).T / share(len(layers) - i)  # [d_out, n]
-        with clock("solve"):
-            deltas[name] = solve(layer, resid, keys, weight).to(torch.float32)
+        with clock("solve"):  # stored in the weight's own layout (GPT-2: [d_in, d_out])
+            deltas[name] = lm.spec.to_param("mlp_out", solve(layer, resid, keys, weight)
+                                            .to(torch.float32))
         in_place[name] = deltas[name] if fuse is None else fuse(name, deltas[name])
     return deltas
 

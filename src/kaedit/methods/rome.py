@@ -76,10 +76,11 @@ class ROME(Stateless):
         name = lm.spec.weight("mlp_out", self.layer)
         total: torch.Tensor | None = None  # float64 [d_out, d_in]
         for request in requests:
-            with applied(lm.model, {} if total is None else {name: total.float()}):
+            done = {} if total is None else {name: lm.spec.to_param("mlp_out", total.float())}
+            with applied(lm.model, done):
                 k, v = self.key_value(lm, request, ctx.templates)
                 with torch.no_grad():
                     wk = proj(k.to(proj.weight.dtype)).float()  # W k* (+ b) [d_out]
             delta = rank_one_update(v - wk, k, cov)  # [d_out, d_in]
             total = delta if total is None else total + delta
-        return {} if total is None else {name: total.float()}
+        return {} if total is None else {name: lm.spec.to_param("mlp_out", total.float())}
