@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kaedit import checkpoint, data
 from kaedit.errors import ConfigError
-from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate
+from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate, check_tokenisation
 from kaedit.fusion import FusionState, FusionStrategy
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.core import context_templates
@@ -215,6 +215,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     # 2. model, statistics, method (all derived from the unedited model)
     lm: LoadedModel = load_model(cfg.model, lambda: build(cfg.model.load))
     lm.spec.check(lm.model, [int(x) for x in cfg.method.get("layers", cfg.model.edit.layers)])
+    check_tokenisation(lm.tokenizer, evaluator, planned)  # bad input: before any statistics
     torch.manual_seed(seed)
     method: EditMethod = build(cfg.method, _convert_="all")
     stats: CovarianceStore = build(cfg.stats)
@@ -329,7 +330,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             "stats_compute_s": stats.compute_seconds,
         })
         if "seen/consistency" in summary:
-            summary["consistency_source"] = texts.source
+            summary.update(consistency_source=texts.source, generation_protocol=texts.protocol)
         _write_retention(run_dir / "retention.csv", state["retention"])
         trackers.table("retention", state["retention"])  # W&B: step made x step measured
         if cfg.save_deltas:
