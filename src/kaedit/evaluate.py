@@ -52,7 +52,6 @@ from kaedit.sampling import SeededTopK
 from kaedit.tokens import (
     TeacherForced,
     chunks,
-    final_hidden,
     pad,
     prompt_ids,
     split_mismatches,
@@ -106,12 +105,12 @@ class Scorer:
         order = sorted(range(len(by_row)), key=seq_len.__getitem__)
         nll = np.zeros(len(pairs))
         acc = np.zeros(len(pairs))
-        model, spec, dev = self.lm.model, self.lm.spec, self.lm.device
         for sl in chunks(len(order), self.batch_size):
             owned = [i for r in order[sl] for i in by_row[r]]
             batch = TeacherForced.from_ids([pairs[i] for i in owned],
-                                           self.lm.tokenizer.pad_token_id, dev, share_rows=True)
-            logp = batch.logp(self.lm, final_hidden(model, spec, batch.ids, batch.mask))
+                                           self.lm.tokenizer.pad_token_id, self.lm.device,
+                                           share_rows=True)
+            logp = batch.logp(self.lm, batch.hidden(self.lm)[0])
             nll[owned] = batch.pair_mean(batch.token_nll(logp)).cpu().numpy()
             acc[owned] = batch.pair_mean(batch.token_hits(logp)).cpu().numpy()
         self.pairs_scored += len(pairs)
