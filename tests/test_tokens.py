@@ -164,3 +164,16 @@ def test_smollm2_splits_every_real_pair_as_it_joins() -> None:
     tok = load_model(cfg.model, lambda: instantiate(cfg.model.load)).tokenizer
     for path, schema, evaluator in REAL:
         check_tokenisation(tok, evaluator, data.load_requests(str(path), schema))
+
+
+def test_run_stops_at_start_on_a_splitting_tokenizer(compose, tiny_run_overrides: list[str],
+                                                     tmp_path: Path, monkeypatch) -> None:
+    """The tiny model built with the SentencePiece-like tokenizer: the run refuses it before
+    statistics, templates or any output."""
+    from kaedit import experiment, models
+
+    monkeypatch.setattr(models, "byte_tokenizer", sentencepiece_like)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"tokenizer 'toy-sentencepiece' .* case_id=0 "):
+        experiment.run(compose(tiny_run_overrides), run_dir=str(run_dir))
+    assert not run_dir.exists()
