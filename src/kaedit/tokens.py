@@ -73,24 +73,24 @@ def split_mismatches(
     :func:`target_ids`, which is how kaedit scores and edits -- differs from tokenising
     ``prompt + " " + target`` as one text, each with both id sequences (split, joint).
 
-    The reference code tokenises the joined text (ROME's ``test_batch_prediction``) or
-    appends ``" " + target`` ids the same way kaedit does (MEMIT's ``compute_z``); the two
-    agree only where the tokenizer does not merge across the space or prefix a lone "▁"
-    to a target tokenised apart (SentencePiece, as Llama-2's). Distinct pairs are
-    tokenised once, in batches.
+    The reference code tokenises the joined text (ROME's ``test_batch_prediction``) but
+    takes the target's tokens from ``" " + target`` tokenised alone (ROME's ``compute_v``,
+    MEMIT's ``compute_z``), so it assumes the two agree too. They do unless the tokenizer
+    merges across the space or puts a lone "▁" before a text tokenised alone
+    (SentencePiece, as Llama-2's). Distinct texts are tokenised once, in batches.
     """
     unique = list(dict.fromkeys(pairs))
     if not unique:
         return []
     joint = tok([f"{p} {t.strip()}" for p, t in unique])["input_ids"]
-    prompts = dict(zip(dict.fromkeys(p for p, _ in unique),
-                       tok(list(dict.fromkeys(p for p, _ in unique)))["input_ids"]))
-    targets = dict.fromkeys(t for _, t in unique)
-    t_ids = tok([" " + t.strip() for t in targets], add_special_tokens=False)["input_ids"]
-    targets = dict(zip(targets, t_ids))
+    prompts = list(dict.fromkeys(p for p, _ in unique))
+    prompt_of = dict(zip(prompts, tok(prompts)["input_ids"]))
+    targets = list(dict.fromkeys(t for _, t in unique))
+    target_of = dict(zip(targets, tok([" " + t.strip() for t in targets],
+                                      add_special_tokens=False)["input_ids"]))
     out = []
     for (p, t), j in zip(unique, joint):
-        split = (*prompts[p], *targets[t])
+        split = (*prompt_of[p], *target_of[t])
         if split != tuple(j):
             out.append((p, t, split, tuple(j)))
     return out
