@@ -67,16 +67,32 @@ def test_easyedit_counterfact_loads_and_reproduces_prompts() -> None:
 
 
 @needs_data
-def test_zsre_loads() -> None:
+def test_zsre_loads_as_memit_reads_it() -> None:
+    """kmeng01/memit dsets/zsre.py: the gold answer is the edit, ``loc + "?"`` the probe."""
     raw = json.loads(ZSRE.read_text())
     reqs = load_requests(str(ZSRE))
-    assert len(reqs) == 837
+    assert len(reqs) == len(raw)
     for i, (row, r) in enumerate(zip(raw, reqs)):
         assert r.source == "zsre" and r.case_id == str(i)
-        assert r.rewrite_prompt == row["src"] and r.target_new == row["alt"]
+        assert r.rewrite_prompt == row["src"] and r.target_new == row["answers"][0]
         assert r.target_true == row["answers"][0]
         assert r.paraphrase_prompts == (row["rephrase"],)
-        assert r.neighborhood_prompts == (row["loc"],) and r.neighborhood_target == row["loc_ans"]
+        assert r.neighborhood_prompts == (row["loc"] + "?",)
+        assert r.neighborhood_target == row["loc_ans"]
+
+
+@needs_data
+def test_zsre_easyedit_reading() -> None:
+    """zjunlp/EasyEdit easyeditor/dataset/zsre.py: ``alt`` is the edit, ``loc`` verbatim."""
+    raw = json.loads(ZSRE.read_text())[:20]
+    reqs = load_requests(str(ZSRE), schema="zsre_easyedit", limit=20)
+    assert any(row["alt"] != row["answers"][0] for row in raw)  # the readings differ here
+    for row, r in zip(raw, reqs):
+        assert r.source == "zsre_easyedit"
+        assert r.rewrite_prompt == row["src"] and r.target_new == row["alt"]
+        assert r.target_true == row["answers"][0]
+        assert r.neighborhood_prompts == (row["loc"],)
+        assert r.neighborhood_target == row["loc_ans"]
 
 
 @needs_data

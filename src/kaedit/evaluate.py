@@ -9,14 +9,21 @@ evaluators turn those scores into per-request metric values:
   efficacy on the rewrite prompt, generalization on paraphrases; specificity is the
   reverse comparison (true beats new) on neighborhood prompts. ``*_mag`` are the mean
   probability gaps P(new) − P(true) (reverse for specificity).
-* :class:`ZsreEval` (MEND/MEMIT zsRE protocol) -- teacher-forced token accuracy of the new
-  answer on the question (efficacy) and its rephrasing (generalization), and of ``loc_ans``
-  on the unrelated ``loc`` question (specificity).
+* :class:`ZsreEval` (MEMIT's zsRE protocol, kmeng01/rome and kmeng01/memit
+  ``experiments/py/eval_utils_zsre.py``) -- per-token argmax accuracy with teacher forcing
+  of the new answer on the question (efficacy) and its rephrasing (generalization), and of
+  ``loc_ans`` on the unrelated ``loc`` question (specificity), averaged over the answer's
+  tokens. Which answer and which ``loc`` text the records hold is the dataset schema's
+  choice (:mod:`kaedit.data.zsre`).
 
 On the steps where generation is due the runner also passes a :class:`TextMetrics`, and
-CounterFact requests get ``fluency`` and ``consistency`` from greedy generations of their
-``generation_prompts`` (ROME's generation metrics, defined in :mod:`kaedit.metrics`);
-zsRE has no generation prompts and ignores it.
+CounterFact requests get ``fluency`` and ``consistency`` from generations of their
+``generation_prompts`` (ROME's generation metrics, defined in :mod:`kaedit.metrics`; by
+default ROME's top-5 sampling, :class:`Generator`); zsRE has no generation prompts and
+ignores it.
+
+:func:`check_tokenisation` checks, before a run edits anything, that the scorer's split
+tokenisation of every pair equals tokenising ``prompt + " " + target`` as one text.
 
 Values are per request in [0, 1] (fluency in bits); :func:`aggregate` turns them into x100
 means plus ``score``, the harmonic mean of efficacy, generalization and specificity
@@ -25,6 +32,7 @@ means plus ``score``, the harmonic mean of efficacy, generalization and specific
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -40,7 +48,15 @@ import torch
 from kaedit import metrics
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
-from kaedit.tokens import chunks, final_hidden, lm_head, pad, target_ids
+from kaedit.sampling import SeededTopK
+from kaedit.tokens import (
+    TeacherForced,
+    chunks,
+    pad,
+    prompt_ids,
+    split_mismatches,
+    target_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +76,7 @@ class Scorer:
 
     def _prompt(self, text: str) -> tuple[int, ...]:
         if text not in self._prompt_ids:
-            self._prompt_ids[text] = tuple(self.lm.tokenizer(text)["input_ids"])
+            self._prompt_ids[text] = prompt_ids(self.lm.tokenizer, text)
         return self._prompt_ids[text]
 
     def _target(self, text: str) -> tuple[int, ...]:
@@ -76,105 +92,156 @@ class Scorer:
         single-token answers, as in most CounterFact comparisons) share one forward row.
         """
         pairs = [(self._prompt(p), self._target(t)) for p, t in zip(prompts, targets)]
+        # Rows (prompt + target[:-1]) sorted by length, so each padded batch wastes little;
+        # the pairs of one batch are those whose row falls in it.
         row_of: dict[tuple[int, ...], int] = {}
-        seqs: list[tuple[int, ...]] = []
-        pair_row = []
-        for p, t in pairs:
-            seq = p + t[:-1]
-            if seq not in row_of:
-                row_of[seq] = len(seqs)
-                seqs.append(seq)
-            pair_row.append(row_of[seq])
-        by_row: list[list[int]] = [[] for _ in seqs]
-        for i, r in enumerate(pair_row):
+        by_row: list[list[int]] = []
+        for i, (p, t) in enumerate(pairs):
+            r = row_of.setdefault((*p, *t[:-1]), len(by_row))
+            if r == len(by_row):
+                by_row.append([])
             by_row[r].append(i)
-        order = sorted(range(len(seqs)), key=lambda r: len(seqs[r]))
+        seq_len = {r: len(seq) for seq, r in row_of.items()}
+        order = sorted(range(len(by_row)), key=seq_len.__getitem__)
         nll = np.zeros(len(pairs))
         acc = np.zeros(len(pairs))
-        model, spec, dev = self.lm.model, self.lm.spec, self.lm.device
         for sl in chunks(len(order), self.batch_size):
-            rows_here = order[sl]
-            ids, mask = pad([seqs[r] for r in rows_here], self.lm.tokenizer.pad_token_id, dev)
-            hidden = final_hidden(model, spec, ids, mask)
-            rows, cols, toks, owner, owned = [], [], [], [], []
-            for b, r in enumerate(rows_here):
-                for i in by_row[r]:
-                    p, t = pairs[i]
-                    owned.append(i)
-                    for j, tid in enumerate(t):
-                        rows.append(b)
-                        cols.append(len(p) - 1 + j)
-                        toks.append(tid)
-                        owner.append(len(owned) - 1)
-            # the same position may serve several pairs: run the head once per position
-            pos = sorted(set(zip(rows, cols)))
-            pos_index = {rc: k for k, rc in enumerate(pos)}
-            h = hidden[torch.tensor([r for r, _ in pos]), torch.tensor([c for _, c in pos])]
-            logp = torch.log_softmax(lm_head(model, spec, h).float(), -1)
-            at = torch.tensor([pos_index[rc] for rc in zip(rows, cols)], device=logp.device)
-            tok_t = torch.tensor(toks, device=logp.device)
-            tok_nll = -logp[at, tok_t]
-            hit = (logp.argmax(-1)[at] == tok_t).float()
-            own = torch.tensor(owner, device=logp.device)
-            counts = torch.bincount(own, minlength=len(owned)).float()
-            pair_nll = torch.zeros(len(owned), device=logp.device).index_add(0, own, tok_nll)
-            pair_acc = torch.zeros(len(owned), device=logp.device).index_add(0, own, hit)
-            nll[owned] = (pair_nll / counts).cpu().numpy()
-            acc[owned] = (pair_acc / counts).cpu().numpy()
+            owned = [i for r in order[sl] for i in by_row[r]]
+            batch = TeacherForced.from_ids([pairs[i] for i in owned],
+                                           self.lm.tokenizer.pad_token_id, self.lm.device,
+                                           share_rows=True)
+            logp = batch.logp(self.lm, batch.hidden(self.lm)[0])
+            nll[owned] = batch.pair_mean(batch.token_nll(logp)).cpu().numpy()
+            acc[owned] = batch.pair_mean(batch.token_hits(logp)).cpu().numpy()
         self.pairs_scored += len(pairs)
         return nll, acc
 
 
+#: Generation protocols: ROME's top-k sampling, or greedy decoding.
+DECODINGS = ("top_k", "greedy")
+
+
 @dataclass
 class Generator:
-    """Batched greedy generation; returns prompt + continuation as text, per prompt.
+    """Batched generation; returns prompt + continuation as text, per prompt.
 
-    The text is laid out as ROME's ``generate_fast`` returns it (the prompt included,
-    NFKD-normalised, blank lines turned into spaces, special tokens dropped), but decoding
-    is greedy where ROME samples from the top 5 tokens. Prompts are left-padded with an
-    attention mask and batched by length; each distinct prompt is generated once (greedy
-    decoding is deterministic and CounterFact repeats its generation prompts).
+    The text is laid out as ROME's ``generate_fast`` returns it (kmeng01/rome
+    ``util/generate.py``): the prompt included, NFKD-normalised, blank lines turned into
+    spaces, special tokens dropped. Prompts are left-padded with an attention mask and
+    batched by length. Two protocols (``decoding``):
+
+    * ``top_k`` -- ROME's: every token drawn from the ``top_k`` most probable ones, and
+      every generation ``max_length`` tokens long with its prompt (ROME's ``max_out_len``;
+      ``experiments/py/eval_utils_counterfact.py`` calls it with 100), not stopped at an
+      end-of-text token (ROME keeps generating past one and drops it from the text). The
+      draws come from a CPU generator seeded from ``seed`` and the batch's prompts
+      (:class:`kaedit.sampling.SeededTopK`): a run gives the same texts on every device
+      and when resumed. Every occurrence of a prompt is its own sample, as in ROME.
+    * ``greedy`` -- the most probable token, stopping at the first end-of-text token;
+      each distinct prompt is generated once (CounterFact repeats generation prompts).
+
+    ``max_new_tokens`` caps the new tokens of either (``None``: no cap but ``max_length``).
     """
 
     lm: LoadedModel
-    #: New tokens per prompt (ROME: up to 100 tokens including the prompt).
-    max_new_tokens: int = 50
+    #: New tokens per prompt at most (None: only ``max_length`` bounds them).
+    max_new_tokens: int | None = 50
     batch_size: int = 32
+    decoding: str = "greedy"
+    #: Tokens per generation with its prompt at most (ROME's max_out_len); None: no bound.
+    max_length: int | None = None
+    top_k: int = 5
+    seed: int = 0
     _ids: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"generation.decoding={self.decoding!r} is not one of "
+                             f"{list(DECODINGS)}")
+        if self.max_new_tokens is None and self.max_length is None:
+            raise ValueError("generation.max_new_tokens and generation.max_length are both "
+                             "null: set at least one (ROME: max_length=100)")
+        if self.top_k < 1:
+            raise ValueError(f"generation.top_k={self.top_k} must be at least 1")
+
+    @property
+    def protocol(self) -> str:
+        """What produced the texts, for ``summary.json``."""
+        length = f"max_length={self.max_length}, max_new_tokens={self.max_new_tokens}"
+        if self.decoding == "greedy":
+            return f"greedy({length})"
+        return f"top_k(k={self.top_k}, {length}, seed={self.seed})"
 
     def _prompt(self, text: str) -> tuple[int, ...]:
         if text not in self._ids:
-            self._ids[text] = tuple(self.lm.tokenizer(text)["input_ids"])
+            self._ids[text] = prompt_ids(self.lm.tokenizer, text)
         return self._ids[text]
+
+    def _new_tokens(self, n_prompt: int) -> int:
+        """New tokens for a prompt of ``n_prompt`` tokens."""
+        caps = [c for c in (self.max_new_tokens,
+                            None if self.max_length is None else self.max_length - n_prompt)
+                if c is not None]
+        return max(0, min(caps))
 
     def _stop_ids(self) -> set[int]:
         eos = getattr(self.lm.model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         return {int(t) for t in [*eos, self.lm.tokenizer.eos_token_id] if t is not None}
 
-    @torch.inference_mode()
+    def _batch_seed(self, prompts: Sequence[str]) -> int:
+        """A seed from the run's seed and the batch's prompts (no hidden state: the same
+        batch is drawn the same way wherever and whenever it is generated)."""
+        digest = hashlib.sha256("\x1f".join([str(self.seed), *prompts]).encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
+
     def __call__(self, prompts: Sequence[str]) -> list[str]:
-        unique = list(dict.fromkeys(prompts))
-        ids = [self._prompt(p) for p in unique]
-        order = sorted(range(len(unique)), key=lambda i: len(ids[i]))
+        tok = self.lm.tokenizer
+        texts = [tok.decode(list(ids), skip_special_tokens=True)
+                 for ids in self.token_ids(prompts)]
+        return [unicodedata.normalize("NFKD", t).replace("\n\n", " ") for t in texts]
+
+    @torch.inference_mode()
+    def token_ids(self, prompts: Sequence[str]) -> list[tuple[int, ...]]:
+        """Prompt + generated token ids per prompt (what :meth:`__call__` decodes)."""
+        from transformers import LogitsProcessorList
+
+        sample = self.decoding == "top_k"
+        # rows: every prompt when sampling, each distinct prompt once when greedy
+        rows_text = list(prompts) if sample else list(dict.fromkeys(prompts))
+        ids = [self._prompt(p) for p in rows_text]
+        order = sorted(range(len(rows_text)), key=lambda i: len(ids[i]))
         tok, stop = self.lm.tokenizer, self._stop_ids()
-        texts: dict[str, str] = {}
+        done: list[tuple[int, ...]] = [()] * len(rows_text)
         for sl in chunks(len(order), self.batch_size):
             rows = order[sl]
+            n_new = [self._new_tokens(len(ids[r])) for r in rows]
             inp, mask = pad([ids[r] for r in rows], tok.pad_token_id, self.lm.device, left=True)
-            out = self.lm.model.generate(  # [batch, width + new]
-                input_ids=inp, attention_mask=mask, do_sample=False, num_beams=1,
-                max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id)
+            extra: dict[str, Any] = {}
+            if sample:
+                seed = self._batch_seed([rows_text[r] for r in rows])
+                extra = {"logits_processor": LogitsProcessorList([SeededTopK(self.top_k, seed)]),
+                         "eos_token_id": None}  # ROME generates past end-of-text
+            out = inp
+            if max(n_new) > 0:
+                out = self.lm.model.generate(  # [batch, width + new]
+                    input_ids=inp, attention_mask=mask, do_sample=False, num_beams=1,
+                    max_new_tokens=max(n_new), pad_token_id=tok.pad_token_id, **extra)
             for b, r in enumerate(rows):
-                new = out[b, inp.shape[1]:].tolist()
-                cut = next((j for j, t in enumerate(new) if t in stop), len(new))
-                text = tok.decode([*ids[r], *new[:cut]], skip_special_tokens=True)
-                texts[unique[r]] = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
-        return [texts[p] for p in prompts]
+                new = out[b, inp.shape[1]:].tolist()[: n_new[b]]
+                if not sample:
+                    new = new[: next((j for j, t in enumerate(new) if t in stop), len(new))]
+                done[r] = (*ids[r], *new)
+        if sample:
+            return done
+        by_prompt = dict(zip(rows_text, done))
+        return [by_prompt[p] for p in prompts]
 
 
 class TextMetrics:
-    """Fluency and consistency of requests from greedy generations (ROME's CounterFact).
+    """Fluency and consistency of requests from generations (ROME's CounterFact); by
+    default ROME's protocol (top-5 sampling, 100 tokens with the prompt, seeded), greedy
+    decoding on request (:class:`Generator`).
 
     Per request: the generations of its ``generation_prompts``; **fluency** is their mean
     weighted n-gram entropy, **consistency** the TF-IDF cosine similarity between them
@@ -198,10 +265,14 @@ class TextMetrics:
     generating it from an edited model.
     """
 
-    def __init__(self, lm: LoadedModel, max_new_tokens: int = 50, batch_size: int = 32,
-                 snippets: str | None = None, idf: str | None = None,
-                 vocab: str | None = None, corpus: Sequence[str] | str = ()) -> None:
-        self.generate = Generator(lm, int(max_new_tokens), int(batch_size))
+    def __init__(self, lm: LoadedModel, max_new_tokens: int | None = None,
+                 batch_size: int = 32, snippets: str | None = None, idf: str | None = None,
+                 vocab: str | None = None, corpus: Sequence[str] | str = (),
+                 decoding: str = "top_k", max_length: int | None = 100, top_k: int = 5,
+                 seed: int = 0) -> None:
+        self.generate = Generator(
+            lm, None if max_new_tokens is None else int(max_new_tokens), int(batch_size),
+            decoding, None if max_length is None else int(max_length), int(top_k), int(seed))
         rome = {"snippets": snippets, "idf": idf, "vocab": vocab}
         given = {k: str(Path(str(v)).expanduser()) for k, v in rome.items() if v}
         if given and len(given) < len(rome):
@@ -219,6 +290,11 @@ class TextMetrics:
         self.references: dict[str, str] = {}
         self._vectorizer: Any = None
         self._snippets: dict[tuple[str, str], list[str]] | None = None
+
+    @property
+    def protocol(self) -> str:
+        """The generation protocol behind fluency and consistency (``summary.json``)."""
+        return self.generate.protocol
 
     @property
     def needs_references(self) -> bool:
@@ -287,6 +363,10 @@ class TextMetrics:
 class Evaluator(Protocol):
     name: str
 
+    def pairs(self, requests: Sequence[EditRequest]) -> ScoredPairs:
+        """The (prompt, target) pairs that scoring ``requests`` reads."""
+        ...
+
     def __call__(self, scorer: Scorer, requests: Sequence[EditRequest],
                  texts: TextMetrics | None = None) -> dict[str, np.ndarray]:
         """Per-request metric values in [0, 1] (NaN where a request has no such prompts);
@@ -295,7 +375,7 @@ class Evaluator(Protocol):
 
 
 @dataclass
-class _Pairs:
+class ScoredPairs:
     """Collects (prompt, target) pairs tagged by (metric, request) to score in one call."""
 
     prompts: list[str] = field(default_factory=list)
@@ -323,9 +403,8 @@ def _mean_or_nan(xs: list[float]) -> float:
 class CounterFactEval:
     name: str = "counterfact"
 
-    def __call__(self, scorer: Scorer, requests: Sequence[EditRequest],
-                 texts: TextMetrics | None = None) -> dict[str, np.ndarray]:
-        pairs = _Pairs()
+    def pairs(self, requests: Sequence[EditRequest]) -> ScoredPairs:
+        pairs = ScoredPairs()
         for i, r in enumerate(requests):
             if r.target_true is None:
                 raise ValueError(f"request {r.case_id} has no target_true: CounterFact "
@@ -338,6 +417,11 @@ class CounterFactEval:
             for p in r.neighborhood_prompts:
                 pairs.add("neighborhood:new", i, p, r.target_new)
                 pairs.add("neighborhood:true", i, p, r.neighborhood_target)
+        return pairs
+
+    def __call__(self, scorer: Scorer, requests: Sequence[EditRequest],
+                 texts: TextMetrics | None = None) -> dict[str, np.ndarray]:
+        pairs = self.pairs(requests)
         nll, _ = scorer.score(pairs.prompts, pairs.targets)
         n = len(requests)
         out: dict[str, list[float]] = {}
@@ -363,10 +447,8 @@ class CounterFactEval:
 class ZsreEval:
     name: str = "zsre"
 
-    def __call__(self, scorer: Scorer, requests: Sequence[EditRequest],
-                 texts: TextMetrics | None = None) -> dict[str, np.ndarray]:
-        """zsRE has no generation prompts: ``texts`` is accepted and not used."""
-        pairs = _Pairs()
+    def pairs(self, requests: Sequence[EditRequest]) -> ScoredPairs:
+        pairs = ScoredPairs()
         for i, r in enumerate(requests):
             pairs.add("efficacy", i, r.rewrite_prompt, r.target_new)
             for p in r.paraphrase_prompts:
@@ -374,10 +456,43 @@ class ZsreEval:
             for p in r.neighborhood_prompts:
                 if r.neighborhood_target is not None:
                     pairs.add("specificity", i, p, r.neighborhood_target)
+        return pairs
+
+    def __call__(self, scorer: Scorer, requests: Sequence[EditRequest],
+                 texts: TextMetrics | None = None) -> dict[str, np.ndarray]:
+        """zsRE has no generation prompts: ``texts`` is accepted and not used."""
+        pairs = self.pairs(requests)
         _, acc = scorer.score(pairs.prompts, pairs.targets)
         n = len(requests)
         return {m: np.array([_mean_or_nan(v) for v in pairs.per_request(acc, m, n)])
                 for m in HEADLINE}
+
+
+def check_tokenisation(tok: Any, evaluator: Evaluator, requests: Sequence[EditRequest]) -> None:
+    """At run start: a :class:`~kaedit.errors.ConfigError` naming the tokenizer and one
+    record if, for any (prompt, target) pair the run scores, tokenising the prompt and
+    ``" " + target`` apart (as kaedit scores and edits) gives other tokens than tokenising
+    ``prompt + " " + target`` (:func:`kaedit.tokens.split_mismatches`; SentencePiece's
+    lone "▁" before a target tokenised alone is the known case)."""
+    from kaedit.errors import ConfigError
+
+    pairs = evaluator.pairs(requests)
+    texts = list(zip(pairs.prompts, pairs.targets))
+    bad = split_mismatches(tok, texts)
+    if not bad:
+        return
+    prompt, target, split, joint = bad[0]
+    record = requests[pairs.tags[texts.index((prompt, target))][1]]
+    same = next((k for k, (a, b) in enumerate(zip(split, joint)) if a != b),
+                min(len(split), len(joint)))
+    name = getattr(tok, "name_or_path", "") or type(tok).__name__
+    raise ConfigError(
+        f"tokenizer {name!r} ({type(tok).__name__}) splits prompt + ' ' + target differently "
+        f"from the prompt and ' ' + target tokenised apart, which is how kaedit scores and "
+        f"edits: {len(bad)} of {len(set(texts))} (prompt, target) pairs, e.g. record "
+        f"case_id={record.case_id} {prompt!r} + {target!r}: apart "
+        f"{tok.convert_ids_to_tokens(list(split[same:]))} vs joint "
+        f"{tok.convert_ids_to_tokens(list(joint[same:]))}")
 
 
 def harmonic_mean(values: Sequence[float]) -> float:

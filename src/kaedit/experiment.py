@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from kaedit import checkpoint
 from kaedit.checkpoint import RunState
 from kaedit.errors import ConfigError
-from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate
+from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate, check_tokenisation
 from kaedit.fusion import FusionState, FusionStrategy
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.core import context_templates
@@ -260,6 +260,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
 
     # 2. model, statistics, method (all derived from the unedited model)
     lm: LoadedModel = build_model(cfg)
+    check_tokenisation(lm.tokenizer, evaluator, planned)  # bad input: before any statistics
     torch.manual_seed(seed)
     method: EditMethod = build(cfg.method, _convert_="all")
     lm.spec.check(lm.model, [int(x) for x in method.layers])  # the layers it declares
@@ -377,7 +378,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             "stats_compute_s": stats.compute_seconds,
         })
         if "seen/consistency" in summary:
-            summary["consistency_source"] = texts.source
+            summary.update(consistency_source=texts.source, generation_protocol=texts.protocol)
         if cfg.save_deltas:
             from safetensors.torch import save_file
 

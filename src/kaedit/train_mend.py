@@ -148,12 +148,13 @@ def step_losses(
     rng: random.Random,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_edit, L_loc) of one batch, differentiable in the editor's parameters."""
-    from kaedit.methods.mend import Rows, forward, gradient_factors
+    from kaedit.methods.mend import forward, gradient_factors
+    from kaedit.tokens import TeacherForced
     from kaedit.weights import parameters
 
     edit = [(r.rewrite_prompt, r.target_new) for r in batch]
     loc = locality_prompts(batch, int(tc.loc_prompts), rng)
-    rows_a = Rows.build(lm, edit, loc)
+    rows_a = TeacherForced.build(lm, edit, loc)
     factors, hidden_a = gradient_factors(lm, names, rows_a)
     with torch.no_grad():
         base = rows_a.plain_logp(lm, hidden_a) if loc else None  # unedited, [P, V]
@@ -172,7 +173,7 @@ def step_losses(
     hidden_b, _ = forward(lm, rows_a, weights)
     nll = [rows_a.forced_nll(lm, hidden_b)]
     if para:
-        rows_p = Rows.build(lm, para)
+        rows_p = TeacherForced.build(lm, para)
         nll.append(rows_p.forced_nll(lm, forward(lm, rows_p, weights)[0]))
     l_edit = torch.cat(nll).mean()
     if base is None:

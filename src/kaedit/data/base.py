@@ -53,7 +53,9 @@ def schemas() -> dict[str, Schema]:
     return {
         "counterfact": Schema(counterfact.ROME_KEYS, counterfact.from_rome),
         "easyedit": Schema(counterfact.EASYEDIT_KEYS, counterfact.from_easyedit),
-        "zsre": Schema(zsre.MEND_KEYS, zsre.from_mend),
+        # same keys: "auto" picks the first, MEMIT's reading (see kaedit.data.zsre)
+        "zsre": Schema(zsre.MEND_KEYS, zsre.from_memit),
+        "zsre_easyedit": Schema(zsre.MEND_KEYS, zsre.from_easyedit),
     }
 
 

@@ -25,31 +25,10 @@ import torch.nn.functional as F
 from kaedit.hooks import edit_outputs, run_until
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
+from kaedit.sampling import SeededTopK
 from kaedit.timing import Stopwatch
 from kaedit.tokens import Encoded, chunks, encode, final_hidden, lm_head, pad, target_ids
 from kaedit.weights import applied
-
-
-class _SeededTopK:
-    """A ``generate`` logits processor that samples the next token itself, top-k from a
-    seeded CPU generator, and leaves only that token finite so greedy decoding picks it.
-
-    Sampling inside ``generate`` would draw from the device's RNG, so one seed would give
-    different templates on CUDA and on the CPU (and, through them, different edits). The
-    draws here are those ``generate(do_sample=True, top_k=k)`` makes on the CPU after
-    ``torch.manual_seed(seed)``, on every device.
-    """
-
-    def __init__(self, k: int, seed: int) -> None:
-        self.k = k
-        self.generator = torch.Generator().manual_seed(int(seed))
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.detach().float().cpu()
-        kth = torch.topk(logits, min(self.k, logits.shape[-1]), dim=-1).values[..., -1:]
-        probs = torch.softmax(logits.masked_fill(logits < kth, -float("inf")), dim=-1)
-        chosen = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
-        return torch.full_like(scores, -float("inf")).scatter_(-1, chosen, 0.0)
 
 
 @dataclass(frozen=True)
@@ -117,7 +96,7 @@ def context_templates(
     model, tok = lm.model, lm.tokenizer
     groups: list[tuple[str, ...]] = [("{}",)]
     for length, count in specs:
-        sampler = _SeededTopK(5, seed)  # each spec starts from the seed
+        sampler = SeededTopK(5, seed)  # each spec starts from the seed
         per_start = max(1, count // len(starts))
         enc = [list(tok(s)["input_ids"]) for s in starts for _ in range(per_start)]
         # left-padded so every row continues from its last real token

@@ -18,13 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
-from kaedit.hooks import run_until
 from kaedit.methods.base import EditContext, Stateless
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
-from kaedit.tokens import lm_head, pad, target_ids
+from kaedit.tokens import TeacherForced
 from kaedit.weights import parameters
 
 
@@ -66,42 +64,15 @@ class FT(Stateless):
         return {n: d.detach().float() for n, d in deltas.items()}
 
 
-@dataclass
-class _TeacherForced:
-    """One padded batch: rewrite prompt + new object (minus its last token) per request."""
-
-    ids: torch.Tensor  # [n, len]
-    mask: torch.Tensor  # [n, len]
-    rows: torch.Tensor  # [n_tokens] which sequence each target token belongs to
-    cols: torch.Tensor  # [n_tokens] the position whose logits predict it
-    toks: torch.Tensor  # [n_tokens] the target token
-    n_req: int
+class _TeacherForced(TeacherForced):
+    """The rewrite prompt + new object of each request (:class:`kaedit.tokens.TeacherForced`)
+    with FT's loss."""
 
     @classmethod
-    def build(cls, lm: LoadedModel, requests: Sequence[EditRequest]) -> _TeacherForced:
-        tok, dev = lm.tokenizer, lm.device
-        seqs, rows, cols, toks = [], [], [], []
-        for i, r in enumerate(requests):
-            prompt = list(tok(r.rewrite_prompt)["input_ids"])  # as evaluation tokenises it
-            target = list(target_ids(tok, r.target_new))
-            seqs.append(prompt + target[:-1])
-            for j, t in enumerate(target):
-                rows.append(i)
-                cols.append(len(prompt) - 1 + j)
-                toks.append(t)
-        ids, mask = pad(seqs, tok.pad_token_id, dev)
-        rows_t, cols_t, toks_t = (torch.tensor(x, device=dev) for x in (rows, cols, toks))
-        return cls(ids, mask, rows_t, cols_t, toks_t, len(requests))
+    def build(cls, lm: LoadedModel, requests: Sequence[EditRequest]) -> _TeacherForced:  # type: ignore[override]
+        # tokenised as evaluation tokenises it
+        return super().build(lm, [(r.rewrite_prompt, r.target_new) for r in requests])
 
     def loss(self, lm: LoadedModel, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean over requests of the token-averaged NLL, with ``weights`` substituted."""
-        ln_f = lm.spec.module("ln_f")
-        inputs = {"input_ids": self.ids, "attention_mask": self.mask, "use_cache": False}
-        tr = run_until(lm.model, [ln_f], detach=False,
-                       forward=lambda: functional_call(lm.model, weights, (), inputs))
-        hidden = tr[ln_f].output[self.rows, self.cols]  # [n_tokens, d]
-        logp = torch.log_softmax(lm_head(lm.model, lm.spec, hidden).float(), dim=-1)
-        nll = -logp.gather(1, self.toks[:, None]).squeeze(1)  # [n_tokens]
-        per_req = torch.zeros(self.n_req, device=nll.device).index_add(0, self.rows, nll)
-        counts = torch.bincount(self.rows, minlength=self.n_req).float()
-        return (per_req / counts).mean()
+        return self.forced_nll(lm, self.hidden(lm, weights)[0]).mean()

@@ -48,14 +48,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from kaedit.errors import ConfigError
-from kaedit.hooks import TraceResult, run_until
+from kaedit.hooks import TraceResult
 from kaedit.methods.base import EditContext, Stateless
 from kaedit.models import LoadedModel, file_sha256
 from kaedit.records import Deltas, EditRequest
-from kaedit.tokens import lm_head, pad, target_ids
+from kaedit.tokens import TeacherForced
 from kaedit.weights import parameters
 
 log = logging.getLogger(__name__)
@@ -92,72 +91,27 @@ def edited_weights(lm: LoadedModel, layers: Sequence[int], kinds: Sequence[str])
 
 
 # ------------------------------------------------------------------------ the token rows
-@dataclass
-class Rows:
-    """One right-padded batch: teacher-forced rows (prompt + target minus its last token)
-    first, then plain prompts (rows ``n_forced..``, no target: locality inputs)."""
-
-    ids: torch.Tensor  # [n, len]
-    mask: torch.Tensor  # [n, len]
-    n_forced: int
-    tgt_row: torch.Tensor  # [n_tgt] the row of each target token
-    tgt_col: torch.Tensor  # [n_tgt] the position whose logits predict it
-    tgt_tok: torch.Tensor  # [n_tgt] the target token
-
-    @classmethod
-    def build(
-        cls, lm: LoadedModel, forced: Sequence[tuple[str, str]], plain: Sequence[str] = ()
-    ) -> Rows:
-        tok, dev = lm.tokenizer, lm.device
-        seqs, rows, cols, toks = [], [], [], []
-        for i, (prompt, target) in enumerate(forced):
-            p = list(tok(prompt)["input_ids"])  # as evaluation tokenises it
-            t = list(target_ids(tok, target))
-            seqs.append(p + t[:-1])
-            rows += [i] * len(t)
-            cols += [len(p) - 1 + j for j in range(len(t))]
-            toks += t
-        seqs += [list(tok(p)["input_ids"]) for p in plain]
-        ids, mask = pad(seqs, tok.pad_token_id, dev)
-        as_t = [torch.tensor(x, dtype=torch.long, device=dev) for x in (rows, cols, toks)]
-        return cls(ids, mask, len(forced), *as_t)
-
-    def forced_nll(self, lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
-        """Token-mean NLL of each forced row's target ``[n_forced]`` from final hidden states."""
-        h = hidden[self.tgt_row, self.tgt_col]  # [n_tgt, d]
-        logp = torch.log_softmax(lm_head(lm.model, lm.spec, h).float(), dim=-1)
-        nll = -logp.gather(1, self.tgt_tok[:, None]).squeeze(1)  # [n_tgt]
-        total = torch.zeros(self.n_forced, device=nll.device).index_add(0, self.tgt_row, nll)
-        return total / torch.bincount(self.tgt_row, minlength=self.n_forced).float()
-
-    def plain_logp(self, lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token log-probabilities at every real position of the plain rows ``[P, V]``."""
-        sel = self.mask[self.n_forced :].bool()  # [n_plain, len]
-        h = hidden[self.n_forced :][sel]  # [P, d]
-        return torch.log_softmax(lm_head(lm.model, lm.spec, h).float(), dim=-1)
+#: MEND's batches are the shared teacher-forced batch: the edit pairs, then plain
+#: locality prompts (``Rows.build(lm, [(prompt, target), ...], plain=[...])``).
+Rows = TeacherForced
 
 
 def forward(
     lm: LoadedModel,
-    rows: Rows,
+    rows: TeacherForced,
     weights: Mapping[str, torch.Tensor] | None = None,
     capture: Iterable[str] = (),
 ) -> tuple[torch.Tensor, TraceResult]:
-    """Final hidden states ``[n, len, d]`` (the LM head is not run) with ``weights``
-    substituted for the named parameters (``functional_call``: the model is not touched);
-    ``capture`` names modules whose input and output are recorded, gradients attached."""
-    ln_f = lm.spec.module("ln_f")
-    inputs = {"input_ids": rows.ids, "attention_mask": rows.mask, "use_cache": False}
-    call = (lambda: functional_call(lm.model, dict(weights), (), inputs)) if weights else None
-    tr = run_until(lm.model, [*capture, ln_f], inputs=True, detach=False, forward=call, **inputs)
-    return tr[ln_f].output, tr
+    """Final hidden states ``[n, len, d]`` with ``weights`` substituted and ``capture``d
+    modules recorded (:meth:`kaedit.tokens.TeacherForced.hidden`)."""
+    return rows.hidden(lm, weights, capture)
 
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def gradient_factors(
-    lm: LoadedModel, names: Sequence[str], rows: Rows
+    lm: LoadedModel, names: Sequence[str], rows: TeacherForced
 ) -> tuple[Factors, torch.Tensor]:
     """MEND's rank-1 decomposition of ∇_W Σ_rows NLL for each named weight.
 
@@ -187,7 +141,7 @@ def edit_factors(lm: LoadedModel, names: Sequence[str],
                  requests: Sequence[EditRequest]) -> Factors:
     """The gradient factors of one edit: Σ NLL(new object | rewrite prompt) over
     ``requests`` (MEND's batched edit; the editor turns them into the weight deltas)."""
-    rows = Rows.build(lm, [(r.rewrite_prompt, r.target_new) for r in requests])
+    rows = TeacherForced.build(lm, [(r.rewrite_prompt, r.target_new) for r in requests])
     return gradient_factors(lm, names, rows)[0]
 
 
