@@ -14,18 +14,18 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from kaedit import sweep
+from kaedit import jobdirs, sweep
 from wandb_file import history_rows, of_type, wandb_records
 
 
 def test_job_dir_names_are_safe_short_and_unique() -> None:
-    assert sweep.job_dir_name(3, "fusion.p=0.8,schedule.batch_size=10") == (
+    assert jobdirs.job_dir_name(3, "fusion.p=0.8,schedule.batch_size=10") == (
         "3_fusion.p=0.8,schedule.batch_size=10")
-    assert sweep.job_dir_name(0, "") == "0"
-    odd = sweep.job_dir_name(1, "model.path=/x/y z,prompt='a b'")
+    assert jobdirs.job_dir_name(0, "") == "0"
+    odd = jobdirs.job_dir_name(1, "model.path=/x/y z,prompt='a b'")
     assert "/" not in odd and " " not in odd and "'" not in odd
-    long_a, long_b = (sweep.job_dir_name(2, f"method.lr={'9' * 300}{c}") for c in "ab")
-    assert len(long_a) <= sweep.MAX_NAME + 2 and long_a != long_b
+    long_a, long_b = (jobdirs.job_dir_name(2, f"method.lr={'9' * 300}{c}") for c in "ab")
+    assert len(long_a) <= jobdirs.MAX_NAME + 2 and long_a != long_b
 
 
 def test_sweep_config_keeps_the_job_name_rule(compose) -> None:

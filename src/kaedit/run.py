@@ -16,7 +16,6 @@ its parameters (:func:`tracking_info`). ``main`` returns the summary's
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -24,22 +23,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from kaedit.jobdirs import register_resolver, sweep_group
 from kaedit.paths import CONF_DIR
-from kaedit.sweep import register_resolver
 
 log = logging.getLogger("kaedit")
 
 #: Config-group choices that become W&B tags, in this order.
 TAGGED_GROUPS = ("method", "fusion", "experiment", "variant", "scale", "model", "dataset")
-
-
-def sweep_group(sweep_dir: str) -> str:
-    """The W&B group of a sweep: its output directory (≤ 128 characters, W&B's limit)."""
-    group = str(sweep_dir).rstrip("/")
-    if len(group) > 128:
-        digest = hashlib.sha256(group.encode()).hexdigest()[:12]
-        group = f"{group[-(127 - len(digest)):]}-{digest}"
-    return group
 
 
 def tracking_info(choices: Mapping[str, Any], fusion: Mapping[str, Any]) -> dict[str, Any]:

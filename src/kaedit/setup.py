@@ -49,7 +49,7 @@ def compose(overrides: Sequence[str] = (), name: str = "config", *,
     ``hydra_config=True`` keeps the ``hydra`` node (``hydra.runtime.choices``, ...)."""
     import hydra
 
-    from kaedit.sweep import register_resolver
+    from kaedit.jobdirs import register_resolver
 
     register_resolver()  # hydra.sweep.subdir, when hydra_config=True
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

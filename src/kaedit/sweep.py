@@ -25,11 +25,9 @@ Job folders are named by their overrides (``hydra.sweep.subdir``, :func:`job_dir
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +37,8 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kaedit.jobdirs import sweep_group
+
 log = logging.getLogger(__name__)
 
 RESULTS = "results.csv"
@@ -47,27 +47,6 @@ TABLE = "sweep_results"
 FIGURE = "compare.png"
 #: Summary values of a job that results.csv keeps, after the seen metrics.
 KEPT = ("retention/first_batch", "edits_done", "steps", "steps_failed", "wall_s")
-#: Longest override part of a job folder's name (file names stop at 255 bytes).
-MAX_NAME = 120
-
-
-def job_dir_name(num: Any, override_dirname: str) -> str:
-    """``NUM_OVERRIDES``: Hydra's ``override_dirname`` with every character that is not
-    safe in a file name (``/``, spaces, quotes, brackets) replaced by ``_``, cut to
-    :data:`MAX_NAME` characters with a hash of the whole when longer; ``NUM`` alone when
-    nothing is overridden. The job number keeps names unique and in launch order."""
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", str(override_dirname))
-    if len(safe) > MAX_NAME:
-        digest = hashlib.sha256(str(override_dirname).encode()).hexdigest()[:8]
-        safe = f"{safe[: MAX_NAME - 9]}-{digest}"
-    return f"{num}_{safe}" if safe else str(num)
-
-
-def register_resolver() -> None:
-    """``${kaedit.job_dir:NUM,OVERRIDE_DIRNAME}`` (``hydra.sweep.subdir``); idempotent."""
-    OmegaConf.register_new_resolver("kaedit.job_dir", job_dir_name, replace=True)
-
-
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job folders of a sweep (those Hydra wrote ``.hydra/overrides.yaml`` into), in
     job-number order."""
@@ -151,7 +130,6 @@ def write_results(sweep_dir: Path) -> tuple[Path, Path | None]:
 def sweep_config(config: DictConfig, sweep_dir: Path) -> DictConfig:
     """The sweep's config without its ``hydra`` node, tracked as the sweep's own run:
     the sweep's W&B group, named ``sweep-results``."""
-    from kaedit.run import sweep_group
 
     cfg = config.copy()
     with open_dict(cfg):
