@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
