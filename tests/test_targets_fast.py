@@ -27,7 +27,7 @@ from kaedit.methods.core import (
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
 from kaedit.stats import CovarianceStore
-from kaedit.tokens import encode, final_hidden, pad
+from kaedit.tokens import TeacherForced, encode, final_hidden, pad
 
 # Subjects at the start, in the middle and at the end of prompts of different lengths;
 # "X" at the start of "{} is a" leaves that KL row an empty prefix.
@@ -141,6 +141,23 @@ def test_chunks_under_the_memory_budget_give_the_same_targets(lm: LoadedModel,
             # rounding as in test_optimize_targets_batched_equals_separate (its 1e-2);
             # measured ≤ 3e-4 of the scale.
             assert_close_to_scale(out[m][1], ref[m][1], rel=1e-2, msg=m)
+
+
+def test_nll_rows_are_the_teacher_forced_rows(lm: LoadedModel) -> None:
+    """The NLL rows target optimisation runs and reads are TeacherForced's: the same
+    token sequences, and the read columns are those predicting each target token."""
+    tok = lm.tokenizer
+    rows = [r for i, q in enumerate(REQUESTS)
+            for r in _request_rows(tok, i, q, TEMPLATES, TargetConfig()) if not r.is_kl]
+    forced = TeacherForced.from_ids([(r.prompt, r.target) for r in rows], tok.pad_token_id,
+                                    lm.device)
+    for k, r in enumerate(rows):
+        assert forced.ids[k, : len(r.ids)].tolist() == list(r.ids)
+        assert int(forced.mask[k].sum()) == len(r.ids)
+        mine = forced.owner == k
+        assert forced.col[mine].tolist() == list(r.reads)
+        assert forced.tok[mine].tolist() == list(r.target)
+        assert r.reads[-1] == len(r.ids) - 1  # nothing after the last read column is run
 
 
 def test_kl_row_reads_the_subject_token_by_default(lm: LoadedModel) -> None:

@@ -7,7 +7,10 @@ optimises and what evaluation scores are the same token sequences (ROME/MEMIT ap
 split tokenisation equals tokenising ``prompt + " " + target`` as one text.
 
 :class:`TeacherForced` is the one padded batch of (prompt, target) pairs that FT's loss,
-MEND's gradients and the scorer read NLLs and accuracies from.
+MEND's gradients and the scorer read NLLs and accuracies from. Target optimisation
+(:func:`kaedit.methods.core.optimize_targets`) takes its NLL rows' geometry (the columns
+predicting each target token, their ids and owners) and token-mean NLL from it too, but
+runs its own length-grouped, prefix-cached forward passes.
 """
 
 from __future__ import annotations
@@ -185,6 +188,12 @@ class TeacherForced:
     def n_pairs(self) -> int:
         return len(self.pair_row)
 
+    @staticmethod
+    def row_ids(prompt: Sequence[int], target: Sequence[int]) -> tuple[int, ...]:
+        """The teacher-forced row of a pair: ``prompt + target[:-1]`` (its last column
+        predicts the target's last token, so nothing after it is run)."""
+        return (*prompt, *target[:-1])
+
     @classmethod
     def from_ids(
         cls,
@@ -201,7 +210,7 @@ class TeacherForced:
         for i, (p, t) in enumerate(pairs):
             if not t:
                 raise ValueError(f"pair {i} has an empty target")
-            seq = (*p, *t[:-1])
+            seq = cls.row_ids(p, t)
             r = row_of.get(seq) if share_rows else None
             if r is None:
                 r = row_of[seq] = len(seqs)

@@ -27,7 +27,16 @@ from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
 from kaedit.sampling import SeededTopK
 from kaedit.timing import Stopwatch
-from kaedit.tokens import Encoded, chunks, encode, final_hidden, lm_head, pad, target_ids
+from kaedit.tokens import (
+    Encoded,
+    TeacherForced,
+    chunks,
+    encode,
+    final_hidden,
+    lm_head,
+    pad,
+    target_ids,
+)
 from kaedit.weights import applied
 
 
@@ -221,22 +230,34 @@ class TargetConfig:
 
 @dataclass(frozen=True)
 class _Row:
-    """One prompt row of a request's loss: a prefixed rewrite prompt or the KL prompt."""
+    """One prompt row of a request's loss: a prefixed rewrite prompt teacher-forced on the
+    new target (a :class:`~kaedit.tokens.TeacherForced` pair: the row is ``prompt +
+    target[:-1]``), or the KL prompt."""
 
     request: int
-    #: Token ids, only as far as the loss reads (later tokens cannot change a causal LM's
-    #: logits at the read columns).
-    ids: tuple[int, ...]
+    #: NLL rows: the prefixed prompt; KL rows: the KL prompt up to its read column (later
+    #: tokens cannot change a causal LM's logits at the read columns).
+    prompt: tuple[int, ...]
     #: Column of the last subject token: where the deltas are added.
     subject: int
-    #: Columns whose logits the loss reads.
-    reads: tuple[int, ...]
-    #: NLL rows: the target token predicted at each read column; KL rows: empty.
-    targets: tuple[int, ...]
+    #: NLL rows: the new target's ids; KL rows: empty.
+    target: tuple[int, ...] = ()
 
     @property
     def is_kl(self) -> bool:
-        return not self.targets
+        return not self.target
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The row's token ids, only as far as the loss reads."""
+        return TeacherForced.row_ids(self.prompt, self.target) if self.target else self.prompt
+
+    @property
+    def reads(self) -> tuple[int, ...]:
+        """Columns whose logits the loss reads: those predicting the target's tokens (NLL
+        rows, as :class:`~kaedit.tokens.TeacherForced` places them), the last (KL rows)."""
+        first = len(self.prompt) - 1
+        return tuple(range(first, first + max(len(self.target), 1)))
 
 
 def _request_rows(
@@ -247,12 +268,10 @@ def _request_rows(
     rows = []
     for t in templates:
         e = encode(tok, prompt_template(t, request), request.subject)
-        first = len(e.ids) - 1  # the column predicting the first target token
-        rows.append(_Row(i, e.ids + tgt[:-1], e.subject_last,
-                         tuple(range(first, first + len(tgt))), tgt))
+        rows.append(_Row(i, e.ids, e.subject_last, tgt))
     e = encode(tok, cfg.kl_prompt, request.subject)
     col = e.subject_last if cfg.kl_position == "subject_last" else len(e.ids) - 1
-    rows.append(_Row(i, e.ids[: col + 1], e.subject_last, (col,), ()))
+    rows.append(_Row(i, e.ids[: col + 1], e.subject_last))
     return rows
 
 
@@ -446,19 +465,26 @@ def _optimize_chunk(
     opt = torch.optim.Adam(list(d.values()), lr=cfg.lr)
     max_norm = {m: cfg.clamp_norm_factor * inits[m].norm(dim=1, keepdim=True) for m in modules}
 
-    # Reads: (row, run column, target token or -1 for the KL row); the LM head runs on
-    # these positions alone.
-    reads = [(j, c - first[j], t) for j, r in enumerate(rows) if not r.is_kl
-             for c, t in zip(r.reads, r.targets, strict=True)]
-    reads += [(j, r.reads[0] - first[j], -1) for j, r in enumerate(rows) if r.is_kl]
-    read_row = torch.tensor([x[0] for x in reads], device=dev)
-    read_col = torch.tensor([x[1] for x in reads], device=dev)
-    read_tok = torch.tensor([x[2] for x in reads], device=dev)
-    is_kl = read_tok < 0
+    # The NLL rows as teacher-forced pairs, in chunk order (pair k is chunk row
+    # nll_row[k]): the column predicting each target token, its id, and its pair.
+    nll_row = [j for j, r in enumerate(rows) if not r.is_kl]
+    kl_row = [j for j, r in enumerate(rows) if r.is_kl]
+    forced = TeacherForced.from_ids([(rows[j].prompt, rows[j].target) for j in nll_row],
+                                    tok.pad_token_id, dev)
+    n_tok = len(forced.tok)
+    nll_row_t = torch.tensor(nll_row, dtype=torch.long, device=dev)
+    pair_req_t = row_req_t[nll_row_t]  # [pairs] the request of each NLL row
+    # Reads: the target tokens (read k < n_tok is forced token k), then one per KL row at
+    # its last column; the LM head runs on these positions alone. Columns are counted from
+    # each row's first run column.
+    read_row = torch.cat([nll_row_t[forced.row],
+                          torch.tensor(kl_row, dtype=torch.long, device=dev)])
+    read_col = torch.cat([forced.col, torch.tensor([len(rows[j].prompt) - 1 for j in kl_row],
+                                                   dtype=torch.long, device=dev)])
+    read_col = read_col - torch.tensor(first, dtype=torch.long, device=dev)[read_row]
+    is_kl = torch.arange(len(read_row), device=dev) >= n_tok
     kl_slot = torch.cumsum(is_kl.long(), 0) - 1  # read -> its row in kl_init (KL reads)
-    n_tgt = torch.tensor([max(len(r.targets), 1) for r in rows], device=dev, dtype=torch.float)
-    nll_rows = torch.tensor([not r.is_kl for r in rows], device=dev)
-    templates_per_req = torch.bincount(row_req_t[nll_rows], minlength=n).float()
+    templates_per_req = torch.bincount(pair_req_t, minlength=n).float()
 
     active = torch.ones(n, dtype=torch.bool)
     kl_init: torch.Tensor | None = None  # [KL reads, vocab] log-probs of the original model
@@ -497,11 +523,14 @@ def _optimize_chunk(
         logp = torch.log_softmax(lm_head(model, lm.spec, torch.cat(vectors)).float(), dim=-1)
 
         nll_at = ~is_kl[which_t]
-        tok_nll = -logp[nll_at].gather(1, read_tok[which_t][nll_at, None]).squeeze(1)
-        row_nll = torch.zeros(len(rows), device=dev).index_add(
-            0, read_row[which_t][nll_at], tok_nll) / n_tgt
+        tok_at = which_t[nll_at]  # forced token of each NLL read, in the order of `logp`
+        tok_nll = -logp[nll_at].gather(1, forced.tok[tok_at, None]).squeeze(1)
+        # Token-mean NLL of each NLL row [pairs]; the tokens of stopped requests are not
+        # run and count as 0 (their requests' losses are masked out of the backward).
+        per_token = torch.zeros(n_tok, device=dev).index_put((tok_at,), tok_nll)
+        row_nll = forced.pair_mean(per_token)
         req_nll = torch.zeros(n, device=dev).index_add(
-            0, row_req_t[nll_rows], row_nll[nll_rows]) / templates_per_req
+            0, pair_req_t, row_nll) / templates_per_req
 
         kl_reads = which_t[~nll_at]
         kl_logp = logp[~nll_at]
