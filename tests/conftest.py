@@ -7,10 +7,11 @@ tokenizer, and the runner tests read a small dataset and corpus written below.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import hydra
@@ -96,6 +97,27 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
         f"{msg}: max |difference| {err:.3g} > {rel:g} · max|expected| = {rel * scale:.3g} "
         f"(relative error {err / max(scale, 1e-300):.3g})"
     )
+
+
+@contextlib.contextmanager
+def memit_crashes_at_call(call: int) -> Iterator[None]:
+    """Inside the block, MEMIT's ``compute_deltas`` raises ``RuntimeError("simulated
+    crash")`` on its ``call``-th call (a run dying mid-step); restored on exit."""
+    from kaedit.methods.memit import MEMIT
+
+    real, calls = MEMIT.compute_deltas, {"n": 0}
+
+    def crashing(self, ctx, requests):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RuntimeError("simulated crash")
+        return real(self, ctx, requests)
+
+    MEMIT.compute_deltas = crashing
+    try:
+        yield
+    finally:
+        MEMIT.compute_deltas = real
 
 
 def load_tiny(compose: Compose, name: str) -> LoadedModel:

@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from conftest import REPO, Compose
+from conftest import REPO, Compose, memit_crashes_at_call
 from kaedit import experiment
 from kaedit.experiment import compose as compose_config
 from kaedit.methods.core import TargetConfig
@@ -174,8 +174,7 @@ def metric_columns(df: pd.DataFrame) -> pd.DataFrame:
                                     ["fusion=wise_ft", "fusion.alpha=0.3"]],
                          ids=lambda f: f[0])
 def test_stateful_fusion_resumes_bit_identically(
-    compose: Compose, tiny_run_overrides: list[str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, fusion: list[str],
+    compose: Compose, tiny_run_overrides: list[str], tmp_path: Path, fusion: list[str],
 ) -> None:
     overrides = [*tiny_run_overrides, "schedule.n_edits=5", "schedule.batch_size=1",
                  "save_deltas=true", *fusion]
@@ -184,21 +183,8 @@ def test_stateful_fusion_resumes_bit_identically(
 
     # The same run crashes while computing step 4 (Lookahead k=2: mid-cycle, after the
     # checkpoint of step 3), then resumes from its checkpoint.
-    from kaedit.methods.memit import MEMIT
-
-    real = MEMIT.compute_deltas
-    calls = {"n": 0}
-
-    def crash_at_step_4(self, ctx, requests):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash")
-        return real(self, ctx, requests)
-
-    monkeypatch.setattr(MEMIT, "compute_deltas", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with memit_crashes_at_call(4), pytest.raises(RuntimeError, match="simulated crash"):
         experiment.run(compose(overrides), run_dir=str(run_dir))
-    monkeypatch.setattr(MEMIT, "compute_deltas", real)
     saved = load_file(str(next((run_dir / "checkpoint").glob("step-*")) / "fusion.safetensors"))
     assert saved and any(t.abs().sum() > 0 for t in saved.values())  # real state was saved
     resumed = experiment.run(compose([*overrides, f"resume={run_dir}"]))
@@ -212,7 +198,6 @@ def test_stateful_fusion_resumes_bit_identically(
 
 def test_layer_scoped_fusion_saves_its_deltas_and_resumes_bit_identically(
     compose: Compose, tiny_run_overrides: list[str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # fusion.scope=layer with MEMIT: the per-step files are each layer's undropped Δ (solved
     # with the earlier layers' fused updates in place) and the Δ̂ applied, the second the
@@ -232,21 +217,8 @@ def test_layer_scoped_fusion_saves_its_deltas_and_resumes_bit_identically(
     assert all(torch.equal(fused[n], lf.fuse(n, raw[n])) for n in raw)
     assert all(not torch.equal(fused[n], raw[n]) for n in raw)
 
-    from kaedit.methods.memit import MEMIT
-
-    real, calls = MEMIT.compute_deltas, {"n": 0}
-
-    def crash_at_step_3(self, ctx, requests):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real(self, ctx, requests)
-
-    monkeypatch.setattr(MEMIT, "compute_deltas", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        experiment.run(compose(overrides),
-                       run_dir=str(run_dir))
-    monkeypatch.setattr(MEMIT, "compute_deltas", real)
+    with memit_crashes_at_call(3), pytest.raises(RuntimeError, match="simulated crash"):
+        experiment.run(compose(overrides), run_dir=str(run_dir))
     experiment.run(compose([*overrides, f"resume={run_dir}"]))
     got = metric_columns(pd.read_csv(run_dir / "metrics.csv"))
     pd.testing.assert_frame_equal(got, metric_columns(pd.read_csv(ref_dir / "metrics.csv")))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import Compose
+from conftest import Compose, memit_crashes_at_call
 from kaedit import experiment
 from kaedit.tracking import Trackers, WandbTracker, progress_line
 from wandb_file import history_rows, of_type, wandb_records
@@ -78,27 +78,14 @@ def test_summary_json_is_written_before_wandb_can_fail(
 
 def test_offline_resume_leaves_segments_of_one_run_without_a_repeated_step(
     compose: Compose, tiny_run_overrides: list[str], wandb_offline: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 4 steps of 1 edit, a checkpoint every 2 steps; the run dies computing step 4, after
     # it logged step 3 (past its checkpoint at step 2). The resumed segment redoes 3 and 4.
     overrides = [*tiny_run_overrides, "logger=wandb", "schedule.n_edits=4",
                  "schedule.batch_size=1", "schedule.checkpoint_every=2"]
     run_dir = wandb_offline / "run"
-    from kaedit.methods.memit import MEMIT
-
-    real, calls = MEMIT.compute_deltas, {"n": 0}
-
-    def crash_at_step_4(self, ctx, requests):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash")
-        return real(self, ctx, requests)
-
-    monkeypatch.setattr(MEMIT, "compute_deltas", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with memit_crashes_at_call(4), pytest.raises(RuntimeError, match="simulated crash"):
         experiment.run(compose(overrides), run_dir=str(run_dir))
-    monkeypatch.setattr(MEMIT, "compute_deltas", real)
     experiment.run(compose([*overrides, f"resume={run_dir}"]))
 
     first, second = segments(run_dir)
