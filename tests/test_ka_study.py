@@ -116,20 +116,29 @@ def study_runs(tmp_path_factory: pytest.TempPathFactory, compose: Compose,
     8 edits in 4 batches of 2, a seen sample of 1, the first batch in full, a fixed set
     of 3, generation and perplexity at start and end."""
     root = tmp_path_factory.mktemp("ka")
-    base = [*tiny_run_overrides, f"dataset.path='{tiny_rome_dataset}'", "schedule.n_edits=8",
+    base = study_overrides(tiny_run_overrides, tiny_rome_dataset, tiny_corpus)
+    dirs = []
+    # tracking.choices: what python -m kaedit.run fills from Hydra's group choices
+    for name, fusion in RUNS.items():
+        dirs.append(root / name)
+        experiment.run(compose([*base, *fusion]), run_dir=str(dirs[-1]))
+    return dirs
+
+
+#: The two tiny runs: fusion=add and layer-scoped DR p=0.8.
+RUNS = {"memit-add": ["fusion=add", "+tracking.choices.fusion=add"],
+        "memit-dr": ["fusion=drop_rescale", "fusion.scope=layer",
+                     "+tracking.choices.fusion=drop_rescale"]}
+
+
+def study_overrides(tiny_run_overrides: list[str], tiny_rome_dataset: Path,
+                    tiny_corpus: Path) -> list[str]:
+    return [*tiny_run_overrides, f"dataset.path='{tiny_rome_dataset}'", "schedule.n_edits=8",
             "schedule.batch_size=2", "schedule.retention_sample=1",
             "schedule.first_batch_in_full=true", "schedule.fixed_sample=3",
             "schedule.generation_every=null", "generation.max_new_tokens=4",
             "perplexity.every=null", f"perplexity.corpus=['{tiny_corpus}']",
             "perplexity.n_tokens=256", "perplexity.seq_len=64"]
-    dirs = []
-    # tracking.choices: what python -m kaedit.run fills from Hydra's group choices
-    for name, fusion in (("memit-add", ["fusion=add", "+tracking.choices.fusion=add"]),
-                         ("memit-dr", ["fusion=drop_rescale", "fusion.scope=layer",
-                                       "+tracking.choices.fusion=drop_rescale"])):
-        dirs.append(root / name)
-        experiment.run(compose([*base, *fusion]), run_dir=str(dirs[-1]))
-    return dirs
 
 
 def test_first_batch_is_scored_in_full_and_seen_stays_the_sample(study_runs: list[Path]) -> None:
@@ -169,6 +178,42 @@ def test_fixed_specificity_at_step_0_is_the_unedited_models_score(
         torch.tensor([step0["fixed/specificity"], step0["fixed/specificity_mag"]]),
         torch.tensor([expected["fixed/specificity"], expected["fixed/specificity_mag"]]),
         rel=1e-4, msg="fixed set at step 0 vs the unedited model")
+
+
+def test_study_run_resumes_to_the_same_rows(
+        study_runs: list[Path], compose: Compose, tiny_run_overrides: list[str],
+        tiny_rome_dataset: Path, tiny_corpus: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while computing step 3 (after step 2's checkpoint), resumed with
+    resume=RUN_DIR: the same metrics.csv and retention.csv as the uninterrupted run (the
+    fixed set and the first batch are chosen again, identically, from the seed)."""
+    from kaedit.methods.memit import MEMIT
+
+    overrides = [*study_overrides(tiny_run_overrides, tiny_rome_dataset, tiny_corpus),
+                 *RUNS["memit-dr"]]
+    real, calls = MEMIT.compute_deltas, {"n": 0}
+
+    def crash_at_step_3(self, ctx, requests):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(self, ctx, requests)
+
+    run_dir = tmp_path / "memit-dr"
+    monkeypatch.setattr(MEMIT, "compute_deltas", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        experiment.run(compose(overrides), run_dir=str(run_dir))
+    monkeypatch.setattr(MEMIT, "compute_deltas", real)
+    experiment.run(compose([*overrides, f"resume={run_dir}"]))
+
+    def untimed(path: Path) -> pd.DataFrame:
+        df = pd.read_csv(path)
+        return df[[c for c in df.columns if not c.startswith("time/")]]
+
+    ref = study_runs[1]
+    pd.testing.assert_frame_equal(untimed(run_dir / "metrics.csv"), untimed(ref / "metrics.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "retention.csv"),
+                                  pd.read_csv(ref / "retention.csv"))
 
 
 def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
