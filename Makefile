@@ -41,8 +41,8 @@ test: venv ## The whole test suite (includes the real-model tests marked slow)
 test-fast: venv ## Tests without the real model (-m "not slow")
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-lint: venv ## ruff check
-	$(VENV)/bin/ruff check src tests
+lint: venv ## ruff check (rules: pyproject.toml [tool.ruff.lint])
+	$(VENV)/bin/ruff check src tests benchmarks
 
 format: venv ## ruff format
 	$(VENV)/bin/ruff format src tests

@@ -33,7 +33,9 @@ def test_runner_saves_step_deltas(two_runs: list[Path]) -> None:
     add, dr = two_runs
     names = {p.name for p in (dr / "deltas").iterdir()}
     assert names == {f"step-000{s}{x}.safetensors" for s in (1, 2, 3) for x in ("", "-fused")}
-    pre, post = (load_file(str(dr / "deltas" / f"step-0001{x}.safetensors")) for x in ("", "-fused"))
+    pre, post = (
+        load_file(str(dr / "deltas" / f"step-0001{x}.safetensors")) for x in ("", "-fused")
+    )
     assert pre.keys() == post.keys()
     for k in pre:  # drop-and-rescale: survivors scaled by 1/(1-p), the rest dropped
         kept = post[k] != 0

@@ -51,8 +51,10 @@ GOOD = {"case_id": 1, "requested_rewrite": {"prompt": "{} is located in", "subje
     [
         ("n_edits", ["model=tiny_llama", "schedule.n_edits=100000"], ["100000", "{size}"]),
         ("malformed", ["model=tiny_llama", "dataset.path={tmp}/bad.json"], ["bad.json"]),
-        ("empty", ["model=tiny_llama", "dataset.path={tmp}/empty.json"], ["empty.json", "no records"]),
-        ("subject", ["model=tiny_llama", "dataset.path={tmp}/subject.json"], ["Berlin", "case_id=8"]),
+        ("empty", ["model=tiny_llama", "dataset.path={tmp}/empty.json"],
+         ["empty.json", "no records"]),
+        ("subject", ["model=tiny_llama", "dataset.path={tmp}/subject.json"],
+         ["Berlin", "case_id=8"]),
         ("module", ["model=tiny_llama", "model.modules.mlp_out='model.layers.{{}}.mlp.nope'"],
          ["model.layers.1.mlp.nope"]),
         ("layer", ["model=tiny_llama", "model.edit.layers=[1,9]"], ["9", "0..3"]),

@@ -270,7 +270,9 @@ def test_every_method_declares_the_layers_it_edits(compose: Compose, method: str
     # calls its layer setting (ROME: `layer`; MEND: none, its checkpoint names the weights).
     cfg = compose(["model=tiny_llama", f"method={method}"])
     built = instantiate(cfg.method, _convert_="all")
-    expected = {"rome": [cfg.model.edit.rome_layer], "mend": []}.get(method, cfg.method.get("layers"))
+    expected = {"rome": [cfg.model.edit.rome_layer], "mend": []}.get(
+        method, cfg.method.get("layers")
+    )
     assert [int(x) for x in built.layers] == [int(x) for x in expected]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_easyedit_counterfact_loads_and_reproduces_prompts() -> None:
     raw = json.loads(CF_EE.read_text())
     reqs = load_requests(str(CF_EE))
     assert len(reqs) == 9852
-    for row, r in zip(raw, reqs):
+    for row, r in zip(raw, reqs, strict=True):
         assert r.source == "easyedit" and "{}" in r.prompt
         assert r.rewrite_prompt == row["prompt"]
         assert r.case_id == str(row["case_id"]) and r.target_true == row["ground_truth"]
@@ -72,7 +73,7 @@ def test_zsre_loads_as_memit_reads_it() -> None:
     raw = json.loads(ZSRE.read_text())
     reqs = load_requests(str(ZSRE))
     assert len(reqs) == len(raw)
-    for i, (row, r) in enumerate(zip(raw, reqs)):
+    for i, (row, r) in enumerate(zip(raw, reqs, strict=True)):
         assert r.source == "zsre" and r.case_id == str(i)
         assert r.rewrite_prompt == row["src"] and r.target_new == row["answers"][0]
         assert r.target_true == row["answers"][0]
@@ -87,7 +88,7 @@ def test_zsre_easyedit_reading() -> None:
     raw = json.loads(ZSRE.read_text())[:20]
     reqs = load_requests(str(ZSRE), schema="zsre_easyedit", limit=20)
     assert any(row["alt"] != row["answers"][0] for row in raw)  # the readings differ here
-    for row, r in zip(raw, reqs):
+    for row, r in zip(raw, reqs, strict=True):
         assert r.source == "zsre_easyedit"
         assert r.rewrite_prompt == row["src"] and r.target_new == row["alt"]
         assert r.target_true == row["answers"][0]
@@ -231,9 +232,9 @@ def test_from_config_composes_with_omegaconf(tmp_path: Path) -> None:
 
 def test_nonexistent_path_is_named(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope" / "counterfact.json")
-    with pytest.raises(DatasetError, match="dataset file not found: .*nope/counterfact.json"):
+    with pytest.raises(DatasetError, match=r"dataset file not found: .*nope/counterfact\.json"):
         resolve_source(missing, [], None, None, str(tmp_path))
-    with pytest.raises(DatasetError, match="nope/counterfact.json"):
+    with pytest.raises(DatasetError, match=re.escape("nope/counterfact.json")):
         load_requests(missing)
 
 

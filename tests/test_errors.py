@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -126,6 +127,6 @@ def test_bad_config_value_exits_2_in_one_line_and_writes_nothing(
 def test_build_turns_a_constructor_value_error_into_a_config_error(compose: Compose) -> None:
     from kaedit.setup import build
 
-    with pytest.raises(ConfigError, match="fusion.p=1.5") as info:
+    with pytest.raises(ConfigError, match=re.escape("fusion.p=1.5")) as info:
         build(compose(["fusion.p=1.5"]).fusion)
     assert isinstance(info.value.__cause__, ValueError)  # HYDRA_FULL_ERROR=1 shows it

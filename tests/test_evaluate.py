@@ -25,7 +25,7 @@ class FakeScorer:
         self.asked: list[tuple[str, str]] = []
 
     def score(self, prompts: Sequence[str], targets: Sequence[str]) -> tuple[np.ndarray, ...]:
-        pairs = list(zip(prompts, targets))
+        pairs = list(zip(prompts, targets, strict=True))
         self.asked += pairs
         return (
             np.array([self.table[p][0] for p in pairs]),
@@ -146,7 +146,7 @@ def test_counterfact_eval() -> None:
 
 def test_counterfact_eval_needs_target_true() -> None:
     req = EditRequest("9", "X", "{} is", "Y")
-    with pytest.raises(ValueError, match="9.*target_true"):
+    with pytest.raises(ValueError, match=r"9.*target_true"):
         CounterFactEval()(FakeScorer({}), [req])
 
 
@@ -204,7 +204,7 @@ def reference_score(lm: LoadedModel, prompt: str, target: str) -> tuple[float, f
 
 @pytest.mark.parametrize("batch_size", [2, 64])
 def test_scorer_matches_unbatched_forward(lm: LoadedModel, batch_size: int) -> None:
-    nll, acc = Scorer(lm, batch_size=batch_size).score(*zip(*PAIRS))
+    nll, acc = Scorer(lm, batch_size=batch_size).score(*zip(*PAIRS, strict=True))
     ref = [reference_score(lm, p, t) for p, t in PAIRS]
     # padded, batched float32 forward vs one unpadded pass: the same arithmetic blocked
     # differently, through a few layers (measured: 8.6e-8 of the largest NLL)
@@ -216,10 +216,10 @@ def test_scorer_matches_unbatched_forward(lm: LoadedModel, batch_size: int) -> N
 
 def test_scorer_follows_the_weights(lm: LoadedModel) -> None:
     scorer = Scorer(lm)
-    before, _ = scorer.score(*zip(*PAIRS))  # caches tokenisation, not results
+    before, _ = scorer.score(*zip(*PAIRS, strict=True))  # caches tokenisation, not results
     with torch.no_grad():
         lm.model.get_output_embeddings().weight.mul_(3.0)
-    after, _ = scorer.score(*zip(*PAIRS))
+    after, _ = scorer.score(*zip(*PAIRS, strict=True))
     ref = [reference_score(lm, p, t)[0] for p, t in PAIRS]
     assert_close_to_scale(torch.as_tensor(after), torch.tensor(ref), rel=1e-5, msg="nll")
     assert np.abs(after - before).max() > 1e-3

@@ -24,7 +24,7 @@ def sampler(lm: LoadedModel, seed: int = 0, **kw) -> Generator:
 def test_top_k_generations_have_roms_length_and_top_k_tokens(lm: LoadedModel) -> None:
     out = sampler(lm).token_ids(PROMPTS)
     tok = lm.tokenizer
-    for prompt, ids in zip(PROMPTS, out):
+    for prompt, ids in zip(PROMPTS, out, strict=True):
         p = tok(prompt)["input_ids"]
         # ROME's max_out_len: every generation is 40 tokens with its prompt (no early stop)
         assert len(ids) == 40 and list(ids[: len(p)]) == p
@@ -50,7 +50,7 @@ def test_lengths_caps_and_bad_values(lm: LoadedModel) -> None:
     gen = sampler(lm, max_new_tokens=4)
     assert gen._new_tokens(10) == 4 and gen._new_tokens(38) == 2 and gen._new_tokens(50) == 0
     assert all(len(ids) == len(lm.tokenizer(p)["input_ids"]) + 4
-               for p, ids in zip(PROMPTS, gen.token_ids(PROMPTS)))
+               for p, ids in zip(PROMPTS, gen.token_ids(PROMPTS), strict=True))
     with pytest.raises(ValueError, match=r"generation.decoding='beam' is not one of"):
         Generator(lm, decoding="beam")
     with pytest.raises(ValueError, match="both null"):

@@ -55,7 +55,7 @@ def test_ka_study_sweeps_eight_rows(compose: Compose, scale: str) -> None:
 
 
 def test_bad_fixed_sample_is_a_schedule_error() -> None:
-    with pytest.raises(ScheduleError, match="schedule.fixed_sample=-1"):
+    with pytest.raises(ScheduleError, match=r"schedule\.fixed_sample=-1"):
         Schedule(fixed_sample=-1).batches(10)
 
 

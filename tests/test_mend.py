@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_factors_reproduce_the_weight_gradient(compose: Compose, requests_) -> N
 
     hidden, _ = forward(lm, rows, weights)
     grads = torch.autograd.grad(rows.forced_nll(lm, hidden).sum(), list(weights.values()))
-    for name, g in zip(names, grads):
+    for name, g in zip(names, grads, strict=True):
         u, d = factors[name]
         assert u.shape[0] == d.shape[0] == int(rows.mask[: rows.n_forced].sum())
         # factors' product vs autograd's gradient: one float32 sum over tokens, maybe in
@@ -195,7 +196,8 @@ def test_checkpoint_round_trip(compose: Compose, requests_, tmp_path: Path) -> N
     ]
     again, _ = load_editor(path, lm)
     assert again.spec == editor.spec
-    for (k, a), (k2, b) in zip(editor.state_dict().items(), again.state_dict().items()):
+    pairs = zip(editor.state_dict().items(), again.state_dict().items(), strict=True)
+    for (k, a), (k2, b) in pairs:
         assert k == k2 and torch.equal(a, b)
     rows = Rows.build(lm, [(r.rewrite_prompt, r.target_new) for r in requests_[:2]])
     factors, _ = gradient_factors(lm, names, rows)
@@ -215,7 +217,7 @@ def test_checkpoint_problems_are_one_clear_config_error(compose: Compose, tmp_pa
     with pytest.raises(ConfigError, match=f"method.checkpoint='{missing}' does not exist"):
         load_editor(missing, llama)
     with pytest.raises(
-        ConfigError, match="trained for model 'tiny_llama'.*not for the loaded 'tiny_gptj'"
+        ConfigError, match=r"trained for model 'tiny_llama'.*not for the loaded 'tiny_gptj'"
     ):
         load_editor(path, gptj)
     # same model, another shape: a second tiny Llama with a wider MLP
@@ -239,7 +241,7 @@ def test_checkpoint_problems_are_one_clear_config_error(compose: Compose, tmp_pa
     with pytest.raises(ConfigError, match="sha256"):
         load_editor(bad, llama)
     sidecar(bad).unlink()
-    with pytest.raises(ConfigError, match="bad.json.*is missing"):
+    with pytest.raises(ConfigError, match=r"bad\.json.*is missing"):
         load_editor(bad, llama)
     sidecar(bad).write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
@@ -294,13 +296,13 @@ def test_training_split_is_disjoint_from_the_default_runs(compose: Compose) -> N
     assert str(run.method.checkpoint) == str(tcfg.output).replace(
         str(tcfg.cache_dir), str(run.cache_dir)
     )
-    with pytest.raises(ConfigError, match="train.records=3000.*2180"):
+    with pytest.raises(ConfigError, match=r"train\.records=3000.*2180"):
         split(n, 3000, 10)
-    with pytest.raises(ConfigError, match="train.val_records=10 must be less"):
+    with pytest.raises(ConfigError, match=re.escape("train.val_records=10 must be less")):
         split(n, 10, 10)
-    with pytest.raises(ConfigError, match="train.batch_size=0"):
+    with pytest.raises(ConfigError, match=re.escape("train.batch_size=0")):
         TrainConfig(batch_size=0)
-    with pytest.raises(ConfigError, match="train.c_loc=-1"):
+    with pytest.raises(ConfigError, match=re.escape("train.c_loc=-1")):
         TrainConfig(c_loc=-1)
 
 
@@ -349,7 +351,7 @@ def test_train_saves_an_editor_the_runner_config_loads(
     again = train(tiny_train_cfg(tiny_rome_dataset, tmp_path / "again"))
     a, _ = load_editor(path, lm)
     b, _ = load_editor(again["checkpoint"], lm)
-    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
 
 

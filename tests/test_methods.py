@@ -219,7 +219,8 @@ def test_context_templates_are_generates_cpu_samples_without_the_global_rng(
                                 do_sample=True, top_k=5, pad_token_id=tok.pad_token_id)
         width = ids.shape[1]
         want = [tok.decode(r[int(width - m.sum()):], skip_special_tokens=True)
-                .replace("{", " ").replace("}", " ") + ". {}" for r, m in zip(gen, mask)]
+                .replace("{", " ").replace("}", " ") + ". {}"
+                for r, m in zip(gen, mask, strict=True)]
         assert rows == want
     assert context_templates(lm, [(6, 5), (3, 10)], seed=7) == got
     assert list(context_templates(lm, [(6, 5)], seed=8)) != got[:6]

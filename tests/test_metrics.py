@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from pathlib import Path
 
@@ -129,9 +130,11 @@ def test_text_metrics_with_rome_snippets(tmp_path: Path) -> None:
 
 def test_text_metrics_needs_all_rome_files(tmp_path: Path) -> None:
     files = rome_files(tmp_path)
-    with pytest.raises(ValueError, match="generation.idf/snippets set but generation.vocab"):
+    with pytest.raises(
+        ValueError, match=re.escape("generation.idf/snippets set but generation.vocab")
+    ):
         TextMetrics(lm=None, snippets=files["snippets"], idf=files["idf"])
-    with pytest.raises(ValueError, match="generation.vocab=.*does not exist"):
+    with pytest.raises(ValueError, match=r"generation\.vocab=.*does not exist"):
         TextMetrics(lm=None, **{**files, "vocab": str(tmp_path / "missing.json")})
 
 
@@ -143,7 +146,7 @@ def test_text_metrics_fallback_references(tmp_path: Path) -> None:
     gen = FakeGenerate({"Berlin is in": "Berlin is in Germany", "Munich is in": "Munich",
                         "Toyota is": "Toyota is in Germany", "Toyota makes": "cars"})
     texts.generate = gen
-    with pytest.raises(RuntimeError, match="request 7.*before any edit"):
+    with pytest.raises(RuntimeError, match=r"request 7.*before any edit"):
         texts([REQUEST])
     refs = texts.make_references([REQUEST, REQUEST])
     assert refs == {"7": "Berlin is in Germany Munich"}
@@ -180,7 +183,7 @@ PROMPTS = ["The Eiffel Tower is in", "A", "Danielle Darrieux's mother tongue is"
 def test_batched_greedy_generation_matches_one_at_a_time(lm: LoadedModel) -> None:
     got = Generator(lm, max_new_tokens=8, batch_size=3)(PROMPTS)
     tok = lm.tokenizer
-    for prompt, text in zip(PROMPTS, got):
+    for prompt, text in zip(PROMPTS, got, strict=True):
         ids = torch.tensor([tok(prompt)["input_ids"]])
         out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 do_sample=False, max_new_tokens=8,

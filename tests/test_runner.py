@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,7 +116,7 @@ def test_schedule_longer_than_dataset(run, tmp_path: Path) -> None:
 def test_malformed_dataset(run, tmp_path: Path) -> None:
     bad = tmp_path / "broken.json"
     bad.write_text('[{"case_id": 1, "prompt": ')
-    with pytest.raises(DatasetError, match="broken.json"):
+    with pytest.raises(DatasetError, match=re.escape("broken.json")):
         run(f"dataset.path='{bad}'")
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
@@ -178,7 +179,7 @@ def test_nan_delta_is_not_applied_and_logged(
 
 
 def test_guard_stop_raises(run) -> None:
-    with pytest.raises(FloatingPointError, match="step 1.*max_delta_norm"):
+    with pytest.raises(FloatingPointError, match=r"step 1.*max_delta_norm"):
         run("guard.max_delta_norm=1e-12", "guard.on_fault=stop")
 
 

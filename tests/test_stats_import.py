@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_bad_mom2_files_are_config_errors(compose: Compose, tmp_path: Path) -> N
                             import_from=str(tmp_path / "wrong"))
     with pytest.raises(ConfigError, match=r"\[32, 32\] second moment.*64-dim keys"):
         store.get(lm, [1])
-    with pytest.raises(ConfigError, match="no 'model.layers.2.mlp.down_proj_"):
+    with pytest.raises(ConfigError, match=re.escape("no 'model.layers.2.mlp.down_proj_")):
         store.get(lm, [2])
     with pytest.raises(ConfigError, match="neither a file nor a folder"):
         CovarianceStore(corpus=[], cache_dir=str(tmp_path / "c"),

@@ -33,9 +33,11 @@ def test_sweep_config_keeps_the_job_name_rule(compose) -> None:
     from kaedit.setup import compose as compose_hydra
 
     hc = compose_hydra(["fusion.p=0.5", f"cache_dir={cfg.cache_dir}"], hydra_config=True).hydra
-    assert OmegaConf.to_container(hc.sweep)["subdir"] == ("${kaedit.job_dir:${hydra.job.num},${hydra.job.override_dirname}}")
+    assert OmegaConf.to_container(hc.sweep)["subdir"] == (
+        "${kaedit.job_dir:${hydra.job.num},${hydra.job.override_dirname}}"
+    )
     assert "dataset.path" in hc.job.config.override_dirname.exclude_keys
-    assert "kaedit.sweep.SweepResults" == hc.callbacks.sweep_results._target_
+    assert hc.callbacks.sweep_results._target_ == "kaedit.sweep.SweepResults"
 
 
 def fake_job(sweep_dir: Path, name: str, overrides: list[str], checkpoint: bool) -> Path:
@@ -90,7 +92,7 @@ def test_two_job_sweep_leaves_results_and_figure_logged_in_its_group(
     assert len(table) == 2
     assert table["fusion.p"].tolist() == [0.0, 0.8]
     assert table["status"].tolist() == ["done", "done"]
-    for job, row in zip(jobs, table.to_dict("records")):
+    for job, row in zip(jobs, table.to_dict("records"), strict=True):
         summary = json.loads((job / "summary.json").read_text())
         for key in ("seen/efficacy", "seen/specificity", "seen/score",
                     "retention/first_batch", "wall_s"):
@@ -159,6 +161,6 @@ def test_optuna_sweep_runs_trials_and_ends_with_the_table(
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")  # the sweeper's own
     table = pd.read_csv(sweep_dir / "results.csv")
     assert len(table) == 2 and set(table["status"]) == {"done"}
-    assert 0.0 <= table["fusion.p"].min() and table["fusion.p"].max() <= 0.95
-    assert 100.0 <= table["method.lam"].min() and table["method.lam"].max() <= 1e5
+    assert 0.0 <= table["fusion.p"].min() <= table["fusion.p"].max() <= 0.95
+    assert 100.0 <= table["method.lam"].min() <= table["method.lam"].max() <= 1e5
     assert best.best_value == pytest.approx(table["seen/score"].max(), rel=1e-5)

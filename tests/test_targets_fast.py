@@ -154,7 +154,7 @@ def test_kl_row_reads_the_subject_token_by_default(lm: LoadedModel) -> None:
         col = e.subject_last if position == "subject_last" else len(e.ids) - 1
         assert kl.reads == (col,) and kl.subject == e.subject_last
         assert kl.ids == e.ids[: col + 1]  # nothing after the read column is run
-    with pytest.raises(ConfigError, match="kl_position='first'.*subject_last"):
+    with pytest.raises(ConfigError, match=r"kl_position='first'.*subject_last"):
         TargetConfig(kl_position="first")
     with pytest.raises(ConfigError, match="chunk_tokens=0"):
         TargetConfig(chunk_tokens=0)
@@ -211,7 +211,7 @@ def test_length_groups_minimise_padding() -> None:
         best = min(
             cost([[j for j, x in enumerate(lengths) if lo <= x <= hi]
                   for lo, hi in zip([values[0], *[values[c] for c in cuts]],
-                                    [*[values[c - 1] for c in cuts], values[-1]])])
+                                    [*[values[c - 1] for c in cuts], values[-1]], strict=True)])
             for r in range(min(k, len(values)))
             for cuts in itertools.combinations(range(1, len(values)), r)
         )

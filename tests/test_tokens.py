@@ -116,7 +116,8 @@ def sentencepiece_like():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["The", "Eiffel", "Tower", "is", "in", "Paris", "Rome", "Toyota", "was", "founded", "Japan"]
+    words = ["The", "Eiffel", "Tower", "is", "in", "Paris", "Rome", "Toyota", "was", "founded",
+             "Japan"]
     vocab = {"<unk>": 0, "▁": 1, **{"▁" + w: i + 2 for i, w in enumerate(words)}}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
@@ -145,7 +146,7 @@ def test_tiny_tokenizers_split_as_they_join(lm: LoadedModel, tiny_rome_dataset: 
     check_tokenisation(lm.tokenizer, CounterFactEval(), reqs)  # no error
     pairs = CounterFactEval().pairs(reqs)
     assert pairs.prompts and not split_mismatches(lm.tokenizer,
-                                                  zip(pairs.prompts, pairs.targets))
+                                                  zip(pairs.prompts, pairs.targets, strict=True))
 
 
 @needs_data

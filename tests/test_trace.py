@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -291,7 +292,7 @@ def test_from_trace_errors_name_the_problem(compose: Compose, tmp_path: Path) ->
         T.resolve_from_trace(missing)
     write_recommendation(tmp_path / "other", "smollm2", 17, [13, 14, 15, 16, 17])
     wrong = compose(["model=tiny_llama", f"method.layers=from_trace:{tmp_path / 'other'}"])
-    with pytest.raises(ConfigError, match="'smollm2'.*'tiny_llama'"):
+    with pytest.raises(ConfigError, match=r"'smollm2'.*'tiny_llama'"):
         T.resolve_from_trace(wrong)
 
 
@@ -426,9 +427,9 @@ def test_settings_reject_unknown_keys() -> None:
     with pytest.raises(ConfigError, match="sampels"):
         T.TraceSettings.from_config({"sampels": 3})
     assert T.TraceSettings(kinds="mlp").kinds == ("mlp",)  # trace.kinds=mlp
-    with pytest.raises(ConfigError, match="trace.n_edit_layers=0"):
+    with pytest.raises(ConfigError, match=re.escape("trace.n_edit_layers=0")):
         T.TraceSettings(n_edit_layers=0)
-    with pytest.raises(ConfigError, match="trace.noise=-1"):
+    with pytest.raises(ConfigError, match=re.escape("trace.noise=-1")):
         T.TraceSettings(noise=-1)
 
 

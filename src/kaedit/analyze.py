@@ -118,7 +118,7 @@ def plot_scaling(run: Run, out: Path) -> Path:
     present = [(f"seen/{m}", m) for m in FIVE if f"seen/{m}" in run.metrics]
     present += [(c, CURVE_TITLES[c]) for c in CURVE_TITLES if c in run.metrics]
     fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3), squeeze=False)
-    for ax, (column, title) in zip(axes[0], present):
+    for ax, (column, title) in zip(axes[0], present, strict=True):
         df = run.metrics[["edits_done", column]].dropna()
         ax.plot(df["edits_done"], df[column], marker="o", ms=3)
         ax.set_title(title)
@@ -185,7 +185,7 @@ def plot_delta_similarity(run: Run, out: Path, max_steps: int = 20) -> Path | No
     plt = _pyplot()
     panels = [("before fusion", pre), (f"after {_class_name(run.config.get('fusion'))}", post)]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, (title, files) in zip(axes, panels):
+    for ax, (title, files) in zip(axes, panels, strict=True):
         if len(files) < 2:
             ax.set_axis_off()
             continue
@@ -206,14 +206,14 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
     """Each run's label; runs with the same method and fusion told apart by their dir."""
     labels = [r.label for r in runs]
     if len(set(labels)) < len(labels):
-        labels = [f"{lab} [{r.name}]" for lab, r in zip(labels, runs)]
+        labels = [f"{lab} [{r.name}]" for lab, r in zip(labels, runs, strict=True)]
     return labels
 
 
 def draw_curves(ax, runs: Sequence[Run], labels: Sequence[str], column: str) -> bool:
     """``column`` against edits on ``ax``, a line per run that logged it; whether any did."""
     drawn = False
-    for run, lab in zip(runs, labels):
+    for run, lab in zip(runs, labels, strict=True):
         if column in run.metrics:
             df = run.metrics[["edits_done", column]].dropna()
             ax.plot(df["edits_done"], df[column], marker="o", ms=3, label=lab)
@@ -228,7 +228,7 @@ def plot_comparison(runs: Sequence[Run], out: Path) -> Path:
     plt = _pyplot()
     labels = run_labels(runs)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, m in zip(axes, HEADLINE):
+    for ax, m in zip(axes, HEADLINE, strict=True):
         draw_curves(ax, runs, labels, f"seen/{m}")
         ax.set_title(m)
     axes[0].legend(fontsize=7)
@@ -272,7 +272,7 @@ def figure_dirs(run_dirs: Sequence[str | Path], out: str | Path | None) -> list[
     (prefixed by its index when two runs share a name)."""
     names = [Path(d).resolve().name for d in run_dirs]
     return [Path(out) / (n if names.count(n) == 1 else f"{i}-{n}") if out
-            else Path(d) / "figures" for i, (d, n) in enumerate(zip(run_dirs, names))]
+            else Path(d) / "figures" for i, (d, n) in enumerate(zip(run_dirs, names, strict=True))]
 
 
 def analyze(run_dirs: Sequence[str | Path], out: str | Path | None = None,
@@ -280,7 +280,7 @@ def analyze(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     """Draw every figure the runs' saved files allow; returns the PNG paths written."""
     runs = [load_run(d) for d in run_dirs]
     written: list[Path] = []
-    for run, dest in zip(runs, figure_dirs(run_dirs, out)):
+    for run, dest in zip(runs, figure_dirs(run_dirs, out), strict=True):
         written.append(plot_scaling(run, dest))
         written += [p for p in (plot_retention(run, dest),
                                 plot_delta_similarity(run, dest, max_steps)) if p]
@@ -305,7 +305,7 @@ def log_to_wandb(run_dirs: Sequence[str | Path], written: Sequence[Path], mode: 
 
     compare = [p for p in written if p.name == "compare.png"]
     logged = 0
-    for d, dest in zip(map(Path, run_dirs), figure_dirs(run_dirs, out)):
+    for d, dest in zip(map(Path, run_dirs), figure_dirs(run_dirs, out), strict=True):
         run_id = wandb_run_id(d)
         if run_id is None:
             log.warning("%s has no W&B run (it ran without logger=wandb): not logged", d)

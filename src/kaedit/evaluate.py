@@ -85,13 +85,15 @@ class Scorer:
         return self._target_ids[text]
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[str], targets: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def score(
+        self, prompts: Sequence[str], targets: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per pair: mean NLL of the target tokens, and the fraction predicted by argmax.
 
         Pairs whose model input is the same token sequence (the same prompt with two
         single-token answers, as in most CounterFact comparisons) share one forward row.
         """
-        pairs = [(self._prompt(p), self._target(t)) for p, t in zip(prompts, targets)]
+        pairs = [(self._prompt(p), self._target(t)) for p, t in zip(prompts, targets, strict=True)]
         # Rows (prompt + target[:-1]) sorted by length, so each padded batch wastes little;
         # the pairs of one batch are those whose row falls in it.
         row_of: dict[tuple[int, ...], int] = {}
@@ -234,7 +236,7 @@ class Generator:
                 done[r] = (*ids[r], *new)
         if sample:
             return done
-        by_prompt = dict(zip(rows_text, done))
+        by_prompt = dict(zip(rows_text, done, strict=True))
         return [by_prompt[p] for p in prompts]
 
 
@@ -389,7 +391,7 @@ class ScoredPairs:
 
     def per_request(self, values: np.ndarray, tag: str, n: int) -> list[list[float]]:
         out: list[list[float]] = [[] for _ in range(n)]
-        for v, (t, r) in zip(values, self.tags):
+        for v, (t, r) in zip(values, self.tags, strict=True):
             if t == tag:
                 out[r].append(float(v))
         return out
@@ -431,7 +433,7 @@ class CounterFactEval:
             new = pairs.per_request(nll, f"{kind}:new", n)
             true = pairs.per_request(nll, f"{kind}:true", n)
             succ, mag = [], []
-            for a, b in zip(new, true):
+            for a, b in zip(new, true, strict=True):
                 a_, b_ = np.array(a), np.array(b)
                 won = a_ < b_ if new_wins else b_ < a_
                 gap = np.exp(-a_) - np.exp(-b_)
@@ -477,13 +479,14 @@ def check_tokenisation(tok: Any, evaluator: Evaluator, requests: Sequence[EditRe
     from kaedit.errors import ConfigError
 
     pairs = evaluator.pairs(requests)
-    texts = list(zip(pairs.prompts, pairs.targets))
+    texts = list(zip(pairs.prompts, pairs.targets, strict=True))
     bad = split_mismatches(tok, texts)
     if not bad:
         return
     prompt, target, split, joint = bad[0]
     record = requests[pairs.tags[texts.index((prompt, target))][1]]
-    same = next((k for k, (a, b) in enumerate(zip(split, joint)) if a != b),
+    # the first token where they differ; if one is a prefix of the other, its length
+    same = next((k for k, (a, b) in enumerate(zip(split, joint, strict=False)) if a != b),
                 min(len(split), len(joint)))
     name = getattr(tok, "name_or_path", "") or type(tok).__name__
     raise ConfigError(

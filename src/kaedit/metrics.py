@@ -47,7 +47,8 @@ def word_tokens(text: str) -> list[str]:
 
 def ngram_entropy(tokens: Sequence[str], n: int) -> float:
     """Entropy in bits of the n-gram frequency distribution: −Σ f log₂ f (0 if none)."""
-    counts = Counter(zip(*(tokens[i:] for i in range(n))))
+    # the n shifted copies differ in length: zip stops at the last full n-gram
+    counts = Counter(zip(*(tokens[i:] for i in range(n)), strict=False))
     if not counts:
         return 0.0
     freqs = np.array(list(counts.values()), dtype=float)
@@ -59,7 +60,8 @@ def text_entropy(text: str, orders: Sequence[int] = NGRAM_ORDERS,
                  weights: Sequence[float] = NGRAM_WEIGHTS) -> float:
     """ROME's weighted n-gram entropy of one text: mean of ``w_n · H_n``."""
     tokens = word_tokens(text)
-    return float(np.mean([w * ngram_entropy(tokens, n) for n, w in zip(orders, weights)]))
+    terms = [w * ngram_entropy(tokens, n) for n, w in zip(orders, weights, strict=True)]
+    return float(np.mean(terms))
 
 
 def fluency(texts: Sequence[str]) -> float:

@@ -248,7 +248,7 @@ def _hub_reachable(repo_id: str, timeout: float) -> str | None:
     try:
         HfApi().model_info(repo_id, timeout=timeout)
         return None
-    except Exception as exc:  # noqa: BLE001 - any failure means "cannot use the hub"
+    except Exception as exc:  # any failure means "cannot use the hub"
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 

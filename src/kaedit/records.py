@@ -54,4 +54,6 @@ class EditRequest:
 
     @property
     def neighborhood_target(self) -> str | None:
-        return self.neighborhood_answer if self.neighborhood_answer is not None else self.target_true
+        if self.neighborhood_answer is not None:
+            return self.neighborhood_answer
+        return self.target_true

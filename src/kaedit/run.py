@@ -55,7 +55,8 @@ def tracking_info(choices: Mapping[str, Any], fusion: Mapping[str, Any]) -> dict
 
 
 def fill_tracking(cfg: DictConfig) -> None:
-    """Fill ``cfg.tracking`` (group, tags, name, choices) from Hydra where the user left it empty."""
+    """Fill ``cfg.tracking`` (group, tags, name, choices) from Hydra where the user left it
+    empty."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

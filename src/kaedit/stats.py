@@ -127,12 +127,13 @@ class CovarianceStore:
         buf_start = 0
         for ids in self._token_chunks(tok):  # pass 2: keep the chosen windows
             buf.extend(ids)
-            while len(out) < len(starts) and starts[len(out)] + self.seq_len <= buf_start + len(buf):
+            buf_end = buf_start + len(buf)
+            while len(out) < len(starts) and starts[len(out)] + self.seq_len <= buf_end:
                 s = starts[len(out)] - buf_start
                 out.append(buf[s : s + self.seq_len])
             if len(out) == len(starts):
                 break
-            keep_from = min(starts[len(out)], buf_start + len(buf)) - buf_start
+            keep_from = min(starts[len(out)], buf_end) - buf_start
             buf, buf_start = buf[keep_from:], buf_start + keep_from
         return torch.tensor(out, dtype=torch.long)
 
@@ -154,7 +155,7 @@ class CovarianceStore:
         ``module_kind`` weight."""
         modules = {layer: lm.spec.module(self.module_kind, layer) for layer in layers}
         keys = {layer: self.key(lm, m) for layer, m in modules.items()}
-        for layer, k in keys.items():
+        for k in keys.values():
             if k not in self._memory and self._path(k).is_file():
                 self._memory[k] = load_file(self._path(k))["second_moment"]
         todo = [layer for layer, k in keys.items() if k not in self._memory]
@@ -357,7 +358,7 @@ def _hf_rows(spec: str) -> Iterator[str]:
     path, _, config = name.partition("/")
     try:
         ds = load_dataset(path, config or None, split=split or "train")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # hub, network and config errors all end here
         raise CorpusError(f"could not load statistics corpus 'hf:{spec}': {exc}") from None
     for row in ds:
         yield row["text"]

@@ -170,7 +170,7 @@ class SweepResults(Callback):
             return
         try:
             log_results(sweep_config(config, sweep_dir), sweep_dir, table, figure)
-        except Exception as exc:  # noqa: BLE001 - the jobs and the table are done
+        except Exception as exc:  # the jobs and the table are done
             log.error("sweep results written to %s, but logging them failed: %s: %s",
                       sweep_dir, type(exc).__name__, exc)
 

@@ -84,12 +84,12 @@ def split_mismatches(
         return []
     joint = tok([f"{p} {t.strip()}" for p, t in unique])["input_ids"]
     prompts = list(dict.fromkeys(p for p, _ in unique))
-    prompt_of = dict(zip(prompts, tok(prompts)["input_ids"]))
+    prompt_of = dict(zip(prompts, tok(prompts)["input_ids"], strict=True))
     targets = list(dict.fromkeys(t for _, t in unique))
     target_of = dict(zip(targets, tok([" " + t.strip() for t in targets],
-                                      add_special_tokens=False)["input_ids"]))
+                                      add_special_tokens=False)["input_ids"], strict=True))
     out = []
-    for (p, t), j in zip(unique, joint):
+    for (p, t), j in zip(unique, joint, strict=True):
         split = (*prompt_of[p], *target_of[t])
         if split != tuple(j):
             out.append((p, t, split, tuple(j)))
@@ -214,14 +214,15 @@ class TeacherForced:
         n_forced = len(seqs)
         seqs += [tuple(p) for p in plain]
         ids, mask = pad(seqs, pad_id, device)
-        pos = sorted(set(zip(rows, cols)))
+        pos = sorted(set(zip(rows, cols, strict=True)))
         index = {rc: k for k, rc in enumerate(pos)}
 
         def as_t(x: Sequence[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
 
+        at = [index[rc] for rc in zip(rows, cols, strict=True)]
         return cls(ids, mask, n_forced, as_t(pair_row), as_t(rows), as_t(cols), as_t(toks),
-                   as_t(owner), as_t(pos).view(-1, 2), as_t([index[rc] for rc in zip(rows, cols)]))
+                   as_t(owner), as_t(pos).view(-1, 2), as_t(at))
 
     @classmethod
     def build(cls, lm: LoadedModel, pairs: Sequence[tuple[str, str]],

@@ -270,7 +270,7 @@ class Trackers:
         for t in self.trackers:
             try:
                 getattr(t, method)(*args)
-            except Exception as exc:  # noqa: BLE001 - report after calling the others
+            except Exception as exc:  # report after calling the others
                 log.error("%s.%s failed: %s", type(t).__name__, method, exc)
                 errors.append(exc)
         if errors:

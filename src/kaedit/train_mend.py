@@ -369,7 +369,7 @@ def train(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             "training_indices": [train_idx.start, train_idx.stop],
         },
         "summary": summary,
-        "lr_per_weight": dict(zip(names, editor.log_lr.exp().tolist())),
+        "lr_per_weight": dict(zip(names, editor.log_lr.exp().tolist(), strict=True)),
         "trained_on_case_ids": [r.case_id for r in pool],
         "validation_case_ids": [r.case_id for r in val],
     }

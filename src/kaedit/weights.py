@@ -97,7 +97,9 @@ class EditedWeights:
         params = self._check(offset)
         try:
             for n, d in offset.items():
-                self._set(params[n], self.base[n], self.total[n] + d.detach().to("cpu", torch.float32))
+                self._set(
+                    params[n], self.base[n], self.total[n] + d.detach().to("cpu", torch.float32)
+                )
             yield
         finally:
             for n in offset:

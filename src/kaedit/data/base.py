@@ -193,7 +193,7 @@ def read_hub(hf_id: str, split: str, limit: int | None) -> list[Any]:
         import datasets
 
         ds = datasets.load_dataset(hf_id, split=split)
-    except Exception as err:  # noqa: BLE001 - hub, network and config errors all end here
+    except Exception as err:  # hub, network and config errors all end here
         raise DatasetError(
             f"could not load Hugging Face dataset {hf_id!r} split {split!r} "
             f"({type(err).__name__}: {err}); {_OFFLINE_HINT}"

@@ -107,7 +107,7 @@ def context_templates(
             logits_processor=LogitsProcessorList([sampler]), pad_token_id=tok.pad_token_id,
         )
         group = []
-        for row, m in zip(gen, mask):
+        for row, m in zip(gen, mask, strict=True):
             text = tok.decode(row[int(width - m.sum()) :], skip_special_tokens=True)
             group.append(text.replace("{", " ").replace("}", " ") + ". {}")
         groups.append(tuple(group))
@@ -431,14 +431,14 @@ def _optimize_chunk(
     n = len(requests)
     first = [_first_run_column(r, cfg.fast) for r in rows]
     groups = []
-    for members in length_groups([len(r.ids) - f for r, f in zip(rows, first)],
+    for members in length_groups([len(r.ids) - f for r, f in zip(rows, first, strict=True)],
                                  cfg.length_groups):
         ids, mask = pad([rows[j].ids[first[j]:] for j in members], tok.pad_token_id, dev)
         prefix = (_Prefix.build(lm, [rows[j].ids[: first[j]] for j in members])
                   if cfg.fast else None)
         groups.append(_Group(torch.tensor(members, device=dev), ids, mask, prefix))
     row_req_t = torch.tensor([r.request for r in rows], device=dev)
-    row_subj_t = torch.tensor([r.subject - f for r, f in zip(rows, first)], device=dev)
+    row_subj_t = torch.tensor([r.subject - f for r, f in zip(rows, first, strict=True)], device=dev)
 
     # Original outputs of each module at the plain prompt's subject token: the "init".
     inits = {m: hidden_at_subject(lm, m, requests) for m in modules}
@@ -449,7 +449,7 @@ def _optimize_chunk(
     # Reads: (row, run column, target token or -1 for the KL row); the LM head runs on
     # these positions alone.
     reads = [(j, c - first[j], t) for j, r in enumerate(rows) if not r.is_kl
-             for c, t in zip(r.reads, r.targets)]
+             for c, t in zip(r.reads, r.targets, strict=True)]
     reads += [(j, r.reads[0] - first[j], -1) for j, r in enumerate(rows) if r.is_kl]
     read_row = torch.tensor([x[0] for x in reads], device=dev)
     read_col = torch.tensor([x[1] for x in reads], device=dev)

@@ -131,7 +131,7 @@ def gradient_factors(
         grads = torch.autograd.grad(loss, outs)
     sel = rows.mask[: rows.n_forced].bool()  # [n_forced, len]: real tokens
     factors = {}
-    for n, g in zip(names, grads):
+    for n, g in zip(names, grads, strict=True):
         u = tr[modules[n]].input[: rows.n_forced][sel]  # [T, d_in]
         factors[n] = (u.detach().float(), g[: rows.n_forced][sel].detach().float())
     return factors, hidden.detach()
@@ -181,7 +181,7 @@ class EditorSpec:
     def groups(self) -> dict[tuple[int, int], list[str]]:
         """Weights by shape, in order: one shared network per shape."""
         out: dict[tuple[int, int], list[str]] = {}
-        for name, shape in zip(self.weights, self.shapes):
+        for name, shape in zip(self.weights, self.shapes, strict=True):
             out.setdefault(shape, []).append(name)
         return out
 
@@ -271,7 +271,9 @@ class MendEditor(nn.Module):
             for name in self.spec.weights:
                 u, d = (x.double() for x in batch[name])
                 acc = [u.sum(0), (u * u).sum(0), d.sum(0), (d * d).sum(0)]
-                sums[name] = acc if name not in sums else [a + b for a, b in zip(sums[name], acc)]
+                if name in sums:
+                    acc = [a + b for a, b in zip(sums[name], acc, strict=True)]
+                sums[name] = acc
             count += len(batch[self.spec.weights[0]][0])
         if count < 2:
             raise ValueError(f"normalisation statistics need at least 2 tokens, got {count}")
@@ -393,7 +395,7 @@ def load_editor(
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: invalid editor description in {str(side)!r} ({exc})") from None
     params = dict(lm.model.named_parameters())
-    for name, shape in zip(spec.weights, spec.shapes):
+    for name, shape in zip(spec.weights, spec.shapes, strict=True):
         if name not in params or tuple(params[name].shape) != shape:
             have = tuple(params[name].shape) if name in params else "no such parameter"
             raise ConfigError(

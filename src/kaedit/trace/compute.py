@@ -367,7 +367,7 @@ def trace_record(
         lm, prompt, noise, states, restorations, settings.batch_size, settings.reuse_prefix
     )
     restored = np.full((len(kinds), spec.n_layers, n), np.nan)
-    for (k, layer, t), p in zip(keys, probs[1:].tolist()):
+    for (k, layer, t), p in zip(keys, probs[1:].tolist(), strict=True):
         restored[kinds.index(k), layer, t] = p
     return RecordTrace(prompt, p_clean, float(probs[0]), kinds, restored)
 
@@ -408,7 +408,7 @@ def select_records(
         part = [(i, encode_prompt(lm.tokenizer, r)) for i, r in usable[sl]]
         if select == "known":
             _, top = next_token_probs(lm, [p for _, p in part], batch_size)
-            part = [x for x, ok in zip(part, top) if ok]
+            part = [x for x, ok in zip(part, top, strict=True) if ok]
         chosen.extend(part)
         if len(chosen) >= n:
             return chosen[:n]
