@@ -60,7 +60,9 @@ def test_analyze_beside_the_run(two_runs: list[Path]) -> None:
     written = analyze.analyze(two_runs[:1])
     assert {p.relative_to(two_runs[0]).as_posix() for p in written} == {
         "figures/scaling.png", "figures/retention.png", "figures/delta_similarity.png",
-        "figures/compare.png"}
+        "figures/compare.png",
+        "figures/first_batch.png"}  # every run logs retention/first_batch
+    # fixed_specificity.png only for runs that scored a fixed set (schedule.fixed_sample)
 
 
 def test_delta_similarity_and_retention_matrices(two_runs: list[Path]) -> None:

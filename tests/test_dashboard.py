@@ -53,6 +53,7 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path,
     run_dir = tmp_path_factory.mktemp("dashboard-run")
     cfg = compose_config([f"cache_dir={cache_dir}", *tiny_run_overrides,
                           f"dataset.path='{tiny_rome_dataset}'", "generation.max_new_tokens=4",
+                          "schedule.fixed_sample=2",
                           "+logger.recorder._target_=test_dashboard.TableRecorder"],
                          hydra_config=True)
     with open_dict(cfg):

@@ -4,14 +4,19 @@ Reads what a run wrote (``metrics.csv``, ``retention.csv``, ``config.yaml`` and,
 ``save_step_deltas=true``, ``deltas/``) and draws, without loading a model:
 
 * ``scaling.png`` -- the five metrics of the edits made so far (``seen/*``) against the
-  number of edits (paper Fig. 2); fluency and consistency where they were generated;
+  number of edits (paper Fig. 2); fluency and consistency where they were generated, the
+  fixed set's specificity and first-batch efficacy where logged;
 * ``retention.png`` -- efficacy of the edits made at step *s* (rows) measured at step *t*
   (columns), from ``retention.csv``: the knowledge-attenuation heat-map;
 * ``delta_similarity.png`` -- pairwise cosine similarity of the per-step edit weights
   before and after fusion (Fig. 3, e.g. before/after drop-and-rescale), each step's deltas
   flattened over all edited layers; the first ``--max-steps`` steps;
 * ``compare.png`` -- seen efficacy, generalization and specificity against edits, one line
-  per run, labelled by method / fusion and its parameters (Fig. 5-7).
+  per run, labelled by method / fusion and its parameters (Fig. 5-7);
+* ``fixed_specificity.png`` and ``first_batch.png`` -- beside it, one line per run, where
+  the runs logged ``fixed/specificity`` (one set of neighbourhood prompts scored at every
+  step: ``schedule.fixed_sample``) and ``retention/first_batch`` (efficacy of the step-1
+  edits; exact with ``schedule.first_batch_in_full``).
 
 Per-run figures go to ``RUN_DIR/figures/`` (or ``DIR/<run name>/`` with ``--out``);
 ``compare.png`` to ``--out``, or beside the first run's figures. ``--wandb offline`` (or
@@ -101,15 +106,22 @@ def _pyplot():
     return plt
 
 
+#: Panels of ``scaling.png`` beside the seen metrics, when the run logged them.
+CURVE_TITLES = {"fixed/specificity": "fixed specificity",
+                "retention/first_batch": "first batch efficacy"}
+
+
 def plot_scaling(run: Run, out: Path) -> Path:
-    """Fig. 2: ``seen/*`` of the five metrics against ``edits_done`` (x100 as logged)."""
+    """Fig. 2: ``seen/*`` of the five metrics against ``edits_done`` (x100 as logged), and
+    the fixed set's specificity and first-batch efficacy where logged."""
     plt = _pyplot()
-    present = [m for m in FIVE if f"seen/{m}" in run.metrics]
+    present = [(f"seen/{m}", m) for m in FIVE if f"seen/{m}" in run.metrics]
+    present += [(c, CURVE_TITLES[c]) for c in CURVE_TITLES if c in run.metrics]
     fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3), squeeze=False)
-    for ax, m in zip(axes[0], present, strict=True):
-        df = run.metrics[["edits_done", f"seen/{m}"]].dropna()
-        ax.plot(df["edits_done"], df[f"seen/{m}"], marker="o", ms=3)
-        ax.set_title(m)
+    for ax, (column, title) in zip(axes[0], present, strict=True):
+        df = run.metrics[["edits_done", column]].dropna()
+        ax.plot(df["edits_done"], df[column], marker="o", ms=3)
+        ax.set_title(title)
         ax.set_xlabel("edits")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run.label} ({run.name})", fontsize=9)
@@ -190,24 +202,60 @@ def plot_delta_similarity(run: Run, out: Path, max_steps: int = 20) -> Path | No
     return _save(fig, out / "delta_similarity.png")
 
 
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Each run's label; runs with the same method and fusion told apart by their dir."""
+    labels = [r.label for r in runs]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} [{r.name}]" for lab, r in zip(labels, runs, strict=True)]
+    return labels
+
+
+def draw_curves(ax, runs: Sequence[Run], labels: Sequence[str], column: str) -> bool:
+    """``column`` against edits on ``ax``, a line per run that logged it; whether any did."""
+    drawn = False
+    for run, lab in zip(runs, labels, strict=True):
+        if column in run.metrics:
+            df = run.metrics[["edits_done", column]].dropna()
+            ax.plot(df["edits_done"], df[column], marker="o", ms=3, label=lab)
+            drawn = drawn or not df.empty
+    ax.set_xlabel("edits")
+    ax.grid(alpha=0.3)
+    return drawn
+
+
 def plot_comparison(runs: Sequence[Run], out: Path) -> Path:
     """Fig. 5-7: seen efficacy / generalization / specificity vs edits, a line per run."""
     plt = _pyplot()
-    labels = [r.label for r in runs]
-    if len(set(labels)) < len(labels):  # same method and fusion: tell them apart by dir
-        labels = [f"{lab} [{r.name}]" for lab, r in zip(labels, runs, strict=True)]
+    labels = run_labels(runs)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, m in zip(axes, HEADLINE, strict=True):
-        for run, lab in zip(runs, labels, strict=True):
-            if f"seen/{m}" in run.metrics:
-                df = run.metrics[["edits_done", f"seen/{m}"]].dropna()
-                ax.plot(df["edits_done"], df[f"seen/{m}"], marker="o", ms=3, label=lab)
+        draw_curves(ax, runs, labels, f"seen/{m}")
         ax.set_title(m)
-        ax.set_xlabel("edits")
-        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out / "compare.png")
+
+
+#: Curves :func:`plot_metric` draws beside ``compare.png`` when a run logged them.
+CURVES = {
+    "fixed/specificity": ("fixed_specificity.png",
+                          "specificity of one fixed set of neighbourhood prompts"),
+    "retention/first_batch": ("first_batch.png", "efficacy of the first batch's edits"),
+}
+
+
+def plot_metric(runs: Sequence[Run], column: str, path: Path, title: str = "") -> Path | None:
+    """One logged ``column`` against edits, a line per run (None: no run logged it)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if not draw_curves(ax, runs, run_labels(runs), column):
+        plt.close(fig)
+        return None
+    ax.set_title(title or column, fontsize=9)
+    ax.set_ylabel(column)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -236,7 +284,10 @@ def analyze(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         written.append(plot_scaling(run, dest))
         written += [p for p in (plot_retention(run, dest),
                                 plot_delta_similarity(run, dest, max_steps)) if p]
-    written.append(plot_comparison(runs, Path(out) if out else runs[0].path / "figures"))
+    dest = Path(out) if out else runs[0].path / "figures"
+    written.append(plot_comparison(runs, dest))
+    written += [p for column, (name, title) in CURVES.items()
+                if (p := plot_metric(runs, column, dest / name, title))]
     return written
 
 

@@ -6,6 +6,8 @@ grouped by method, fusion and drop rate (``tracking.choices.method``,
 ``tracking.choices.fusion``, ``fusion.p``: W&B config keys):
 
 * **Edit quality** -- seen efficacy, generalization, specificity and score;
+* **Fixed specificity** -- specificity (and its magnitude) of one fixed set of
+  neighbourhood prompts scored at every evaluation (``schedule.fixed_sample``);
 * **Retention** -- first-batch retention (efficacy of the step-1 edits), the efficacy of
   each batch right after it was applied, and the retention table (per batch, its final
   efficacy / generalization / specificity);
@@ -88,6 +90,12 @@ def dashboard_spec(project: str, entity: str | None = None, group: str | None = 
     sections = (
         Section("Edit quality vs edits",
                 tuple(line(f"seen {m}", f"seen/{m}") for m in seen)),
+        # one set of neighbourhood prompts from step 0 on (schedule.fixed_sample): the
+        # model's drift, where seen specificity also follows a growing set
+        Section("Fixed specificity", (
+            line("fixed specificity (one set of neighbourhood prompts)", "fixed/specificity"),
+            line("fixed specificity magnitude", "fixed/specificity_mag"),
+        )),
         Section("Retention", (
             line("first-batch retention (efficacy of the step-1 edits)",
                  "retention/first_batch"),

@@ -22,6 +22,8 @@ import hashlib
 import itertools
 import json
 import logging
+import os
+import platform
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -74,12 +77,25 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
 
 
+#: What ``fixed/*`` logs of the fixed neighbourhood set (:class:`Evaluation`).
+FIXED = ("specificity", "specificity_mag")
+
+
 class Evaluation:
     """Scores this step's batch and a stable sample of all edits so far; on generation
-    steps also their text metrics (``texts``)."""
+    steps also their text metrics (``texts``).
+
+    ``first_batch``: the planned edits (indices) re-checked in full at every evaluation
+    beside the sample (``schedule.first_batch_in_full``), so first-batch retention is
+    exact. ``fixed``: how many planned edits (the first of the seeded order, chosen before
+    any edit; None = all) whose neighbourhood prompts are scored at every evaluation as
+    ``fixed/specificity``: one set of prompts from step 0 to the end, where
+    ``seen/specificity`` scores the neighbourhoods of a growing set. Both are scored by the
+    same evaluator call path as ``seen`` (without text metrics); each request once."""
 
     def __init__(self, evaluator: Evaluator, scorer: Scorer, planned: Sequence[EditRequest],
-                 sample: int | None, seed: int, texts: TextMetrics | None = None) -> None:
+                 sample: int | None, seed: int, texts: TextMetrics | None = None,
+                 first_batch: Sequence[int] = (), fixed: int | None = 0) -> None:
         self.evaluator, self.scorer, self.texts = evaluator, scorer, texts
         # A fixed random order of the planned edits: seen/* at step t takes the first
         # `sample` of those already made, so the same edits are followed across steps.
@@ -88,31 +104,47 @@ class Evaluation:
         self.order = order
         self.planned = planned
         self.sample = sample or len(planned)
+        self.first_batch = sorted(first_batch)
+        self.fixed = sorted(order[: len(planned) if fixed is None else int(fixed)])
 
     def seen_indices(self, n_done: int) -> list[int]:
         pool = [i for i in self.order if i < n_done] if n_done else self.order
         return sorted(pool[: self.sample])
 
+    def tracked_indices(self, n_done: int) -> list[int]:
+        """The edits whose values go to ``retention.csv``: the sample and the first batch."""
+        return sorted(set(self.seen_indices(n_done)) | set(self.first_batch))
+
     def indices(self, batch: Sequence[int], n_done: int) -> list[int]:
-        """The planned edits an evaluation scores: the batch and the ``seen`` sample."""
+        """The planned edits an evaluation scores with text metrics: the batch and ``seen``."""
         return sorted(set(batch) | set(self.seen_indices(n_done)))
 
     def __call__(self, batch: Sequence[int], n_done: int,
                  generate: bool = False) -> tuple[dict, list[int], dict]:
-        """``batch``: indices into the planned edits. Each request is scored once."""
-        seen = self.seen_indices(n_done)
+        """``batch``: indices into the planned edits. Each request is scored once. Returns
+        the aggregated row, the tracked edits (:meth:`tracked_indices`) and their values."""
+        seen, tracked = self.seen_indices(n_done), self.tracked_indices(n_done)
         both = self.indices(batch, n_done)
+        rest = sorted((set(tracked) | set(self.fixed)) - set(both))
         values = self.evaluator(self.scorer, [self.planned[i] for i in both],
                                 texts=self.texts if generate else None)
-        at = {i: k for k, i in enumerate(both)}
+        if rest:  # the first batch and the fixed set: scored alike, without text metrics
+            more = self.evaluator(self.scorer, [self.planned[i] for i in rest])
+            values = {k: np.concatenate([values.get(k, np.full(len(both), np.nan)),
+                                         more.get(k, np.full(len(rest), np.nan))])
+                      for k in dict.fromkeys([*values, *more])}
+        at = {i: k for k, i in enumerate([*both, *rest])}
 
         def pick(idx: Sequence[int]) -> dict:
             rows = [at[i] for i in idx]
             return {k: v[rows] for k, v in values.items()}
 
-        per_seen = pick(seen)
-        row = {**aggregate(pick(batch), "batch"), **aggregate(per_seen, "seen")}
-        return row, seen, per_seen
+        row = {**aggregate(pick(batch), "batch"), **aggregate(pick(seen), "seen")}
+        if self.fixed:
+            fixed = aggregate(pick(self.fixed), "fixed")
+            row.update({f"fixed/{m}": fixed[f"fixed/{m}"] for m in FIXED
+                        if f"fixed/{m}" in fixed})
+        return row, tracked, pick(tracked)
 
 
 @dataclass
@@ -270,7 +302,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     method.prepare(ctx)
     texts: TextMetrics = build(cfg.generation, _partial_=True)(lm=lm)  # lm: not a config
     evaluation = Evaluation(evaluator, Scorer(lm, int(cfg.eval_batch_size)), planned,
-                            schedule.retention_sample, seed, texts)
+                            schedule.retention_sample, seed, texts,
+                            first_batch=range(len(batches[0])) if schedule.first_batch_in_full
+                            else (), fixed=schedule.fixed_sample)
     edits = EditedWeights(lm.model)
     # WikiText-2 perplexity on the steps perplexity.every picks (0: never)
     perplexity: Perplexity | None = build(cfg.perplexity) if cfg.get("perplexity") else None
@@ -307,22 +341,23 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     def evaluate(step: int, batch: Sequence[int], n_done: int, extra: Mapping) -> dict:
         t0, pairs0 = time.perf_counter(), evaluation.scorer.pairs_scored
         with edits.serving(fusion.served_offset(fusion_state)):
-            row, seen, per_seen = evaluation(batch, n_done,
-                                             schedule.generation_at(step, n_steps))
+            row, tracked, per_tracked = evaluation(batch, n_done,
+                                                   schedule.generation_at(step, n_steps))
             if perplexity is not None and perplexity.due(step, n_steps):
                 row["general/perplexity"] = perplexity(lm)
         row = {"step": step, "edits_done": n_done, **extra, **row,
                "time/eval_s": time.perf_counter() - t0,
                "eval/prompts": evaluation.scorer.pairs_scored - pairs0}
-        # first-batch retention: efficacy (x100) of the step-1 edits in the seen sample
-        first = [j for j, i in enumerate(seen) if i < n_done and made_at[i] == 1]
-        if first and "efficacy" in per_seen:
-            row["retention/first_batch"] = 100.0 * float(per_seen["efficacy"][first].mean())
+        # first-batch retention: efficacy (x100) of the step-1 edits tracked (the seen
+        # sample's, or all of them with schedule.first_batch_in_full)
+        first = [j for j, i in enumerate(tracked) if i < n_done and made_at[i] == 1]
+        if first and "efficacy" in per_tracked:
+            row["retention/first_batch"] = 100.0 * float(per_tracked["efficacy"][first].mean())
         trackers.log(row, step)
         retention.append({"step": step, "case_id": planned[i].case_id,
                           "step_made": made_at[i] if i < n_done else 0,
-                          **{k: float(v[j]) for k, v in per_seen.items()}}
-                         for j, i in enumerate(seen))
+                          **{k: float(v[j]) for k, v in per_tracked.items()}}
+                         for j, i in enumerate(tracked))
         return row
 
     # ---- the loop: an error keeps its traceback; the last checkpoint stays resumable ----
@@ -376,6 +411,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             "steps_failed": len(state.faults), "faults": state.faults,
             "wall_s": time.perf_counter() - t_start,
             "stats_compute_s": stats.compute_seconds,
+            "machine": machine(lm),
         })
         if "seen/consistency" in summary:
             summary.update(consistency_source=texts.source, generation_protocol=texts.protocol)
@@ -399,6 +435,12 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         return summary
     finally:
         trackers.finish()
+
+
+def machine(lm: LoadedModel) -> str:
+    """Where the run (its last segment, when resumed) ran: host, device, threads, torch."""
+    return (f"{platform.node()}: {lm.device}, {torch.get_num_threads()} torch threads of "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}")
 
 
 def retention_by_batch(path: Path):

@@ -31,19 +31,22 @@ class Perplexity:
     n_tokens: int = 16_384
     seq_len: int = 512
     batch_size: int = 8
-    #: 0: never; k: step 0, every k-th step and the last step.
-    every: int = 0
+    #: 0: never; k: step 0, every k-th step and the last step; None: step 0 and the last.
+    every: int | None = 0
     _windows: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if int(self.every) < 0:
-            raise ValueError(f"perplexity.every={self.every} must be >= 0 (0 = never)")
+        if self.every is not None and int(self.every) < 0:
+            raise ValueError(f"perplexity.every={self.every} must be >= 0 (0 = never, "
+                             "null = step 0 and the last step)")
         if int(self.seq_len) < 2 or int(self.n_tokens) < int(self.seq_len):
             raise ValueError(f"perplexity.n_tokens={self.n_tokens} must be >= "
                              f"perplexity.seq_len={self.seq_len} >= 2")
         self.corpus = [self.corpus] if isinstance(self.corpus, str) else list(self.corpus)
 
     def due(self, step: int, n_steps: int) -> bool:
+        if self.every is None:  # the unedited and the final model
+            return step in (0, n_steps)
         every = int(self.every)
         return every > 0 and (step == 0 or step == n_steps or step % every == 0)
 

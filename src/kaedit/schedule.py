@@ -22,6 +22,14 @@ class Schedule:
     eval_every: int = 1
     #: How many earlier edits ``seen/*`` re-checks per evaluation (0 or None = all).
     retention_sample: int | None = 100
+    #: Also score every edit of the first batch at every evaluation (beside the sample),
+    #: so ``retention/first_batch`` and the first row of ``retention.csv`` are exact;
+    #: ``seen/*`` stays the sample's.
+    first_batch_in_full: bool = False
+    #: Neighbourhood prompts of this many planned edits (a seeded sample fixed before the
+    #: first edit) scored at every evaluation: ``fixed/specificity`` -- specificity as a
+    #: curve of the model, not of a growing set. 0 = off; None = every planned edit.
+    fixed_sample: int | None = 0
     #: Skip this many records of the dataset before taking ``n_edits``.
     start: int = 0
     #: Save a checkpoint every this many steps (and at the last step); 0 = never.
@@ -34,6 +42,9 @@ class Schedule:
         """Index ranges (into the dataset) of each step's batch, step 1 first."""
         if self.n_edits < 1:
             raise ScheduleError(f"schedule.n_edits={self.n_edits} must be at least 1")
+        if self.fixed_sample is not None and self.fixed_sample < 0:
+            raise ScheduleError(f"schedule.fixed_sample={self.fixed_sample} must be >= 0 "
+                                "(0 = off, null = every planned edit)")
         if self.start < 0:
             raise ScheduleError(f"schedule.start={self.start} must be >= 0")
         if self.start + self.n_edits > n_available:

@@ -61,7 +61,8 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 def job_result(job_dir: Path) -> dict[str, Any]:
     """One row of ``results.csv`` (see the module docstring)."""
-    overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    given = job_dir / ".hydra" / "overrides.yaml"  # none: a run made without Hydra
+    overrides = [str(o) for o in OmegaConf.load(given)] if given.is_file() else []
     hydra_yaml = job_dir / ".hydra" / "hydra.yaml"  # paths and resources: not a column
     skip = set(OmegaConf.select(OmegaConf.load(hydra_yaml),
                                 "hydra.job.config.override_dirname.exclude_keys",

@@ -1,0 +1,157 @@
+"""``python -m kaedit.ka_study publish RUN_DIR ... --out DIR``: the KA study's results.
+
+Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_study``
+(or any kaedit runs) as small, committable files, without loading a model:
+
+* ``summary.csv`` -- one row per run: :func:`kaedit.sweep.job_result`'s row (status, final
+  ``seen/*``, first-batch efficacy ``retention/first_batch``, edits, steps, wall time of
+  the last segment, attenuation) with the run's method, fusion, drop rate ``p``, scope
+  and batch size from its ``config.yaml``, the values at the start (step 0, the unedited
+  model) and at the end (the last logged value) of fluency, consistency, WikiText-2
+  perplexity and the fixed set's specificity, ``time_s`` (edit and evaluation seconds
+  summed over every step's row, all resumed segments included) and ``machine``;
+* ``<run>/`` -- the run's ``metrics.csv``, ``retention.csv``, ``retention_by_batch.csv``,
+  ``summary.json`` and ``config.yaml`` (whichever exist), and ``retention.png``
+  (:func:`kaedit.analyze.plot_retention`: efficacy of the edits made at step s measured at
+  step t);
+* ``figures/`` -- one plot per metric with a line per run (:func:`kaedit.analyze.plot_metric`):
+  ``seen_efficacy.png``, ``seen_generalization.png``, ``seen_specificity.png``,
+  ``seen_score.png``, ``fixed_specificity.png``, ``first_batch.png``, and
+  ``compare.png`` (the three seen metrics side by side).
+
+Run names are the run directories' names (``hydra.run.dir=outputs/ka-1k/memit-add``);
+publishing again overwrites, so it can follow each finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kaedit.errors import EXIT_BAD_INPUT
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.csv"
+#: Files copied from each run directory (all small: rows per step, not per token).
+COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.json",
+          "config.yaml")
+#: Logged columns reported at the start (step 0) and at the end (last logged value).
+START_END = {"fluency": "seen/fluency", "consistency": "seen/consistency",
+             "perplexity": "general/perplexity", "fixed_specificity": "fixed/specificity"}
+#: Columns drawn one per figure, a line per run: (column, file, title).
+FIGURES = (
+    *((f"seen/{m}", f"seen_{m}.png", f"{m} of the edits made so far (seen sample)")
+      for m in ("efficacy", "generalization", "specificity", "score")),
+    ("fixed/specificity", "fixed_specificity.png",
+     "specificity of one fixed set of neighbourhood prompts"),
+    ("retention/first_batch", "first_batch.png", "efficacy of the first batch's edits"),
+    ("general/perplexity", "perplexity.png", "WikiText-2 perplexity"),
+)
+
+
+def start_end(metrics: pd.DataFrame, column: str) -> tuple[float, float]:
+    """``column`` at step 0 and its last logged value (NaN where not logged)."""
+    if column not in metrics:
+        return math.nan, math.nan
+    start = metrics.loc[metrics["step"] == 0, column].dropna()
+    logged = metrics[column].dropna()
+    return (float(start.iloc[0]) if len(start) else math.nan,
+            float(logged.iloc[-1]) if len(logged) else math.nan)
+
+
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """One row of ``summary.csv`` (see the module docstring)."""
+    import json
+
+    from kaedit.analyze import _class_name, load_run
+    from kaedit.sweep import job_result
+
+    run = load_run(run_dir)
+    cfg, metrics = run.config, run.metrics
+    fusion = cfg.get("fusion") or {}
+    schedule = cfg.get("schedule") or {}
+    choices = (cfg.get("tracking") or {}).get("choices") or {}
+    row: dict[str, Any] = {
+        "run": run.name,
+        "method": choices.get("method") or _class_name(cfg.get("method")).lower(),
+        "fusion": choices.get("fusion") or _class_name(fusion).lower(),
+        "p": fusion.get("p", math.nan),
+        "scope": fusion.get("scope"),
+        "batch_size": schedule.get("batch_size"),
+        "model": (cfg.get("model") or {}).get("name"),
+        "dataset": (cfg.get("dataset") or {}).get("name"),
+    }
+    result = job_result(run.path)  # kaedit.sweep: the table every -m sweep ends with
+    result.pop("job"), result.pop("overrides")
+    row.update(result)
+    for name, column in START_END.items():
+        row[f"{name}_start"], row[f"{name}_end"] = start_end(metrics, column)
+    timed = [c for c in ("time/step_s", "time/eval_s") if c in metrics]
+    row["time_s"] = float(metrics[timed].sum().sum()) if timed else math.nan
+    summary = run.path / "summary.json"
+    row["machine"] = (json.loads(summary.read_text()).get("machine")
+                      if summary.is_file() else None)
+    return row
+
+
+def publish(run_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """Write ``summary.csv``, the copies and the figures into ``out``; returns the paths."""
+    from kaedit.analyze import load_run, plot_comparison, plot_metric, plot_retention
+
+    out = Path(out)
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) < len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise FileNotFoundError(f"runs named {dup} more than once: each run's files go to "
+                                "OUT/<run dir name>; give the runs distinct directory names")
+    runs = [load_run(d) for d in run_dirs]  # fails on a directory without metrics.csv
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame([run_row(Path(d)) for d in run_dirs])
+    table.to_csv(out / SUMMARY, index=False, float_format="%.6g")
+    written = [out / SUMMARY]
+    for run in runs:
+        dest = out / run.name
+        dest.mkdir(exist_ok=True)
+        for name in COPIED:
+            if (run.path / name).is_file():
+                shutil.copyfile(run.path / name, dest / name)
+                written.append(dest / name)
+        written += [p for p in (plot_retention(run, dest),) if p]
+    figures = out / "figures"
+    written += [p for column, name, title in FIGURES
+                if (p := plot_metric(runs, column, figures / name, title))]
+    written.append(plot_comparison(runs, figures))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="python -m kaedit.ka_study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pub = sub.add_parser("publish", help="summary.csv, the runs' small files and figures")
+    pub.add_argument("runs", nargs="+", metavar="RUN_DIR", help="kaedit run directories")
+    pub.add_argument("--out", required=True, help="e.g. docs/results/ka-1k")
+    args = parser.parse_args(argv)
+    try:
+        written = publish(args.runs, args.out)
+    except FileNotFoundError as exc:  # bad input; other errors keep their traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for p in written:
+        print(p)
+    print(pd.read_csv(Path(args.out) / SUMMARY).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

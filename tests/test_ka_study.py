@@ -1,0 +1,257 @@
+"""The knowledge-attenuation study (issue 16): ``experiment=ka_study`` composes to its eight
+rows, every evaluation scores the first batch in full and one fixed set of neighbourhood
+prompts (``fixed/specificity``: at step 0 the unedited model's score of those prompts),
+perplexity at start and end, and ``python -m kaedit.ka_study publish`` turns tiny runs
+into summary.csv, copies and figures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import Compose, assert_close_to_scale, load_tiny
+from kaedit import experiment, ka_study
+from kaedit.evaluate import CounterFactEval, Scorer, aggregate
+from kaedit.experiment import Evaluation
+from kaedit.records import EditRequest
+from kaedit.schedule import Schedule, ScheduleError
+from kaedit.setup import build_records
+from test_experiments import check_binds, compose_with_hydra, sweep_points
+
+
+# ------------------------------------------------------------------------- the config
+@pytest.mark.parametrize("scale", ["paper", "cpu"])
+def test_ka_study_sweeps_eight_rows(compose: Compose, scale: str) -> None:
+    cfg = compose_with_hydra(compose, ["experiment=ka_study", f"scale={scale}"])
+    points = sweep_points(OmegaConf.to_container(cfg.hydra.sweeper.params))
+    rows = set()
+    for point in points:
+        job = compose(["experiment=ka_study", f"scale={scale}", *point])
+        check_binds(job)
+        s = job.schedule
+        assert (s.n_edits, s.batch_size, s.eval_every) == (1000, 100, 1)
+        assert s.first_batch_in_full and s.fixed_sample > 0 and s.retention_sample > 0
+        # fluency/consistency and perplexity at step 0 and the last step, at both scales
+        assert s.generation_every is None and job.perplexity.every is None
+        assert job.dataset.name == "counterfact"
+        assert job.fusion.scope == "layer"
+        kind = job.fusion._target_.rsplit(".", 1)[-1]
+        if kind == "DropRescale":
+            assert job.fusion.p == 0.8
+        rows.add((job.method._target_.rsplit(".", 1)[-1], kind))
+        assert job.model.name == ("smollm2" if scale == "cpu" else "llama2")
+    assert rows == {(m, f) for m in ("MEMIT", "PMET", "AdaPLE", "AlphaEdit")
+                    for f in ("Add", "DropRescale")}
+    # the CPU file has the records for 1,000 edits
+    if scale == "cpu":
+        assert len(build_records(job)) >= 1000
+
+
+def test_bad_fixed_sample_is_a_schedule_error() -> None:
+    with pytest.raises(ScheduleError, match=r"schedule\.fixed_sample=-1"):
+        Schedule(fixed_sample=-1).batches(10)
+
+
+# ------------------------------------------------------------------------- evaluation
+class Recording:
+    """An evaluator that records the requests of every call and scores each request by
+    its index (efficacy = specificity = index / 100) -- to check which edits are scored."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], bool]] = []
+
+    def __call__(self, scorer, requests: Sequence[EditRequest], texts=None) -> dict:
+        self.calls.append(([r.case_id for r in requests], texts is not None))
+        v = np.array([int(r.case_id) / 100 for r in requests])
+        out = {"efficacy": v, "generalization": v, "specificity": v, "specificity_mag": v}
+        if texts is not None:
+            out["fluency"] = v
+        return out
+
+
+def test_fixed_set_and_first_batch_are_the_same_at_every_step() -> None:
+    planned = [EditRequest(case_id=str(i), subject="s", prompt="{} p", target_new="n")
+               for i in range(40)]
+    rec = Recording()
+    ev = Evaluation(rec, scorer=None, planned=planned, sample=3, seed=0, texts=object(),
+                    first_batch=range(10), fixed=5)
+    assert len(ev.fixed) == 5 and set(ev.fixed) <= set(range(40))
+    fixed = list(ev.fixed)
+    for step, n_done in enumerate((0, 10, 20, 30)):
+        batch = list(range(max(0, n_done - 10), n_done)) or list(range(10))
+        before = len(rec.calls)
+        row, tracked, values = ev(batch, n_done, generate=step in (0, 3))
+        calls = rec.calls[before:]
+        scored = [int(i) for ids, _ in calls for i in ids]
+        assert len(scored) == len(set(scored))  # each request once per evaluation
+        seen = ev.seen_indices(n_done)
+        # the batch and the sample get text metrics on generation steps; the first batch
+        # and the fixed set are scored in a second call, never with text metrics
+        assert calls[0] == ([str(i) for i in sorted(set(batch) | set(seen))], step in (0, 3))
+        assert not any(with_texts for _, with_texts in calls[1:])
+        assert set(fixed) | set(range(10)) <= set(scored)
+        assert ev.fixed == fixed  # the same fixed set at every step
+        assert tracked == sorted(set(seen) | set(range(10)))
+        assert row["seen/efficacy"] == pytest.approx(np.mean(seen))  # the sample only
+        assert row["fixed/specificity"] == pytest.approx(np.mean(fixed))
+        assert "fixed/efficacy" not in row  # only the neighbourhood metrics
+        assert values["efficacy"].tolist() == pytest.approx([i / 100 for i in tracked])
+
+
+# ------------------------------------------------------------------------- tiny runs
+@pytest.fixture(scope="module")
+def study_runs(tmp_path_factory: pytest.TempPathFactory, compose: Compose,
+               tiny_run_overrides: list[str], tiny_rome_dataset: Path,
+               tiny_corpus: Path) -> list[Path]:
+    """Two tiny runs with the study's evaluation (fusion=add, layer-scoped DR p=0.8):
+    8 edits in 4 batches of 2, a seen sample of 1, the first batch in full, a fixed set
+    of 3, generation and perplexity at start and end."""
+    root = tmp_path_factory.mktemp("ka")
+    base = study_overrides(tiny_run_overrides, tiny_rome_dataset, tiny_corpus)
+    dirs = []
+    # tracking.choices: what python -m kaedit.run fills from Hydra's group choices
+    for name, fusion in RUNS.items():
+        dirs.append(root / name)
+        experiment.run(compose([*base, *fusion]), run_dir=str(dirs[-1]))
+    return dirs
+
+
+#: The two tiny runs: fusion=add and layer-scoped DR p=0.8.
+RUNS = {"memit-add": ["fusion=add", "+tracking.choices.fusion=add"],
+        "memit-dr": ["fusion=drop_rescale", "fusion.scope=layer",
+                     "+tracking.choices.fusion=drop_rescale"]}
+
+
+def study_overrides(tiny_run_overrides: list[str], tiny_rome_dataset: Path,
+                    tiny_corpus: Path) -> list[str]:
+    return [*tiny_run_overrides, f"dataset.path='{tiny_rome_dataset}'", "schedule.n_edits=8",
+            "schedule.batch_size=2", "schedule.retention_sample=1",
+            "schedule.first_batch_in_full=true", "schedule.fixed_sample=3",
+            "schedule.generation_every=null", "generation.max_new_tokens=4",
+            "perplexity.every=null", f"perplexity.corpus=['{tiny_corpus}']",
+            "perplexity.n_tokens=256", "perplexity.seq_len=64"]
+
+
+def test_first_batch_is_scored_in_full_and_seen_stays_the_sample(study_runs: list[Path]) -> None:
+    run_dir = study_runs[0]
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    retention = pd.read_csv(run_dir / "retention.csv")
+    assert metrics["step"].tolist() == [0, 1, 2, 3, 4]
+    for step in range(1, 5):
+        at = retention[retention["step"] == step]
+        first = at[at["step_made"] == 1]
+        assert sorted(first["case_id"]) == [0, 1]  # every edit of the first batch
+        assert len(at) <= 3  # the sample of one, and the first batch
+        logged = metrics.loc[metrics["step"] == step, "retention/first_batch"].item()
+        assert logged == pytest.approx(100 * first["efficacy"].mean())
+
+
+def test_fixed_specificity_at_step_0_is_the_unedited_models_score(
+        study_runs: list[Path], compose: Compose) -> None:
+    run_dir = study_runs[0]
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["fixed/specificity"].notna().all()  # every evaluated step
+    assert metrics["fixed/specificity_mag"].notna().all()
+    # perplexity and fluency: the unedited and the final model only
+    for column in ("general/perplexity", "seen/fluency"):
+        assert metrics.dropna(subset=[column])["step"].tolist() == [0, 4], column
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    records = build_records(cfg)
+    planned = records[:8]
+    fixed = Evaluation(CounterFactEval(), None, planned, 1, int(cfg.seed), fixed=3).fixed
+    lm = load_tiny(compose, "tiny_llama")  # the unedited model the run started from
+    values = CounterFactEval()(Scorer(lm, 64), [planned[i] for i in fixed])
+    expected = aggregate(values, "fixed")
+    step0 = metrics[metrics["step"] == 0].iloc[0]
+    # the same scoring code on other batch compositions (padding): float32 rounding only
+    assert_close_to_scale(
+        torch.tensor([step0["fixed/specificity"], step0["fixed/specificity_mag"]]),
+        torch.tensor([expected["fixed/specificity"], expected["fixed/specificity_mag"]]),
+        rel=1e-4, msg="fixed set at step 0 vs the unedited model")
+
+
+def test_study_run_resumes_to_the_same_rows(
+        study_runs: list[Path], compose: Compose, tiny_run_overrides: list[str],
+        tiny_rome_dataset: Path, tiny_corpus: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while computing step 3 (after step 2's checkpoint), resumed with
+    resume=RUN_DIR: the same metrics.csv and retention.csv as the uninterrupted run (the
+    fixed set and the first batch are chosen again, identically, from the seed)."""
+    from kaedit.methods.memit import MEMIT
+
+    overrides = [*study_overrides(tiny_run_overrides, tiny_rome_dataset, tiny_corpus),
+                 *RUNS["memit-dr"]]
+    real, calls = MEMIT.compute_deltas, {"n": 0}
+
+    def crash_at_step_3(self, ctx, requests):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(self, ctx, requests)
+
+    run_dir = tmp_path / "memit-dr"
+    monkeypatch.setattr(MEMIT, "compute_deltas", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        experiment.run(compose(overrides), run_dir=str(run_dir))
+    monkeypatch.setattr(MEMIT, "compute_deltas", real)
+    experiment.run(compose([*overrides, f"resume={run_dir}"]))
+
+    def untimed(path: Path) -> pd.DataFrame:
+        df = pd.read_csv(path)
+        return df[[c for c in df.columns if not c.startswith("time/")]]
+
+    ref = study_runs[1]
+    pd.testing.assert_frame_equal(untimed(run_dir / "metrics.csv"), untimed(ref / "metrics.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "retention.csv"),
+                                  pd.read_csv(ref / "retention.csv"))
+
+
+def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "ka-1k"
+    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "summary.csv")
+    assert table["run"].tolist() == ["memit-add", "memit-dr"]
+    assert table["fusion"].tolist() == ["add", "drop_rescale"]
+    assert table["scope"].tolist() == ["step", "layer"]
+    assert np.isnan(table["p"][0]) and table["p"][1] == 0.8
+    assert (table["batch_size"] == 2).all() and (table["edits_done"] == 8).all()
+    assert (table["status"] == "done").all()
+    for run in study_runs:
+        metrics = pd.read_csv(run / "metrics.csv")
+        row = table[table["run"] == run.name].iloc[0]
+        last = metrics.iloc[-1]
+        for column in ("seen/efficacy", "seen/generalization", "seen/specificity",
+                       "seen/score", "retention/first_batch"):
+            assert row[column] == pytest.approx(last[column], rel=1e-5), column
+        assert row["fixed_specificity_end"] == pytest.approx(last["fixed/specificity"])
+        assert row["perplexity_start"] == pytest.approx(metrics["general/perplexity"][0])
+        assert row["perplexity_end"] == pytest.approx(last["general/perplexity"])
+        assert row["fluency_start"] == pytest.approx(metrics["seen/fluency"][0])
+        assert not np.isnan(row["consistency_end"])
+        assert row["time_s"] > 0 and isinstance(row["machine"], str)
+        for name in ("metrics.csv", "retention.csv", "summary.json", "config.yaml",
+                     "retention.png"):
+            assert (out / run.name / name).is_file(), name
+        assert (out / run.name / "metrics.csv").read_text() == (run / "metrics.csv").read_text()
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"seen_efficacy.png", "seen_generalization.png", "seen_specificity.png",
+            "seen_score.png", "fixed_specificity.png", "first_batch.png", "perplexity.png",
+            "compare.png"} == figures
+    assert json.loads((out / "memit-add" / "summary.json").read_text())["edits_done"] == 8
+
+
+def test_publish_rejects_a_directory_without_a_run(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    assert ka_study.main(["publish", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no metrics.csv" in capsys.readouterr().err
