@@ -191,9 +191,19 @@ def wandb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "wandb-home"
 
 
+class _Console(logging.StreamHandler):
+    """A console handler that writes to ``sys.stderr`` as it is when a record is emitted:
+    W&B's console capture (``wrap``) takes over the stream when the run starts, and a handler
+    holding the stream object of before (pytest's capture) can miss it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def test_wandb_offline_run(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wandb_home(tmp_path, monkeypatch)
-    console = logging.StreamHandler(sys.stderr)  # as Hydra's job logging, on the console
+    console = _Console()  # as Hydra's job logging, on the console
     logger = logging.getLogger("kaedit")
     logger.addHandler(console)
     monkeypatch.setattr(logger, "level", logging.INFO)

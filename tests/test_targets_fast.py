@@ -173,6 +173,8 @@ def test_kl_row_reads_the_subject_token_by_default(lm: LoadedModel) -> None:
         assert kl.ids == e.ids[: col + 1]  # nothing after the read column is run
     with pytest.raises(ConfigError, match=r"kl_position='first'.*subject_last"):
         TargetConfig(kl_position="first")
+    with pytest.raises(ConfigError, match=r"early_stop_on='loss'.*total"):
+        TargetConfig(early_stop_on="loss")
     with pytest.raises(ConfigError, match="chunk_tokens=0"):
         TargetConfig(chunk_tokens=0)
     with pytest.raises(ConfigError, match="length_groups=0"):
@@ -195,17 +197,27 @@ def test_early_stop_reads_the_total_loss(lm: LoadedModel, fast: bool) -> None:
     assert d2.abs().min() > 0  # one step was taken by every request
     assert torch.equal(d10, d2)
     assert not torch.allclose(d3, d2)  # without the probe the same requests keep going
+    # early_stop_on=nll ignores the probe's total: every request keeps optimising
+    nll_ten = optimize_targets(lm, REQUESTS, TEMPLATES, modules,
+                               replace(probe, steps=10, early_stop_on="nll"))
+    assert not torch.allclose(nll_ten[modules[0]][1], d2)
 
 
 @pytest.mark.parametrize("method", ["memit", "pmet", "adaple", "alphaedit", "rome"])
 def test_one_override_switches_every_method_to_the_full_path(compose: Compose,
                                                              method: str) -> None:
-    for overrides, fast, position in (([], True, "subject_last"),
-                                      (["++model.edit.target.fast=false",
-                                        "++model.edit.target.kl_position=last"], False, "last")):
+    for overrides, want in (([], (True, "subject_last", "total")),
+                            (["++model.edit.target.fast=false",
+                              "++model.edit.target.kl_position=last",
+                              "++model.edit.target.early_stop_on=nll"],
+                             (False, "last", "nll"))):
         cfg = compose(["model=tiny_llama", f"method={method}", *overrides])
         target = instantiate(cfg.method, _convert_="all").target
-        assert (target.fast, target.kl_position) == (fast, position)
+        assert (target.fast, target.kl_position, target.early_stop_on) == want
+    # SmolLM2 keeps the NLL stop its settings were measured with, for every method
+    smol = instantiate(compose(["model=smollm2", f"method={method}"]).method,
+                       _convert_="all").target
+    assert smol.early_stop_on == "nll"
 
 
 def test_length_groups_minimise_padding() -> None:
