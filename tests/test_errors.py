@@ -87,11 +87,18 @@ def test_loop_error_is_not_bad_input_and_the_run_resumes(
                                   pd.read_csv(tmp_path / "ref" / "retention.csv"))
 
 
+def cli_env(cache_dir: Path) -> dict[str, str]:
+    """The environment of a CLI run in a test: the tests' cache, one thread, and no
+    HYDRA_FULL_ERROR (so a bad input shows as the one line a user sees)."""
+    env = {**os.environ, "KAEDIT_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
 def test_cli_loop_error_keeps_its_traceback_and_exits_1(
     tmp_path: Path, cache_dir: Path, tiny_run_overrides: list[str]
 ) -> None:
-    env = {**os.environ, "KAEDIT_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
+    env = cli_env(cache_dir)
     run_dir = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-c", FAILING_RUN, *tiny_run_overrides, *STEPS,
@@ -107,8 +114,7 @@ def test_cli_loop_error_keeps_its_traceback_and_exits_1(
 def test_bad_config_value_exits_2_in_one_line_and_writes_nothing(
     tmp_path: Path, cache_dir: Path, tiny_run_overrides: list[str]
 ) -> None:
-    env = {**os.environ, "KAEDIT_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
+    env = cli_env(cache_dir)
     run_dir = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "kaedit.run", *tiny_run_overrides, "fusion.p=1.5",
