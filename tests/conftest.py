@@ -100,9 +100,10 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
 
 
 @contextlib.contextmanager
-def memit_crashes_at_call(call: int) -> Iterator[None]:
-    """Inside the block, MEMIT's ``compute_deltas`` raises ``RuntimeError("simulated
-    crash")`` on its ``call``-th call (a run dying mid-step); restored on exit."""
+def memit_crashes_at_call(call: int, error: Exception | None = None) -> Iterator[None]:
+    """Inside the block, MEMIT's ``compute_deltas`` raises ``error`` (default
+    ``RuntimeError("simulated crash")``) on its ``call``-th call (a run dying mid-step);
+    restored on exit."""
     from kaedit.methods.memit import MEMIT
 
     real, calls = MEMIT.compute_deltas, {"n": 0}
@@ -110,7 +111,7 @@ def memit_crashes_at_call(call: int) -> Iterator[None]:
     def crashing(self, ctx, requests):
         calls["n"] += 1
         if calls["n"] == call:
-            raise RuntimeError("simulated crash")
+            raise error if error is not None else RuntimeError("simulated crash")
         return real(self, ctx, requests)
 
     MEMIT.compute_deltas = crashing

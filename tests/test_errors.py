@@ -15,10 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, Compose
+from conftest import REPO, Compose, memit_crashes_at_call
 from kaedit import experiment
 from kaedit.errors import ConfigError
-from kaedit.methods.memit import MEMIT
 
 #: 6 edits in 3 steps of 2; the injected failure comes at step 2, after step 1's checkpoint.
 STEPS = ["schedule.n_edits=6", "schedule.batch_size=2"]
@@ -49,30 +48,16 @@ def metric_columns(run_dir: Path) -> pd.DataFrame:
     return df[[c for c in df.columns if not c.startswith("time/")]]
 
 
-def fail_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    real, calls = MEMIT.compute_deltas, []
-
-    def failing(self, ctx, requests):
-        calls.append(1)
-        if len(calls) == step:
-            raise ValueError("injected failure inside the loop")
-        return real(self, ctx, requests)
-
-    monkeypatch.setattr(MEMIT, "compute_deltas", failing)
-
-
 def test_loop_error_is_not_bad_input_and_the_run_resumes(
     compose: Compose, tiny_run_overrides: list[str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     overrides = [*tiny_run_overrides, *STEPS]
     experiment.run(compose(overrides), run_dir=str(tmp_path / "ref"))
 
     run_dir = tmp_path / "failed"
-    with monkeypatch.context() as m:
-        fail_at_step(m, FAIL_AT)
-        with pytest.raises(ValueError, match="injected failure") as info:
-            experiment.run(compose(overrides), run_dir=str(run_dir))
+    with memit_crashes_at_call(FAIL_AT, ValueError("injected failure inside the loop")), \
+            pytest.raises(ValueError, match="injected failure") as info:
+        experiment.run(compose(overrides), run_dir=str(run_dir))
     assert not isinstance(info.value, ConfigError)  # reported with its traceback, exit 1
     pointer = json.loads((run_dir / "checkpoint" / "latest.json").read_text())
     assert pointer["step"] == FAIL_AT - 1

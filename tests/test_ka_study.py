@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import Compose, assert_close_to_scale, load_tiny
+from conftest import Compose, assert_close_to_scale, load_tiny, memit_crashes_at_call
 from kaedit import experiment, ka_study
 from kaedit.evaluate import CounterFactEval, Scorer, aggregate
 from kaedit.experiment import Evaluation
@@ -182,28 +182,15 @@ def test_fixed_specificity_at_step_0_is_the_unedited_models_score(
 
 def test_study_run_resumes_to_the_same_rows(
         study_runs: list[Path], compose: Compose, tiny_run_overrides: list[str],
-        tiny_rome_dataset: Path, tiny_corpus: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_rome_dataset: Path, tiny_corpus: Path, tmp_path: Path) -> None:
     """Killed while computing step 3 (after step 2's checkpoint), resumed with
     resume=RUN_DIR: the same metrics.csv and retention.csv as the uninterrupted run (the
     fixed set and the first batch are chosen again, identically, from the seed)."""
-    from kaedit.methods.memit import MEMIT
-
     overrides = [*study_overrides(tiny_run_overrides, tiny_rome_dataset, tiny_corpus),
                  *RUNS["memit-dr"]]
-    real, calls = MEMIT.compute_deltas, {"n": 0}
-
-    def crash_at_step_3(self, ctx, requests):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real(self, ctx, requests)
-
     run_dir = tmp_path / "memit-dr"
-    monkeypatch.setattr(MEMIT, "compute_deltas", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with memit_crashes_at_call(3), pytest.raises(RuntimeError, match="simulated crash"):
         experiment.run(compose(overrides), run_dir=str(run_dir))
-    monkeypatch.setattr(MEMIT, "compute_deltas", real)
     experiment.run(compose([*overrides, f"resume={run_dir}"]))
 
     def untimed(path: Path) -> pd.DataFrame:
