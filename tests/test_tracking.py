@@ -5,6 +5,7 @@ repeated step, the fan-out reaching every tracker, and the per-step progress lin
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,24 @@ def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+#: W&B's offline directory name: start time, run id, and a counter when a directory of
+#: that name already exists (two segments started within the same second).
+OFFLINE_DIR = re.compile(r"offline-run-(\d{8}_\d{6})-([a-z0-9]+)(?:-(\d+))?")
+
+
+def segment_dirs(run_dir: Path) -> list[Path]:
+    """A run directory's offline W&B segments, oldest first."""
+    def started(d: Path) -> tuple[str, int]:
+        m = OFFLINE_DIR.fullmatch(d.name)
+        assert m, d.name
+        return m[1], int(m[3] or 0)
+
+    return sorted(run_dir.glob("wandb/offline-run-*"), key=started)
+
+
 def segments(run_dir: Path) -> list[list]:
     """The records of each offline segment of a run directory, oldest first."""
-    return [wandb_records(f) for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+    return [wandb_records(f) for d in segment_dirs(run_dir) for f in d.glob("run-*.wandb")]
 
 
 def test_a_table_beyond_the_wandb_row_limit_is_kept_whole(wandb_offline: Path) -> None:
@@ -92,14 +108,14 @@ def test_offline_resume_leaves_segments_of_one_run_without_a_repeated_step(
     ids = {r.run_id for seg in (first, second) for r in of_type(seg, "run")}
     assert len(ids) == 1  # one W&B run in two offline directories
     (run_id,) = ids
-    dirs = sorted(p.name for p in run_dir.glob("wandb/offline-run-*"))
-    assert len(dirs) == 2 and all(d.endswith(f"-{run_id}") for d in dirs)
+    dirs = segment_dirs(run_dir)
+    assert len(dirs) == 2 and all(OFFLINE_DIR.fullmatch(d.name)[2] == run_id for d in dirs)
     steps = [[r["_step"] for r in history_rows(seg) if "step" in r] for seg in (first, second)]
     assert steps == [[0, 1, 2, 3], [4]]
     # the documented upload command takes both segments (--dry-run: no server here)
     wandb_cli = Path(sys.executable).parent / "wandb"
     proc = subprocess.run([str(wandb_cli), "sync", "--dry-run",
-                           *map(str, sorted(run_dir.glob("wandb/offline-run-*")))],
+                           *map(str, dirs)],
                           capture_output=True, text=True, timeout=120, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Would sync 2 run(s)" in out, out
