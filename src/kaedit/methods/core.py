@@ -491,7 +491,7 @@ def _optimize_chunk(
     # each row's first run column.
     read_row = torch.cat([nll_row_t[forced.row],
                           torch.tensor(kl_row, dtype=torch.long, device=dev)])
-    read_col = torch.cat([forced.col, torch.tensor([len(rows[j].prompt) - 1 for j in kl_row],
+    read_col = torch.cat([forced.col, torch.tensor([rows[j].reads[0] for j in kl_row],
                                                    dtype=torch.long, device=dev)])
     read_col = read_col - torch.tensor(first, dtype=torch.long, device=dev)[read_row]
     is_kl = torch.arange(len(read_row), device=dev) >= n_tok
