@@ -238,6 +238,45 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
     assert json.loads((out / "memit-add" / "summary.json").read_text())["edits_done"] == 8
 
 
+def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "ka-1k"
+    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out)]) == 0
+    pairs = pd.read_csv(out / "paired.csv")
+    # one pair (DR against add, the baseline), two subsets, three metrics
+    assert set(zip(pairs["a"], pairs["b"], strict=True)) == {("memit-add", "memit-dr")}
+    assert len(pairs) == 6 and (pairs["step"] == 4).all()
+    add, dr = (pd.read_csv(run / "retention.csv") for run in study_runs)
+    for _, row in pairs.iterrows():
+        a, b = (df[(df["step"] == 4) & (df["step_made"] > 0)] for df in (add, dr))
+        if row["subset"] == "first_batch":
+            a, b = a[a["step_made"] == 1], b[b["step_made"] == 1]
+        assert row["n"] == len(a) == len(b)
+        assert row["mean_a"] == pytest.approx(100 * a[row["metric"]].mean(), rel=1e-5)
+        assert row["mean_b"] == pytest.approx(100 * b[row["metric"]].mean(), rel=1e-5)
+        assert 0 <= row["p_sign"] <= 1
+    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
+                          "--baseline", "drop_rescale"]) == 0
+    pairs = pd.read_csv(out / "paired.csv")
+    assert set(zip(pairs["a"], pairs["b"], strict=True)) == {("memit-dr", "memit-add")}
+
+
+def test_compare_records_is_an_exact_sign_test_on_the_records_that_differ() -> None:
+    ids = list(range(12))
+    a = pd.DataFrame({"case_id": ids, "efficacy": [0] * 10 + [1, 1]})
+    # b: 9 records up, 1 down, 2 tied; a record b did not track is left out
+    b = pd.DataFrame({"case_id": [*ids, 99],
+                      "efficacy": [1] * 9 + [0] + [0, 1] + [1]})
+    row = ka_study.compare_records(a, b, "efficacy")
+    assert (row["n"], row["b_higher"], row["a_higher"]) == (12, 9, 1)
+    assert row["mean_a"] == pytest.approx(100 * 2 / 12)
+    assert row["mean_b"] == pytest.approx(100 * 10 / 12)
+    assert row["diff"] == pytest.approx(100 * 8 / 12)
+    # two-sided P(X <= 1 or X >= 9), X ~ Bin(10, 1/2)
+    assert row["p_sign"] == pytest.approx(2 * (1 + 10) / 2**10)
+    same = ka_study.compare_records(a, a, "efficacy")
+    assert (same["b_higher"], same["a_higher"], same["p_sign"]) == (0, 0, 1.0)
+
+
 def test_publish_rejects_a_directory_without_a_run(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     assert ka_study.main(["publish", str(tmp_path), "--out", str(tmp_path / "o")]) == 2

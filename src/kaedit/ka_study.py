@@ -14,6 +14,13 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   ``summary.json`` and ``config.yaml`` (whichever exist), and ``retention.png``
   (:func:`kaedit.analyze.plot_retention`: efficacy of the edits made at step s measured at
   step t);
+* ``paired.csv`` -- :func:`paired`: each run against the baseline fusion (``add``) of the
+  same method, batch size, model and dataset, record by record on the edits both tracked
+  at their last common step (every tracked edit, and the first batch alone): the mean of
+  each metric in either run, how many records each run scored higher, and the two-sided
+  exact sign test's p-value over those records (McNemar's test for efficacy, which is
+  0/1 per record). With one seed and one order of edits per row, a difference of a few
+  points between two rows is within what chance gives; this says which are not;
 * ``figures/`` -- one plot per metric with a line per run (:func:`kaedit.analyze.plot_metric`):
   ``seen_efficacy.png``, ``seen_generalization.png``, ``seen_specificity.png``,
   ``seen_score.png``, ``fixed_specificity.png``, ``first_batch.png``, and
@@ -41,6 +48,11 @@ from kaedit.errors import EXIT_BAD_INPUT
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.csv"
+PAIRED = "paired.csv"
+#: Per-record metrics of ``retention.csv`` compared by :func:`paired`.
+PAIRED_METRICS = ("efficacy", "generalization", "specificity")
+#: Run settings that must match for two runs to be compared record by record.
+PAIR_KEY = ("method", "batch_size", "model", "dataset")
 #: Files copied from each run directory (all small: rows per step, not per token).
 COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.json",
           "config.yaml")
@@ -103,7 +115,65 @@ def run_row(run_dir: Path) -> dict[str, Any]:
     return row
 
 
-def publish(run_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
+def compare_records(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """Record-by-record comparison of ``metric`` between two runs' retention rows of one
+    step (matched on ``case_id``; records only one run tracked are left out): the means
+    (x100), how many records each run scored higher, and the two-sided exact sign test's
+    p-value on those records (ties dropped; 1.0 when no record differs)."""
+    from scipy.stats import binomtest
+
+    both = a[["case_id", metric]].merge(b[["case_id", metric]], on="case_id",
+                                        suffixes=("_a", "_b"), validate="one_to_one")
+    diff = both[f"{metric}_b"] - both[f"{metric}_a"]
+    b_higher, a_higher = int((diff > 0).sum()), int((diff < 0).sum())
+    differing = a_higher + b_higher
+    return {
+        "n": len(both),
+        "mean_a": 100.0 * float(both[f"{metric}_a"].mean()),
+        "mean_b": 100.0 * float(both[f"{metric}_b"].mean()),
+        "diff": 100.0 * float(diff.mean()),
+        "b_higher": b_higher,
+        "a_higher": a_higher,
+        "p_sign": binomtest(b_higher, differing).pvalue if differing else 1.0,
+    }
+
+
+def paired(runs: Sequence[Any], rows: Sequence[dict[str, Any]],
+           baseline: str = "add") -> pd.DataFrame:
+    """Every run against the run with ``fusion == baseline`` that shares its
+    :data:`PAIR_KEY` settings, at the last step both reached, on the edits both tracked
+    there (``subset=tracked``: the seen sample and the first batch) and on the first
+    batch alone (``subset=first_batch``); one row per (pair, subset, metric) with
+    :func:`compare_records`' columns. ``rows`` are the runs' :func:`run_row` rows. Runs
+    without ``retention.csv``, or with no baseline, are not compared."""
+    table = []
+    for run, row in zip(runs, rows, strict=True):
+        base = [(r, s) for r, s in zip(runs, rows, strict=True)
+                if s["fusion"] == baseline and r is not run
+                and all(s[k] == row[k] for k in PAIR_KEY)]
+        if row["fusion"] == baseline or not base or run.retention is None:
+            continue
+        for ref, ref_row in base:
+            if ref.retention is None:
+                continue
+            step = min(run.retention["step"].max(), ref.retention["step"].max())
+            at = [r.retention[(r.retention["step"] == step) & (r.retention["step_made"] > 0)]
+                  for r in (ref, run)]
+            for subset, pick in (("tracked", lambda df: df),
+                                 ("first_batch", lambda df: df[df["step_made"] == 1])):
+                for metric in PAIRED_METRICS:
+                    table.append({
+                        "method": row["method"], "a": ref.name, "b": run.name,
+                        "fusion_a": ref_row["fusion"], "fusion_b": row["fusion"],
+                        "step": int(step), "subset": subset, "metric": metric,
+                        **compare_records(pick(at[0]), pick(at[1]), metric)})
+    return pd.DataFrame(table, columns=[
+        "method", "a", "b", "fusion_a", "fusion_b", "step", "subset", "metric", "n",
+        "mean_a", "mean_b", "diff", "b_higher", "a_higher", "p_sign"])
+
+
+def publish(run_dirs: Sequence[str | Path], out: str | Path,
+            baseline: str = "add") -> list[Path]:
     """Write ``summary.csv``, the copies and the figures into ``out``; returns the paths."""
     from kaedit.analyze import load_run, plot_comparison, plot_metric, plot_retention
 
@@ -115,9 +185,10 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
                                 "OUT/<run dir name>; give the runs distinct directory names")
     runs = [load_run(d) for d in run_dirs]  # fails on a directory without metrics.csv
     out.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame([run_row(Path(d)) for d in run_dirs])
-    table.to_csv(out / SUMMARY, index=False, float_format="%.6g")
-    written = [out / SUMMARY]
+    rows = [run_row(Path(d)) for d in run_dirs]
+    pd.DataFrame(rows).to_csv(out / SUMMARY, index=False, float_format="%.6g")
+    paired(runs, rows, baseline).to_csv(out / PAIRED, index=False, float_format="%.6g")
+    written = [out / SUMMARY, out / PAIRED]
     for run in runs:
         dest = out / run.name
         dest.mkdir(exist_ok=True)
@@ -141,15 +212,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     pub = sub.add_parser("publish", help="summary.csv, the runs' small files and figures")
     pub.add_argument("runs", nargs="+", metavar="RUN_DIR", help="kaedit run directories")
     pub.add_argument("--out", required=True, help="e.g. docs/results/ka-1k")
+    pub.add_argument("--baseline", default="add",
+                     help="fusion the other runs of a method are compared with in "
+                          "paired.csv (default: add)")
     args = parser.parse_args(argv)
     try:
-        written = publish(args.runs, args.out)
+        written = publish(args.runs, args.out, args.baseline)
     except FileNotFoundError as exc:  # bad input; other errors keep their traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for p in written:
         print(p)
     print(pd.read_csv(Path(args.out) / SUMMARY).to_string(index=False))
+    pairs = pd.read_csv(Path(args.out) / PAIRED)
+    if len(pairs):
+        print(pairs.to_string(index=False))
     return 0
 
 
