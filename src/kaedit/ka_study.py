@@ -15,7 +15,7 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   (:func:`kaedit.analyze.plot_retention`: efficacy of the edits made at step s measured at
   step t);
 * ``paired.csv`` -- :func:`paired`: each run against the baseline fusion (``add``) of the
-  same method, batch size, model and dataset, record by record on the edits both tracked
+  same config but for the fusion (:data:`PAIR_KEY`), record by record on the edits both tracked
   at their last common step (every tracked edit, and the first batch alone): the mean of
   each metric in either run, how many records each run scored higher, and the two-sided
   exact sign test's p-value over those records (McNemar's test for efficacy, which is
@@ -51,8 +51,9 @@ SUMMARY = "summary.csv"
 PAIRED = "paired.csv"
 #: Per-record metrics of ``retention.csv`` compared by :func:`paired`.
 PAIRED_METRICS = ("efficacy", "generalization", "specificity")
-#: Run settings that must match for two runs to be compared record by record.
-PAIR_KEY = ("method", "batch_size", "model", "dataset")
+#: Config nodes that must be equal for two runs to be compared record by record: what
+#: decides the edits and how they are scored, everything but the fusion.
+PAIR_KEY = ("model", "dataset", "method", "schedule", "seed", "templates", "stats")
 #: Files copied from each run directory (all small: rows per step, not per token).
 COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.json",
           "config.yaml")
@@ -140,8 +141,8 @@ def compare_records(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, 
 
 def paired(runs: Sequence[Any], rows: Sequence[dict[str, Any]],
            baseline: str = "add") -> pd.DataFrame:
-    """Every run against the run with ``fusion == baseline`` that shares its
-    :data:`PAIR_KEY` settings, at the last step both reached, on the edits both tracked
+    """Every run against the run with ``fusion == baseline`` whose config has the same
+    :data:`PAIR_KEY` nodes, at the last step both reached, on the edits both tracked
     there (``subset=tracked``: the seen sample and the first batch) and on the first
     batch alone (``subset=first_batch``); one row per (pair, subset, metric) with
     :func:`compare_records`' columns. ``rows`` are the runs' :func:`run_row` rows. Runs
@@ -150,7 +151,7 @@ def paired(runs: Sequence[Any], rows: Sequence[dict[str, Any]],
     for run, row in zip(runs, rows, strict=True):
         base = [(r, s) for r, s in zip(runs, rows, strict=True)
                 if s["fusion"] == baseline and r is not run
-                and all(s[k] == row[k] for k in PAIR_KEY)]
+                and all(r.config.get(k) == run.config.get(k) for k in PAIR_KEY)]
         if row["fusion"] == baseline or not base or run.retention is None:
             continue
         for ref, ref_row in base:
