@@ -244,13 +244,18 @@ CURVES = {
 }
 
 
-def plot_metric(runs: Sequence[Run], column: str, path: Path, title: str = "") -> Path | None:
-    """One logged ``column`` against edits, a line per run (None: no run logged it)."""
+def plot_metric(runs: Sequence[Run], column: str, path: Path, title: str = "",
+                log: bool = False) -> Path | None:
+    """One logged ``column`` against edits, a line per run (None: no run logged it);
+    ``log``: a logarithmic y axis (perplexity, which spans orders of magnitude when a
+    model collapses)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     if not draw_curves(ax, runs, run_labels(runs), column):
         plt.close(fig)
         return None
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title or column, fontsize=9)
     ax.set_ylabel(column)
     ax.legend(fontsize=7)

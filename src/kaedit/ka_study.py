@@ -60,14 +60,14 @@ COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.jso
 #: Logged columns reported at the start (step 0) and at the end (last logged value).
 START_END = {"fluency": "seen/fluency", "consistency": "seen/consistency",
              "perplexity": "general/perplexity", "fixed_specificity": "fixed/specificity"}
-#: Columns drawn one per figure, a line per run: (column, file, title).
+#: Columns drawn one per figure, a line per run: (column, file, title, log y axis).
 FIGURES = (
-    *((f"seen/{m}", f"seen_{m}.png", f"{m} of the edits made so far (seen sample)")
+    *((f"seen/{m}", f"seen_{m}.png", f"{m} of the edits made so far (seen sample)", False)
       for m in ("efficacy", "generalization", "specificity", "score")),
     ("fixed/specificity", "fixed_specificity.png",
-     "specificity of one fixed set of neighbourhood prompts"),
-    ("retention/first_batch", "first_batch.png", "efficacy of the first batch's edits"),
-    ("general/perplexity", "perplexity.png", "WikiText-2 perplexity"),
+     "specificity of one fixed set of neighbourhood prompts", False),
+    ("retention/first_batch", "first_batch.png", "efficacy of the first batch's edits", False),
+    ("general/perplexity", "perplexity.png", "WikiText-2 perplexity (log scale)", True),
 )
 
 
@@ -199,8 +199,8 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
                 written.append(dest / name)
         written += [p for p in (plot_retention(run, dest),) if p]
     figures = out / "figures"
-    written += [p for column, name, title in FIGURES
-                if (p := plot_metric(runs, column, figures / name, title))]
+    written += [p for column, name, title, log in FIGURES
+                if (p := plot_metric(runs, column, figures / name, title, log))]
     written.append(plot_comparison(runs, figures))
     return written
 
