@@ -238,7 +238,8 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
     assert json.loads((out / "memit-add" / "summary.json").read_text())["edits_done"] == 8
 
 
-def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path: Path) -> None:
+def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "ka-1k"
     assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out)]) == 0
     pairs = pd.read_csv(out / "paired.csv")
@@ -258,6 +259,11 @@ def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path:
                           "--baseline", "drop_rescale"]) == 0
     pairs = pd.read_csv(out / "paired.csv")
     assert set(zip(pairs["a"], pairs["b"], strict=True)) == {("memit-dr", "memit-add")}
+    before = (out / "paired.csv").read_text()
+    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
+                          "--baseline", "dr"]) == 2
+    assert "'dr'" in capsys.readouterr().err
+    assert (out / "paired.csv").read_text() == before  # nothing rewritten
 
 
 def test_compare_records_is_an_exact_sign_test_on_the_records_that_differ() -> None:

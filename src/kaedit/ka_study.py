@@ -43,7 +43,7 @@ from typing import Any
 
 import pandas as pd
 
-from kaedit.errors import EXIT_BAD_INPUT
+from kaedit.errors import EXIT_BAD_INPUT, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,12 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
         raise FileNotFoundError(f"runs named {dup} more than once: each run's files go to "
                                 "OUT/<run dir name>; give the runs distinct directory names")
     runs = [load_run(d) for d in run_dirs]  # fails on a directory without metrics.csv
-    out.mkdir(parents=True, exist_ok=True)
     rows = [run_row(Path(d)) for d in run_dirs]
+    fusions = sorted({str(r["fusion"]) for r in rows})
+    if baseline != "add" and baseline not in fusions:  # checked before anything is written
+        raise ConfigError(f"--baseline {baseline!r}: no run has that fusion; the runs' "
+                          f"fusions are {fusions}")
+    out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / SUMMARY, index=False, float_format="%.6g")
     paired(runs, rows, baseline).to_csv(out / PAIRED, index=False, float_format="%.6g")
     written = [out / SUMMARY, out / PAIRED]
@@ -219,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = publish(args.runs, args.out, args.baseline)
-    except FileNotFoundError as exc:  # bad input; other errors keep their traceback
+    except (FileNotFoundError, ConfigError) as exc:  # bad input; other errors keep their traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for p in written:
