@@ -39,11 +39,14 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from kaedit.errors import EXIT_BAD_INPUT, ConfigError
+
+if TYPE_CHECKING:
+    from kaedit.analyze import Run
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +84,13 @@ def start_end(metrics: pd.DataFrame, column: str) -> tuple[float, float]:
             float(logged.iloc[-1]) if len(logged) else math.nan)
 
 
-def run_row(run_dir: Path) -> dict[str, Any]:
-    """One row of ``summary.csv`` (see the module docstring)."""
+def run_row(run: Run) -> dict[str, Any]:
+    """One row of ``summary.csv`` (see the module docstring) for a loaded run."""
     import json
 
-    from kaedit.analyze import _class_name, load_run
+    from kaedit.analyze import _class_name
     from kaedit.sweep import job_result
 
-    run = load_run(run_dir)
     cfg, metrics = run.config, run.metrics
     fusion = cfg.get("fusion") or {}
     schedule = cfg.get("schedule") or {}
@@ -139,7 +141,7 @@ def compare_records(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, 
     }
 
 
-def paired(runs: Sequence[Any], rows: Sequence[dict[str, Any]],
+def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
            baseline: str = "add") -> pd.DataFrame:
     """Every run against the run with ``fusion == baseline`` whose config has the same
     :data:`PAIR_KEY` nodes, at the last step both reached, on the edits both tracked
@@ -185,7 +187,7 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
         raise FileNotFoundError(f"runs named {dup} more than once: each run's files go to "
                                 "OUT/<run dir name>; give the runs distinct directory names")
     runs = [load_run(d) for d in run_dirs]  # fails on a directory without metrics.csv
-    rows = [run_row(Path(d)) for d in run_dirs]
+    rows = [run_row(run) for run in runs]
     fusions = sorted({str(r["fusion"]) for r in rows})
     if baseline != "add" and baseline not in fusions:  # checked before anything is written
         raise ConfigError(f"--baseline {baseline!r}: no run has that fusion; the runs' "
