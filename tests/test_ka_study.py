@@ -112,7 +112,7 @@ def test_fixed_set_and_first_batch_are_the_same_at_every_step() -> None:
 def study_runs(tmp_path_factory: pytest.TempPathFactory, compose: Compose,
                tiny_run_overrides: list[str], tiny_rome_dataset: Path,
                tiny_corpus: Path) -> list[Path]:
-    """Two tiny runs with the study's evaluation (fusion=add, layer-scoped DR p=0.8):
+    """Three tiny runs with the study's evaluation (:data:`RUNS`):
     8 edits in 4 batches of 2, a seen sample of 1, the first batch in full, a fixed set
     of 3, generation and perplexity at start and end."""
     root = tmp_path_factory.mktemp("ka")
@@ -125,10 +125,12 @@ def study_runs(tmp_path_factory: pytest.TempPathFactory, compose: Compose,
     return dirs
 
 
-#: The two tiny runs: fusion=add and layer-scoped DR p=0.8.
+#: The tiny runs: MEMIT with fusion=add and with layer-scoped DR p=0.8, PMET with add.
 RUNS = {"memit-add": ["fusion=add", "+tracking.choices.fusion=add"],
         "memit-dr": ["fusion=drop_rescale", "fusion.scope=layer",
-                     "+tracking.choices.fusion=drop_rescale"]}
+                     "+tracking.choices.fusion=drop_rescale"],
+        "pmet-add": ["method=pmet", "+tracking.choices.method=pmet", "fusion=add",
+                     "+tracking.choices.fusion=add"]}
 
 
 def study_overrides(tiny_run_overrides: list[str], tiny_rome_dataset: Path,
@@ -208,9 +210,10 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
     out = tmp_path / "ka-1k"
     assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out)]) == 0
     table = pd.read_csv(out / "summary.csv")
-    assert table["run"].tolist() == ["memit-add", "memit-dr"]
-    assert table["fusion"].tolist() == ["add", "drop_rescale"]
-    assert table["scope"].tolist() == ["step", "layer"]
+    assert table["run"].tolist() == ["memit-add", "memit-dr", "pmet-add"]
+    assert table["method"].tolist() == ["memit", "memit", "pmet"]
+    assert table["fusion"].tolist() == ["add", "drop_rescale", "add"]
+    assert table["scope"].tolist() == ["step", "layer", "step"]
     assert np.isnan(table["p"][0]) and table["p"][1] == 0.8
     assert (table["batch_size"] == 2).all() and (table["edits_done"] == 8).all()
     assert (table["status"] == "done").all()
@@ -242,19 +245,31 @@ def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path:
                                                capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "ka-1k"
     assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out)]) == 0
-    pairs = pd.read_csv(out / "paired.csv")
-    # one pair (DR against add, the baseline), two subsets, three metrics
-    assert set(zip(pairs["a"], pairs["b"], strict=True)) == {("memit-add", "memit-dr")}
-    assert len(pairs) == 6 and (pairs["step"] == 4).all()
-    add, dr = (pd.read_csv(run / "retention.csv") for run in study_runs)
-    for _, row in pairs.iterrows():
-        a, b = (df[(df["step"] == 4) & (df["step_made"] > 0)] for df in (add, dr))
-        if row["subset"] == "first_batch":
-            a, b = a[a["step_made"] == 1], b[b["step_made"] == 1]
-        assert row["n"] == len(a) == len(b)
-        assert row["mean_a"] == pytest.approx(100 * a[row["metric"]].mean(), rel=1e-5)
-        assert row["mean_b"] == pytest.approx(100 * b[row["metric"]].mean(), rel=1e-5)
-        assert 0 <= row["p_sign"] <= 1
+    retention = {run.name: pd.read_csv(run / "retention.csv") for run in study_runs}
+    # fusions within a method: one pair (MEMIT DR against add, the baseline; PMET has no
+    # DR run); methods within a fusion: one pair (PMET against MEMIT, both with add; the
+    # DR run has no MEMIT-with-DR partner but itself). Two subsets, three metrics each.
+    for file, shared, pair in (("paired.csv", "method", ("memit-add", "memit-dr")),
+                               ("paired_methods.csv", "fusion", ("memit-add", "pmet-add"))):
+        pairs = pd.read_csv(out / file)
+        assert set(zip(pairs["a"], pairs["b"], strict=True)) == {pair}, file
+        assert len(pairs) == 6 and (pairs["step"] == 4).all()
+        assert pairs.columns[0] == shared
+        for _, row in pairs.iterrows():
+            a, b = (retention[name] for name in pair)
+            a, b = (df[(df["step"] == 4) & (df["step_made"] > 0)] for df in (a, b))
+            if row["subset"] == "first_batch":
+                a, b = a[a["step_made"] == 1], b[b["step_made"] == 1]
+            assert row["n"] == len(a) == len(b)
+            assert a["case_id"].tolist() == b["case_id"].tolist()  # the same edits
+            assert row["mean_a"] == pytest.approx(100 * a[row["metric"]].mean(), rel=1e-5)
+            assert row["mean_b"] == pytest.approx(100 * b[row["metric"]].mean(), rel=1e-5)
+            assert 0 <= row["p_sign"] <= 1
+    assert pd.read_csv(out / "paired_methods.csv")["fusion"].eq("add").all()
+    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
+                          "--method-baseline", "pmet"]) == 0
+    pairs = pd.read_csv(out / "paired_methods.csv")
+    assert set(zip(pairs["a"], pairs["b"], strict=True)) == {("pmet-add", "memit-add")}
     assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
                           "--baseline", "drop_rescale"]) == 0
     pairs = pd.read_csv(out / "paired.csv")
@@ -264,6 +279,12 @@ def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path:
                           "--baseline", "dr"]) == 2
     assert "'dr'" in capsys.readouterr().err
     assert (out / "paired.csv").read_text() == before  # nothing rewritten
+    before = (out / "paired_methods.csv").read_text()
+    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
+                          "--method-baseline", "rome"]) == 2
+    err = capsys.readouterr().err
+    assert "'rome'" in err and "'memit', 'pmet'" in err
+    assert (out / "paired_methods.csv").read_text() == before
 
 
 def test_compare_records_is_an_exact_sign_test_on_the_records_that_differ() -> None:

@@ -15,12 +15,14 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   (:func:`kaedit.analyze.plot_retention`: efficacy of the edits made at step s measured at
   step t);
 * ``paired.csv`` -- :func:`paired`: each run against the baseline fusion (``add``) of the
-  same config but for the fusion (:data:`PAIR_KEY`), record by record on the edits both tracked
-  at their last common step (every tracked edit, and the first batch alone): the mean of
-  each metric in either run, how many records each run scored higher, and the two-sided
-  exact sign test's p-value over those records (McNemar's test for efficacy, which is
-  0/1 per record). With one seed and one order of edits per row, a difference of a few
-  points between two rows is within what chance gives; this says which are not;
+  same config but for the fusion (:data:`SETTINGS`), record by record on the edits both
+  tracked at their last common step (every tracked edit, and the first batch alone): the
+  mean of each metric in either run, how many records each run scored higher, and the
+  two-sided exact sign test's p-value over those records (McNemar's test for efficacy,
+  which is 0/1 per record). With one seed and one order of edits per row, a difference of
+  a few points between two rows is within what chance gives; this says which are not;
+* ``paired_methods.csv`` -- the same, each run against the baseline method (``memit``) of
+  the same config but for the method: which method holds its edits better, per fusion;
 * ``figures/`` -- one plot per metric with a line per run (:func:`kaedit.analyze.plot_metric`):
   ``seen_efficacy.png``, ``seen_generalization.png``, ``seen_specificity.png``,
   ``seen_score.png``, ``fixed_specificity.png``, ``first_batch.png``, and
@@ -51,12 +53,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.csv"
-PAIRED = "paired.csv"
 #: Per-record metrics of ``retention.csv`` compared by :func:`paired`.
 PAIRED_METRICS = ("efficacy", "generalization", "specificity")
-#: Config nodes that must be equal for two runs to be compared record by record: what
-#: decides the edits and how they are scored, everything but the fusion.
-PAIR_KEY = ("model", "dataset", "method", "schedule", "seed", "templates", "stats")
+#: Config nodes that decide the edits and how they are scored. Two runs are compared
+#: record by record when they differ in one of them, the compared one (:data:`COMPARED`),
+#: and all the others are equal.
+SETTINGS = ("model", "dataset", "method", "fusion", "schedule", "seed", "templates", "stats")
+#: What :func:`paired` can compare (a ``summary.csv`` column and config node), the file
+#: it goes to and the default baseline: fusions against ``add`` within each method, and
+#: methods against ``memit`` within each fusion.
+COMPARED = {"fusion": ("paired.csv", "add"), "method": ("paired_methods.csv", "memit")}
 #: Files copied from each run directory (all small: rows per step, not per token).
 COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.json",
           "config.yaml")
@@ -142,19 +148,25 @@ def compare_records(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, 
 
 
 def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
-           baseline: str = "add") -> pd.DataFrame:
-    """Every run against the run with ``fusion == baseline`` whose config has the same
-    :data:`PAIR_KEY` nodes, at the last step both reached, on the edits both tracked
-    there (``subset=tracked``: the seen sample and the first batch) and on the first
-    batch alone (``subset=first_batch``); one row per (pair, subset, metric) with
-    :func:`compare_records`' columns. ``rows`` are the runs' :func:`run_row` rows. Runs
-    without ``retention.csv``, or with no baseline, are not compared."""
+           baseline: str = "add", compared: str = "fusion") -> pd.DataFrame:
+    """Every run against the run whose ``compared`` setting (:data:`COMPARED`: ``fusion``
+    or ``method``) is ``baseline`` and whose other :data:`SETTINGS` nodes are equal, at the
+    last step both reached, on the edits both tracked there (``subset=tracked``: the seen
+    sample and the first batch) and on the first batch alone (``subset=first_batch``);
+    one row per (pair, subset, metric) with :func:`compare_records`' columns. ``rows``
+    are the runs' :func:`run_row` rows. Runs without ``retention.csv``, or with no
+    baseline, are not compared. The first column is the setting the pair shares (the
+    method when fusions are compared, the fusion when methods are)."""
+    if compared not in COMPARED:
+        raise ConfigError(f"compared={compared!r}: paired compares one of {sorted(COMPARED)}")
+    shared = "method" if compared == "fusion" else "fusion"
+    key = [k for k in SETTINGS if k != compared]
     table = []
     for run, row in zip(runs, rows, strict=True):
         base = [(r, s) for r, s in zip(runs, rows, strict=True)
-                if s["fusion"] == baseline and r is not run
-                and all(r.config.get(k) == run.config.get(k) for k in PAIR_KEY)]
-        if row["fusion"] == baseline or not base or run.retention is None:
+                if s[compared] == baseline and r is not run
+                and all(r.config.get(k) == run.config.get(k) for k in key)]
+        if row[compared] == baseline or not base or run.retention is None:
             continue
         for ref, ref_row in base:
             if ref.retention is None:
@@ -166,18 +178,20 @@ def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
                                  ("first_batch", lambda df: df[df["step_made"] == 1])):
                 for metric in PAIRED_METRICS:
                     table.append({
-                        "method": row["method"], "a": ref.name, "b": run.name,
-                        "fusion_a": ref_row["fusion"], "fusion_b": row["fusion"],
+                        shared: row[shared], "a": ref.name, "b": run.name,
+                        f"{compared}_a": ref_row[compared], f"{compared}_b": row[compared],
                         "step": int(step), "subset": subset, "metric": metric,
                         **compare_records(pick(at[0]), pick(at[1]), metric)})
     return pd.DataFrame(table, columns=[
-        "method", "a", "b", "fusion_a", "fusion_b", "step", "subset", "metric", "n",
+        shared, "a", "b", f"{compared}_a", f"{compared}_b", "step", "subset", "metric", "n",
         "mean_a", "mean_b", "diff", "b_higher", "a_higher", "p_sign"])
 
 
-def publish(run_dirs: Sequence[str | Path], out: str | Path,
-            baseline: str = "add") -> list[Path]:
-    """Write ``summary.csv``, the copies and the figures into ``out``; returns the paths."""
+def publish(run_dirs: Sequence[str | Path], out: str | Path, baseline: str = "add",
+            method_baseline: str = "memit") -> list[Path]:
+    """Write ``summary.csv``, the copies and the figures into ``out``; returns the paths.
+    ``baseline`` is the fusion ``paired.csv`` compares the others with, ``method_baseline``
+    the method ``paired_methods.csv`` compares the others with."""
     from kaedit.analyze import load_run, plot_comparison, plot_metric, plot_retention
 
     out = Path(out)
@@ -188,14 +202,20 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
                                 "OUT/<run dir name>; give the runs distinct directory names")
     runs = [load_run(d) for d in run_dirs]  # fails on a directory without metrics.csv
     rows = [run_row(run) for run in runs]
-    fusions = sorted({str(r["fusion"]) for r in rows})
-    if baseline != "add" and baseline not in fusions:  # checked before anything is written
-        raise ConfigError(f"--baseline {baseline!r}: no run has that fusion; the runs' "
-                          f"fusions are {fusions}")
+    baselines = {"fusion": baseline, "method": method_baseline}
+    for compared, chosen in baselines.items():  # checked before anything is written
+        have = sorted({str(r[compared]) for r in rows})
+        option = "--baseline" if compared == "fusion" else "--method-baseline"
+        if chosen != COMPARED[compared][1] and chosen not in have:
+            raise ConfigError(f"{option} {chosen!r}: no run has that {compared}; the runs' "
+                              f"{compared}s are {have}")
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / SUMMARY, index=False, float_format="%.6g")
-    paired(runs, rows, baseline).to_csv(out / PAIRED, index=False, float_format="%.6g")
-    written = [out / SUMMARY, out / PAIRED]
+    written = [out / SUMMARY]
+    for compared, chosen in baselines.items():
+        written.append(out / COMPARED[compared][0])
+        paired(runs, rows, chosen, compared).to_csv(written[-1], index=False,
+                                                    float_format="%.6g")
     for run in runs:
         dest = out / run.name
         dest.mkdir(exist_ok=True)
@@ -222,18 +242,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     pub.add_argument("--baseline", default="add",
                      help="fusion the other runs of a method are compared with in "
                           "paired.csv (default: add)")
+    pub.add_argument("--method-baseline", default="memit",
+                     help="method the other runs of a fusion are compared with in "
+                          "paired_methods.csv (default: memit)")
     args = parser.parse_args(argv)
     try:
-        written = publish(args.runs, args.out, args.baseline)
+        written = publish(args.runs, args.out, args.baseline, args.method_baseline)
     except (FileNotFoundError, ConfigError) as exc:  # bad input; other errors keep their traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for p in written:
         print(p)
     print(pd.read_csv(Path(args.out) / SUMMARY).to_string(index=False))
-    pairs = pd.read_csv(Path(args.out) / PAIRED)
-    if len(pairs):
-        print(pairs.to_string(index=False))
+    for file, _ in COMPARED.values():
+        pairs = pd.read_csv(Path(args.out) / file)
+        if len(pairs):
+            print(pairs.to_string(index=False))
     return 0
 
 
