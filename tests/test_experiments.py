@@ -219,6 +219,7 @@ def test_layer_scoped_fusion_saves_its_deltas_and_resumes_bit_identically(
     assert raw.keys() == fused.keys() and len(raw) == 2
     assert all(torch.equal(fused[n], lf.fuse(n, raw[n])) for n in raw)
     assert all(not torch.equal(fused[n], raw[n]) for n in raw)
+    check_update_sizes(ref_dir, steps=4)
 
     with memit_crashes_at_call(3), pytest.raises(RuntimeError, match="simulated crash"):
         experiment.run(compose(overrides), run_dir=str(run_dir))
@@ -227,6 +228,32 @@ def test_layer_scoped_fusion_saves_its_deltas_and_resumes_bit_identically(
     pd.testing.assert_frame_equal(got, metric_columns(pd.read_csv(ref_dir / "metrics.csv")))
     a, b = (load_file(str(d / "deltas.safetensors")) for d in (ref_dir, run_dir))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def check_update_sizes(run_dir: Path, steps: int) -> None:
+    """The logged ``update/*`` columns (kaedit.experiment.update_sizes) against the saved
+    per-step deltas of a drop-and-rescale p = 0.5 run: DR at p = 0.5 turns each entry
+    into 0 or 2Δ, so what it changes, ±Δ, has exactly the norm of Δ."""
+
+    def norm(tensors) -> float:
+        return float(torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors])))
+
+    metrics = pd.read_csv(run_dir / "metrics.csv").set_index("step")  # 6 significant digits
+    total: dict[str, torch.Tensor] = {}
+    for step in range(1, steps + 1):
+        raw, fused = (load_file(str(run_dir / "deltas" / f"step-{step:04d}{s}.safetensors"))
+                      for s in ("", "-fused"))
+        for n, d in fused.items():
+            total[n] = total.get(n, 0) + d.double()
+        row = metrics.loc[step]
+        assert row["update/computed_norm"] == pytest.approx(norm(raw.values()), rel=1e-5)
+        assert row["update/applied_norm"] == pytest.approx(norm(fused.values()), rel=1e-5)
+        assert row["update/fusion_change_norm"] == pytest.approx(norm(raw.values()), rel=1e-5)
+        assert row["update/total_norm"] == pytest.approx(norm(total.values()), rel=1e-5)
+    # ‖W_t − W₀‖ / ‖W₀‖: the same ‖W₀‖ (the same edited weights) at every step
+    w0 = (metrics["update/total_norm"] / metrics["update/total_rel"]).dropna()
+    assert len(w0) == steps and w0.iloc[0] > 0
+    assert (w0 - w0.iloc[0]).abs().max() <= 2e-5 * w0.iloc[0]
 
 
 def test_served_weights_are_evaluated_and_saved(

@@ -11,6 +11,8 @@ grouped by method, fusion and drop rate (``tracking.choices.method``,
 * **Retention** -- first-batch retention (efficacy of the step-1 edits), the efficacy of
   each batch right after it was applied, and the retention table (per batch, its final
   efficacy / generalization / specificity);
+* **Update size** -- the norm of each step's update as computed and as applied, what the
+  fusion changed (drop-and-rescale's noise), and ‖W_t − W₀‖ / ‖W₀‖ of the edited weights;
 * **Text** -- fluency and consistency (on generation steps);
 * **Cost** -- seconds per edit by stage (targets, keys, solve, all of compute, fusion);
 * **Sweeps** -- the table of each sweep (``results.csv``, :mod:`kaedit.sweep`).
@@ -102,6 +104,13 @@ def dashboard_spec(project: str, entity: str | None = None, group: str | None = 
             line("immediate efficacy (the batch just applied)", "batch/efficacy"),
             Panel(title="retention by batch (final step)", kind="table", x=None,
                   table=RETENTION_TABLE),
+        )),
+        # kaedit.experiment.update_sizes: the step's update before and after the fusion,
+        # what the fusion changed (drop-and-rescale's noise) and the weights' total drift
+        Section("Update size", (
+            line("norm of the step's update (computed, applied, fusion's change)",
+                 "update/computed_norm", "update/applied_norm", "update/fusion_change_norm"),
+            line("drift of the edited weights ‖W_t − W₀‖ / ‖W₀‖", "update/total_rel"),
         )),
         Section("Text", (line("fluency", "seen/fluency"),
                          line("consistency", "seen/consistency"))),

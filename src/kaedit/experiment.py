@@ -60,7 +60,7 @@ from kaedit.setup import (  # noqa: F401 - compose, resolve_data_root: kaedit.ex
 )
 from kaedit.stats import CovarianceStore
 from kaedit.tracking import CsvRows, atomic_write, progress_line
-from kaedit.weights import EditedWeights, delta_problem
+from kaedit.weights import EditedWeights, delta_problem, difference, frobenius
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,26 @@ def edit_step(method: EditMethod, ctx: EditContext, fusion: FusionStrategy,
         fusion_state = next_state
         method.commit(ctx, batch, fused)
     return StepDone(deltas, fused, fusion_state, problem, t_compute, t_fuse, stages)
+
+
+def update_sizes(done: StepDone, edits: EditedWeights) -> dict[str, float]:
+    """How large step t's update was and how far the edited weights have moved, all
+    Frobenius norms over every edited weight together (:func:`~kaedit.weights.frobenius`):
+
+    * ``update/computed_norm`` -- ‖Δ_t‖, the method's deltas (at ``fusion.scope=layer``
+      the undropped Δˡ, solved against the earlier layers' fused updates);
+    * ``update/applied_norm`` -- ‖f(Δ_t)‖, what the fusion made of them (0 when the guard
+      refused the step: nothing was applied);
+    * ``update/fusion_change_norm`` -- ‖f(Δ_t) − Δ_t‖, what the fusion changed; for
+      drop-and-rescale the noise it adds, E‖f(Δ) − Δ‖² = p/(1 − p)·‖Δ‖²;
+    * ``update/total_norm`` -- ‖W_t − W₀‖ after the step; ``update/total_rel`` -- that
+      over ‖W₀‖ (the relative drift of the edited weights)."""
+    total, base = edits.drift()
+    return {"update/computed_norm": frobenius(done.deltas),
+            "update/applied_norm": frobenius(done.fused) if done.problem is None else 0.0,
+            "update/fusion_change_norm": frobenius(difference(done.fused, done.deltas)),
+            "update/total_norm": total,
+            "update/total_rel": total / base if base else 0.0}
 
 
 def generation_indices(schedule: Schedule, batches: Sequence[range],
@@ -384,7 +404,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
             n_done = state.n_done
             extra = {"applied": int(problem is None), "time/compute_s": done.t_compute,
                      **{f"time/{k}_s": v for k, v in done.stages.items()},
-                     "time/fusion_s": done.t_fuse, "time/step_s": time.perf_counter() - t0}
+                     "time/fusion_s": done.t_fuse, "time/step_s": time.perf_counter() - t0,
+                     **update_sizes(done, edits)}
             # seconds per edit by stage: comparable across batch sizes (the dashboard's)
             extra.update({f"time/per_edit/{k[len('time/'):]}": v / len(batch)
                           for k, v in list(extra.items()) if k.startswith("time/")})

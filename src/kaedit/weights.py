@@ -105,9 +105,26 @@ class EditedWeights:
             for n in offset:
                 self._set(params[n], self.base[n], self.total[n])
 
+    def drift(self) -> tuple[float, float]:
+        """``(‖W − W₀‖_F, ‖W₀‖_F)`` over the weights edited so far (:func:`frobenius`; the
+        working weights W₀ + total, not a fusion's served offset)."""
+        return frobenius(self.total), frobenius(self.base)
+
     def load(self, total: Deltas) -> None:
         """Re-apply a saved ``total`` to an unedited model (resume)."""
         self.add(total)
+
+
+def frobenius(deltas: Deltas) -> float:
+    """The Frobenius norm of all of ``deltas`` taken as one vector: √(Σ over tensors of the
+    summed squares), accumulated in float64 (0.0 for none)."""
+    return math.sqrt(sum(float(d.detach().double().square().sum()) for d in deltas.values()))
+
+
+def difference(a: Deltas, b: Deltas) -> Deltas:
+    """``a − b`` per weight; a weight only one side has counts as zero on the other."""
+    names = [*a, *(n for n in b if n not in a)]  # a fixed order: the same sums every run
+    return {n: a.get(n, 0) - b.get(n, 0) for n in names}
 
 
 def delta_problem(deltas: Deltas, max_norm: float | None) -> str | None:
