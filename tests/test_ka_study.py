@@ -230,6 +230,13 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
         assert row["fluency_start"] == pytest.approx(metrics["seen/fluency"][0])
         assert not np.isnan(row["consistency_end"])
         assert row["time_s"] > 0 and isinstance(row["machine"], str)
+        assert row["drift_end"] == pytest.approx(last["update/total_rel"]) and row["drift_end"] > 0
+        # add changes nothing; DR's change is ‖Δ‖·√(p/(1 − p)) = 2‖Δ‖ at p = 0.8, in
+        # expectation: a few thousand entries put one step within a few per cent of it
+        if row["fusion"] == "add":
+            assert row["fusion_change_ratio"] == 0
+        else:
+            assert row["fusion_change_ratio"] == pytest.approx(2.0, rel=0.1)
         for name in ("metrics.csv", "retention.csv", "summary.json", "config.yaml",
                      "retention.png"):
             assert (out / run.name / name).is_file(), name

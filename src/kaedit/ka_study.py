@@ -8,7 +8,10 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   the last segment, attenuation) with the run's method, fusion, drop rate ``p``, scope
   and batch size from its ``config.yaml``, the values at the start (step 0, the unedited
   model) and at the end (the last logged value) of fluency, consistency, WikiText-2
-  perplexity and the fixed set's specificity, ``time_s`` (edit and evaluation seconds
+  perplexity and the fixed set's specificity, ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
+  edited weights at the end) and ``fusion_change_ratio`` (‖f(Δ) − Δ‖ / ‖Δ‖, the mean
+  over steps: 0 for ``add``, about √(p/(1 − p)) for drop-and-rescale; both NaN for runs
+  that did not log ``update/*``), ``time_s`` (edit and evaluation seconds
   summed over every step's row, all resumed segments included) and ``machine``;
 * ``<run>/`` -- the run's ``metrics.csv``, ``retention.csv``, ``retention_by_batch.csv``,
   ``summary.json`` and ``config.yaml`` (whichever exist), and ``retention.png``
@@ -116,6 +119,13 @@ def run_row(run: Run) -> dict[str, Any]:
     row.update(result)
     for name, column in START_END.items():
         row[f"{name}_start"], row[f"{name}_end"] = start_end(metrics, column)
+    # update sizes (kaedit.experiment.update_sizes; NaN for runs that did not log them):
+    # the edited weights' relative drift ‖W − W₀‖ / ‖W₀‖ at the end, and what the fusion
+    # changed relative to the update, ‖f(Δ) − Δ‖ / ‖Δ‖, averaged over the steps
+    row["drift_end"] = start_end(metrics, "update/total_rel")[1]
+    sizes = [c for c in ("update/fusion_change_norm", "update/computed_norm") if c in metrics]
+    ratio = (metrics[sizes[0]] / metrics[sizes[1]]).dropna() if len(sizes) == 2 else ()
+    row["fusion_change_ratio"] = float(ratio.mean()) if len(ratio) else math.nan
     timed = [c for c in ("time/step_s", "time/eval_s") if c in metrics]
     row["time_s"] = float(metrics[timed].sum().sum()) if timed else math.nan
     summary = run.path / "summary.json"
