@@ -63,9 +63,10 @@ PAIRED_METRICS = ("efficacy", "generalization", "specificity")
 #: and all the others are equal.
 SETTINGS = ("model", "dataset", "method", "fusion", "schedule", "seed", "templates", "stats")
 #: What :func:`paired` can compare (a ``summary.csv`` column and config node), the file
-#: it goes to and the default baseline: fusions against ``add`` within each method, and
-#: methods against ``memit`` within each fusion.
-COMPARED = {"fusion": ("paired.csv", "add"), "method": ("paired_methods.csv", "memit")}
+#: it goes to, the default baseline and the ``publish`` option that picks another:
+#: fusions against ``add`` within each method, methods against ``memit`` within each fusion.
+COMPARED = {"fusion": ("paired.csv", "add", "--baseline"),
+            "method": ("paired_methods.csv", "memit", "--method-baseline")}
 #: Files copied from each run directory (all small: rows per step, not per token).
 COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.json",
           "config.yaml")
@@ -123,9 +124,10 @@ def run_row(run: Run) -> dict[str, Any]:
     # the edited weights' relative drift ‖W − W₀‖ / ‖W₀‖ at the end, and what the fusion
     # changed relative to the update, ‖f(Δ) − Δ‖ / ‖Δ‖, averaged over the steps
     row["drift_end"] = start_end(metrics, "update/total_rel")[1]
-    sizes = [c for c in ("update/fusion_change_norm", "update/computed_norm") if c in metrics]
-    ratio = (metrics[sizes[0]] / metrics[sizes[1]]).dropna() if len(sizes) == 2 else ()
-    row["fusion_change_ratio"] = float(ratio.mean()) if len(ratio) else math.nan
+    row["fusion_change_ratio"] = math.nan
+    if {"update/fusion_change_norm", "update/computed_norm"} <= set(metrics):
+        ratio = (metrics["update/fusion_change_norm"] / metrics["update/computed_norm"]).dropna()
+        row["fusion_change_ratio"] = float(ratio.mean()) if len(ratio) else math.nan
     timed = [c for c in ("time/step_s", "time/eval_s") if c in metrics]
     row["time_s"] = float(metrics[timed].sum().sum()) if timed else math.nan
     summary = run.path / "summary.json"
@@ -215,8 +217,8 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path, baseline: str = "ad
     baselines = {"fusion": baseline, "method": method_baseline}
     for compared, chosen in baselines.items():  # checked before anything is written
         have = sorted({str(r[compared]) for r in rows})
-        option = "--baseline" if compared == "fusion" else "--method-baseline"
-        if chosen != COMPARED[compared][1] and chosen not in have:
+        _, default, option = COMPARED[compared]
+        if chosen != default and chosen not in have:
             raise ConfigError(f"{option} {chosen!r}: no run has that {compared}; the runs' "
                               f"{compared}s are {have}")
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in written:
         print(p)
     print(pd.read_csv(Path(args.out) / SUMMARY).to_string(index=False))
-    for file, _ in COMPARED.values():
+    for file, *_ in COMPARED.values():
         pairs = pd.read_csv(Path(args.out) / file)
         if len(pairs):
             print(pairs.to_string(index=False))
