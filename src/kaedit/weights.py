@@ -64,6 +64,7 @@ class EditedWeights:
         self.model = model
         self.base: Deltas = {}
         self.total: Deltas = {}
+        self._base_sq = 0.0  # ‖W₀‖_F² over ``base``, grown as weights are first edited
 
     def _check(self, deltas: Deltas) -> dict[str, torch.nn.Parameter]:
         params = parameters(self.model, deltas)
@@ -74,6 +75,7 @@ class EditedWeights:
                 )
             if n not in self.base:  # never edited so far: its current value is W₀
                 self.base[n] = params[n].detach().clone()
+                self._base_sq += frobenius({n: self.base[n]}) ** 2
                 self.total[n] = torch.zeros(params[n].shape, dtype=torch.float32)
         return params
 
@@ -107,8 +109,9 @@ class EditedWeights:
 
     def drift(self) -> tuple[float, float]:
         """``(‖W − W₀‖_F, ‖W₀‖_F)`` over the weights edited so far (:func:`frobenius`; the
-        working weights W₀ + total, not a fusion's served offset)."""
-        return frobenius(self.total), frobenius(self.base)
+        working weights W₀ + total, not a fusion's served offset). ‖W₀‖ is summed once,
+        when each weight is first edited, not every step."""
+        return frobenius(self.total), math.sqrt(self._base_sq)
 
     def load(self, total: Deltas) -> None:
         """Re-apply a saved ``total`` to an unedited model (resume)."""
