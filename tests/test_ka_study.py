@@ -112,7 +112,7 @@ def test_fixed_set_and_first_batch_are_the_same_at_every_step() -> None:
 def study_runs(tmp_path_factory: pytest.TempPathFactory, compose: Compose,
                tiny_run_overrides: list[str], tiny_rome_dataset: Path,
                tiny_corpus: Path) -> list[Path]:
-    """Three tiny runs with the study's evaluation (:data:`RUNS`):
+    """Four tiny runs with the study's evaluation (:data:`RUNS`):
     8 edits in 4 batches of 2, a seen sample of 1, the first batch in full, a fixed set
     of 3, generation and perplexity at start and end."""
     root = tmp_path_factory.mktemp("ka")
@@ -125,10 +125,13 @@ def study_runs(tmp_path_factory: pytest.TempPathFactory, compose: Compose,
     return dirs
 
 
-#: The tiny runs: MEMIT with fusion=add and with layer-scoped DR p=0.8, PMET with add.
+#: The tiny runs: MEMIT with fusion=add and with layer-scoped DR p=0.8 and p=0.5, PMET
+#: with add.
 RUNS = {"memit-add": ["fusion=add", "+tracking.choices.fusion=add"],
         "memit-dr": ["fusion=drop_rescale", "fusion.scope=layer",
                      "+tracking.choices.fusion=drop_rescale"],
+        "memit-dr5": ["fusion=drop_rescale", "fusion.scope=layer", "fusion.p=0.5",
+                      "+tracking.choices.fusion=drop_rescale"],
         "pmet-add": ["method=pmet", "+tracking.choices.method=pmet", "fusion=add",
                      "+tracking.choices.fusion=add"]}
 
@@ -210,11 +213,11 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
     out = tmp_path / "ka-1k"
     assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out)]) == 0
     table = pd.read_csv(out / "summary.csv")
-    assert table["run"].tolist() == ["memit-add", "memit-dr", "pmet-add"]
-    assert table["method"].tolist() == ["memit", "memit", "pmet"]
-    assert table["fusion"].tolist() == ["add", "drop_rescale", "add"]
-    assert table["scope"].tolist() == ["step", "layer", "step"]
-    assert np.isnan(table["p"][0]) and table["p"][1] == 0.8
+    assert table["run"].tolist() == ["memit-add", "memit-dr", "memit-dr5", "pmet-add"]
+    assert table["method"].tolist() == ["memit", "memit", "memit", "pmet"]
+    assert table["fusion"].tolist() == ["add", "drop_rescale", "drop_rescale", "add"]
+    assert table["scope"].tolist() == ["step", "layer", "layer", "step"]
+    assert np.isnan(table["p"][0]) and table["p"][1:3].tolist() == [0.8, 0.5]
     assert (table["batch_size"] == 2).all() and (table["edits_done"] == 8).all()
     assert (table["status"] == "done").all()
     for run in study_runs:
@@ -231,12 +234,13 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
         assert not np.isnan(row["consistency_end"])
         assert row["time_s"] > 0 and isinstance(row["machine"], str)
         assert row["drift_end"] == pytest.approx(last["update/total_rel"]) and row["drift_end"] > 0
-        # add changes nothing; DR's change is ‖Δ‖·√(p/(1 − p)) = 2‖Δ‖ at p = 0.8, in
-        # expectation: a few thousand entries put one step within a few per cent of it
+        # add changes nothing; DR's change is ‖Δ‖·√(p/(1 − p)) in expectation (2‖Δ‖ at
+        # p = 0.8, ‖Δ‖ at 0.5): a few thousand entries put one step within a few per cent
         if row["fusion"] == "add":
             assert row["fusion_change_ratio"] == 0
         else:
-            assert row["fusion_change_ratio"] == pytest.approx(2.0, rel=0.1)
+            expected = np.sqrt(row["p"] / (1 - row["p"]))
+            assert row["fusion_change_ratio"] == pytest.approx(expected, rel=0.1)
         for name in ("metrics.csv", "retention.csv", "summary.json", "config.yaml",
                      "retention.png"):
             assert (out / run.name / name).is_file(), name
@@ -244,7 +248,7 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"seen_efficacy.png", "seen_generalization.png", "seen_specificity.png",
             "seen_score.png", "fixed_specificity.png", "first_batch.png", "perplexity.png",
-            "compare.png"} == figures
+            "compare.png", "drop_rate.png"} == figures
     assert json.loads((out / "memit-add" / "summary.json").read_text())["edits_done"] == 8
 
 
@@ -253,17 +257,20 @@ def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path:
     out = tmp_path / "ka-1k"
     assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out)]) == 0
     retention = {run.name: pd.read_csv(run / "retention.csv") for run in study_runs}
-    # fusions within a method: one pair (MEMIT DR against add, the baseline; PMET has no
-    # DR run); methods within a fusion: one pair (PMET against MEMIT, both with add; the
-    # DR run has no MEMIT-with-DR partner but itself). Two subsets, three metrics each.
-    for file, shared, pair in (("paired.csv", "method", ("memit-add", "memit-dr")),
-                               ("paired_methods.csv", "fusion", ("memit-add", "pmet-add"))):
+    # fusions within a method: MEMIT's two DR runs against add (the baseline; PMET has no
+    # DR run); methods within a fusion: PMET against MEMIT, both with add (the DR runs
+    # have no PMET partner); drop rates: MEMIT DR p = 0.5 against p = 0.8 (add has no p).
+    # Two subsets, three metrics each.
+    for file, shared, pairs_expected in (
+            ("paired.csv", "method", {("memit-add", "memit-dr"), ("memit-add", "memit-dr5")}),
+            ("paired_methods.csv", "fusion", {("memit-add", "pmet-add")}),
+            ("paired_p.csv", "method", {("memit-dr", "memit-dr5")})):
         pairs = pd.read_csv(out / file)
-        assert set(zip(pairs["a"], pairs["b"], strict=True)) == {pair}, file
-        assert len(pairs) == 6 and (pairs["step"] == 4).all()
+        assert set(zip(pairs["a"], pairs["b"], strict=True)) == pairs_expected, file
+        assert len(pairs) == 6 * len(pairs_expected) and (pairs["step"] == 4).all()
         assert pairs.columns[0] == shared
         for _, row in pairs.iterrows():
-            a, b = (retention[name] for name in pair)
+            a, b = (retention[row[name]] for name in ("a", "b"))
             a, b = (df[(df["step"] == 4) & (df["step_made"] > 0)] for df in (a, b))
             if row["subset"] == "first_batch":
                 a, b = a[a["step_made"] == 1], b[b["step_made"] == 1]
@@ -273,25 +280,63 @@ def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path:
             assert row["mean_b"] == pytest.approx(100 * b[row["metric"]].mean(), rel=1e-5)
             assert 0 <= row["p_sign"] <= 1
     assert pd.read_csv(out / "paired_methods.csv")["fusion"].eq("add").all()
-    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
-                          "--method-baseline", "pmet"]) == 0
-    pairs = pd.read_csv(out / "paired_methods.csv")
-    assert set(zip(pairs["a"], pairs["b"], strict=True)) == {("pmet-add", "memit-add")}
-    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
-                          "--baseline", "drop_rescale"]) == 0
-    pairs = pd.read_csv(out / "paired.csv")
-    assert set(zip(pairs["a"], pairs["b"], strict=True)) == {("memit-dr", "memit-add")}
-    before = (out / "paired.csv").read_text()
-    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
-                          "--baseline", "dr"]) == 2
-    assert "'dr'" in capsys.readouterr().err
-    assert (out / "paired.csv").read_text() == before  # nothing rewritten
-    before = (out / "paired_methods.csv").read_text()
-    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
-                          "--method-baseline", "rome"]) == 2
-    err = capsys.readouterr().err
-    assert "'rome'" in err and "'memit', 'pmet'" in err
-    assert (out / "paired_methods.csv").read_text() == before
+    p_pairs = pd.read_csv(out / "paired_p.csv")
+    assert (p_pairs["p_a"] == 0.8).all() and (p_pairs["p_b"] == 0.5).all()
+
+    def pairs_with(option: str, value: str, file: str) -> set[tuple[str, str]]:
+        assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
+                              option, value]) == 0
+        pairs = pd.read_csv(out / file)
+        return set(zip(pairs["a"], pairs["b"], strict=True))
+
+    assert pairs_with("--method-baseline", "pmet", "paired_methods.csv") == {
+        ("pmet-add", "memit-add")}
+    assert pairs_with("--baseline", "drop_rescale", "paired.csv") == {
+        ("memit-dr", "memit-add"), ("memit-dr5", "memit-add")}
+    assert pairs_with("--p-baseline", "0.5", "paired_p.csv") == {("memit-dr5", "memit-dr")}
+    # a baseline no run has: exit 2 naming it and the runs' values, nothing rewritten
+    for option, value, named in (("--baseline", "dr", "'add', 'drop_rescale'"),
+                                 ("--method-baseline", "rome", "'memit', 'pmet'"),
+                                 ("--p-baseline", "0.3", "[0.5, 0.8]")):
+        before = {f: (out / f).read_text() for f in ("summary.csv", "paired.csv",
+                                                     "paired_methods.csv", "paired_p.csv")}
+        assert ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
+                              option, value]) == 2
+        err = capsys.readouterr().err
+        assert option in err and value in err and named in err, err
+        assert {f: (out / f).read_text() for f in before} == before
+    with pytest.raises(SystemExit) as exc:  # argparse: not a number
+        ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
+                       "--p-baseline", "high"])
+    assert exc.value.code == 2 and "'high'" in capsys.readouterr().err
+
+
+def test_drop_rate_groups_put_add_at_p_zero(study_runs: list[Path]) -> None:
+    from kaedit.analyze import load_run
+
+    runs = [load_run(d) for d in study_runs]
+    rows = [ka_study.run_row(run) for run in runs]
+    groups = ka_study.drop_rate_groups(runs, rows)
+    # one group: MEMIT's layer-scoped DR at 0.5 and 0.8, with its add run at 0; PMET has
+    # only add, so no group
+    assert len(groups) == 1
+    label, points = groups[0]
+    assert "memit" in label and "layer" in label
+    assert [(r["run"], r["p"]) for r in points] == [
+        ("memit-add", 0.0), ("memit-dr5", 0.5), ("memit-dr", 0.8)]
+    assert not ka_study.drop_rate_groups(runs[3:], rows[3:])  # PMET add alone
+
+
+def test_without_leaves_out_one_dotted_node() -> None:
+    config = {"method": {"layers": [1, 2]}, "fusion": {"_target_": "DR", "p": 0.8},
+              "seed": 0, "logger": {"mode": "offline"}}
+    assert ka_study.without(config, "fusion.p")["fusion"] == {"_target_": "DR"}
+    assert "fusion" not in ka_study.without(config, "fusion")
+    assert ka_study.without(config, "method")["fusion"] == config["fusion"]
+    assert config["fusion"]["p"] == 0.8  # the run's config is not changed
+    # only SETTINGS count: the logger is left out, a missing setting is None
+    kept = ka_study.without(config, "fusion.p")
+    assert "logger" not in kept and kept["model"] is None
 
 
 def test_compare_records_is_an_exact_sign_test_on_the_records_that_differ() -> None:

@@ -26,10 +26,14 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   a few points between two rows is within what chance gives; this says which are not;
 * ``paired_methods.csv`` -- the same, each run against the baseline method (``memit``) of
   the same config but for the method: which method holds its edits better, per fusion;
+* ``paired_p.csv`` -- the same, each drop-and-rescale run against the one at p = 0.8 of
+  the same config but for ``fusion.p`` (the paper's Fig. 6 sweep);
 * ``figures/`` -- one plot per metric with a line per run (:func:`kaedit.analyze.plot_metric`):
   ``seen_efficacy.png``, ``seen_generalization.png``, ``seen_specificity.png``,
   ``seen_score.png``, ``fixed_specificity.png``, ``first_batch.png``, and
-  ``compare.png`` (the three seen metrics side by side).
+  ``compare.png`` (the three seen metrics side by side), and ``drop_rate.png``
+  (:func:`plot_drop_rate`, Fig. 6: the end-of-run metrics against p, ``add`` at p = 0,
+  when some runs differ only in p or in DR against add).
 
 Run names are the run directories' names (``hydra.run.dir=outputs/ka-1k/memit-add``);
 publishing again overwrites, so it can follow each finished run.
@@ -38,11 +42,14 @@ publishing again overwrites, so it can follow each finished run.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
 import math
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,14 +66,36 @@ SUMMARY = "summary.csv"
 #: Per-record metrics of ``retention.csv`` compared by :func:`paired`.
 PAIRED_METRICS = ("efficacy", "generalization", "specificity")
 #: Config nodes that decide the edits and how they are scored. Two runs are compared
-#: record by record when they differ in one of them, the compared one (:data:`COMPARED`),
-#: and all the others are equal.
+#: record by record when they differ in one of them, or in one key of one (the compared
+#: setting, :data:`COMPARED`), and everything else in them is equal.
 SETTINGS = ("model", "dataset", "method", "fusion", "schedule", "seed", "templates", "stats")
-#: What :func:`paired` can compare (a ``summary.csv`` column and config node), the file
-#: it goes to, the default baseline and the ``publish`` option that picks another:
-#: fusions against ``add`` within each method, methods against ``memit`` within each fusion.
-COMPARED = {"fusion": ("paired.csv", "add", "--baseline"),
-            "method": ("paired_methods.csv", "memit", "--method-baseline")}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`paired` compares: the runs' ``column`` of ``summary.csv``, which is the
+    config value at ``node`` (dotted, inside :data:`SETTINGS`); the file it goes to; the
+    default baseline; the ``publish`` option that picks another (read with ``parse``); and
+    the column that names what each pair shares (the file's first column)."""
+
+    column: str
+    node: str
+    file: str
+    default: Any
+    option: str
+    shared: str
+    parse: Callable[[str], Any] = str
+
+
+#: Fusions against ``add`` within each method, methods against ``memit`` within each
+#: fusion, and drop rates against p = 0.8 within each method and drop-and-rescale scope
+#: (the paper's Fig. 6 sweep; runs without a ``p`` are not in it).
+COMPARED = {
+    "fusion": Comparison("fusion", "fusion", "paired.csv", "add", "--baseline", "method"),
+    "method": Comparison("method", "method", "paired_methods.csv", "memit",
+                         "--method-baseline", "fusion"),
+    "p": Comparison("p", "fusion.p", "paired_p.csv", 0.8, "--p-baseline", "method", float),
+}
 #: Files copied from each run directory (all small: rows per step, not per token).
 COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.json",
           "config.yaml")
@@ -96,8 +125,6 @@ def start_end(metrics: pd.DataFrame, column: str) -> tuple[float, float]:
 
 def run_row(run: Run) -> dict[str, Any]:
     """One row of ``summary.csv`` (see the module docstring) for a loaded run."""
-    import json
-
     from kaedit.analyze import _class_name
     from kaedit.sweep import job_result
 
@@ -159,29 +186,45 @@ def compare_records(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, 
     }
 
 
+def without(config: dict[str, Any], node: str) -> dict[str, Any]:
+    """The :data:`SETTINGS` nodes of a run's config with the dotted ``node`` left out:
+    two runs that differ only in ``node`` give equal results."""
+    kept = {k: copy.deepcopy(config.get(k)) for k in SETTINGS}
+    *parents, leaf = node.split(".")
+    at: Any = kept
+    for key in parents:
+        at = at.get(key) if isinstance(at, dict) else None
+    if isinstance(at, dict):
+        at.pop(leaf, None)
+    return kept
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
-           baseline: str = "add", compared: str = "fusion") -> pd.DataFrame:
-    """Every run against the run whose ``compared`` setting (:data:`COMPARED`: ``fusion``
-    or ``method``) is ``baseline`` and whose other :data:`SETTINGS` nodes are equal, at the
-    last step both reached, on the edits both tracked there (``subset=tracked``: the seen
-    sample and the first batch) and on the first batch alone (``subset=first_batch``);
+           baseline: Any = "add", compared: str = "fusion") -> pd.DataFrame:
+    """Every run against the run whose ``compared`` setting (:data:`COMPARED`: ``fusion``,
+    ``method`` or ``p``) is ``baseline`` and whose config is otherwise equal (:func:`without`),
+    at the last step both reached, on the edits both tracked there (``subset=tracked``: the
+    seen sample and the first batch) and on the first batch alone (``subset=first_batch``);
     one row per (pair, subset, metric) with :func:`compare_records`' columns. ``rows``
-    are the runs' :func:`run_row` rows. Runs without ``retention.csv``, or with no
-    baseline, are not compared. The first column is the setting the pair shares (the
-    method when fusions are compared, the fusion when methods are)."""
+    are the runs' :func:`run_row` rows. Runs without ``retention.csv``, without the
+    setting (``p`` of ``add``) or with no baseline are not compared. The first column is
+    what the pair shares (the method when fusions or drop rates are compared, the fusion
+    when methods are)."""
     if compared not in COMPARED:
         raise ConfigError(f"compared={compared!r}: paired compares one of {sorted(COMPARED)}")
-    shared = "method" if compared == "fusion" else "fusion"
-    key = [k for k in SETTINGS if k != compared]
+    c = COMPARED[compared]
+    rest = [without(run.config, c.node) for run in runs]
     table = []
-    for run, row in zip(runs, rows, strict=True):
-        base = [(r, s) for r, s in zip(runs, rows, strict=True)
-                if s[compared] == baseline and r is not run
-                and all(r.config.get(k) == run.config.get(k) for k in key)]
-        if row[compared] == baseline or not base or run.retention is None:
+    for i, (run, row) in enumerate(zip(runs, rows, strict=True)):
+        if row[c.column] == baseline or not _present(row[c.column]) or run.retention is None:
             continue
-        for ref, ref_row in base:
-            if ref.retention is None:
+        for j, (ref, ref_row) in enumerate(zip(runs, rows, strict=True)):
+            if j == i or ref_row[c.column] != baseline or rest[j] != rest[i] \
+                    or ref.retention is None:
                 continue
             step = min(run.retention["step"].max(), ref.retention["step"].max())
             at = [r.retention[(r.retention["step"] == step) & (r.retention["step_made"] > 0)]
@@ -190,20 +233,101 @@ def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
                                  ("first_batch", lambda df: df[df["step_made"] == 1])):
                 for metric in PAIRED_METRICS:
                     table.append({
-                        shared: row[shared], "a": ref.name, "b": run.name,
-                        f"{compared}_a": ref_row[compared], f"{compared}_b": row[compared],
+                        c.shared: row[c.shared], "a": ref.name, "b": run.name,
+                        f"{compared}_a": ref_row[c.column], f"{compared}_b": row[c.column],
                         "step": int(step), "subset": subset, "metric": metric,
                         **compare_records(pick(at[0]), pick(at[1]), metric)})
     return pd.DataFrame(table, columns=[
-        shared, "a", "b", f"{compared}_a", f"{compared}_b", "step", "subset", "metric", "n",
-        "mean_a", "mean_b", "diff", "b_higher", "a_higher", "p_sign"])
+        c.shared, "a", "b", f"{compared}_a", f"{compared}_b", "step", "subset", "metric",
+        "n", "mean_a", "mean_b", "diff", "b_higher", "a_higher", "p_sign"])
 
 
-def publish(run_dirs: Sequence[str | Path], out: str | Path, baseline: str = "add",
-            method_baseline: str = "memit") -> list[Path]:
-    """Write ``summary.csv``, the copies and the figures into ``out``; returns the paths.
-    ``baseline`` is the fusion ``paired.csv`` compares the others with, ``method_baseline``
-    the method ``paired_methods.csv`` compares the others with."""
+def baselines_for(rows: Sequence[dict[str, Any]],
+                  chosen: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Each :data:`COMPARED` setting's baseline: ``chosen``'s where given, else the
+    default. A chosen one that no run has is a :class:`ConfigError` naming the runs' values
+    (a default no run has just gives an empty file)."""
+    chosen = dict(chosen or {})
+    if unknown := sorted(set(chosen) - set(COMPARED)):
+        raise ConfigError(f"baselines for {unknown}: the compared settings are "
+                          f"{sorted(COMPARED)}")
+    out = {}
+    for name, c in COMPARED.items():
+        out[name] = chosen.get(name, c.default)
+        have = sorted({r[c.column] for r in rows if _present(r[c.column])}, key=str)
+        if name in chosen and out[name] not in have:
+            raise ConfigError(f"{c.option} {out[name]!r}: no run has {c.column} = "
+                              f"{out[name]!r}; the runs' values of {c.column} are {have}")
+    return out
+
+
+#: The fusion that is drop-and-rescale at p = 0 (every entry kept, rescaled by 1): drawn
+#: at p = 0 in ``drop_rate.png``.
+ZERO_DROP = "add"
+#: Panels of ``drop_rate.png``: ``summary.csv`` columns (the end of each run) and titles.
+DROP_RATE_PANELS = (("seen/efficacy", "efficacy (seen)"),
+                    ("seen/generalization", "generalization (seen)"),
+                    ("seen/specificity", "specificity (seen)"),
+                    ("retention/first_batch", "first batch efficacy"))
+
+
+def drop_rate_groups(runs: Sequence[Run], rows: Sequence[dict[str, Any]]
+                     ) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The runs that differ only in the drop rate ``p``, grouped, each group with the
+    :data:`ZERO_DROP` run of its config at p = 0 where there is one: ``(label, rows)``
+    with ``rows`` sorted by ``p`` (0 for the ``add`` run) and two runs or more."""
+    def key(config: dict[str, Any]) -> str:
+        return json.dumps(config, sort_keys=True, default=str)
+
+    by_p = [key(without(r.config, COMPARED["p"].node)) for r in runs]
+    by_fusion = [key(without(r.config, COMPARED["fusion"].node)) for r in runs]
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if _present(row["p"]):
+            groups.setdefault(by_p[i], []).append(i)
+    out = []
+    for members in groups.values():
+        zero = [j for j, row in enumerate(rows) if row["fusion"] == ZERO_DROP
+                and by_fusion[j] == by_fusion[members[0]]]
+        points = [{**rows[j], "p": 0.0} for j in zero] + [rows[i] for i in members]
+        if len(points) >= 2:
+            first = rows[members[0]]
+            out.append((f"{first['method']}, {first['fusion']} {first['scope']} scope",
+                        sorted(points, key=lambda r: r["p"])))
+    return out
+
+
+def plot_drop_rate(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
+                   path: Path) -> Path | None:
+    """The paper's Fig. 6: the end-of-run metrics (:data:`DROP_RATE_PANELS`) against the
+    drop rate p, a line per :func:`drop_rate_groups` group (None: no group)."""
+    from kaedit.analyze import _pyplot, _save
+
+    groups = drop_rate_groups(runs, rows)
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(DROP_RATE_PANELS), figsize=(14, 3.6))
+    for ax, (column, title) in zip(axes, DROP_RATE_PANELS, strict=True):
+        for label, points in groups:
+            ax.plot([r["p"] for r in points], [r[column] for r in points], marker="o",
+                    label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"drop rate p (0: {ZERO_DROP})")
+        ax.set_xlim(-0.05, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"after {max(r['edits_done'] for _, g in groups for r in g):,} edits",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def publish(run_dirs: Sequence[str | Path], out: str | Path,
+            baselines: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write ``summary.csv``, the paired files, the copies and the figures into ``out``;
+    returns the paths. ``baselines`` picks, per :data:`COMPARED` setting, the baseline the
+    others are compared with (by default ``add``, ``memit`` and p = 0.8)."""
     from kaedit.analyze import load_run, plot_comparison, plot_metric, plot_retention
 
     out = Path(out)
@@ -214,20 +338,14 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path, baseline: str = "ad
                                 "OUT/<run dir name>; give the runs distinct directory names")
     runs = [load_run(d) for d in run_dirs]  # fails on a directory without metrics.csv
     rows = [run_row(run) for run in runs]
-    baselines = {"fusion": baseline, "method": method_baseline}
-    for compared, chosen in baselines.items():  # checked before anything is written
-        have = sorted({str(r[compared]) for r in rows})
-        _, default, option = COMPARED[compared]
-        if chosen != default and chosen not in have:
-            raise ConfigError(f"{option} {chosen!r}: no run has that {compared}; the runs' "
-                              f"{compared}s are {have}")
+    chosen = baselines_for(rows, baselines)  # checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / SUMMARY, index=False, float_format="%.6g")
     written = [out / SUMMARY]
-    for compared, chosen in baselines.items():
-        written.append(out / COMPARED[compared][0])
-        paired(runs, rows, chosen, compared).to_csv(written[-1], index=False,
-                                                    float_format="%.6g")
+    for compared, baseline in chosen.items():
+        written.append(out / COMPARED[compared].file)
+        paired(runs, rows, baseline, compared).to_csv(written[-1], index=False,
+                                                      float_format="%.6g")
     for run in runs:
         dest = out / run.name
         dest.mkdir(exist_ok=True)
@@ -240,6 +358,7 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path, baseline: str = "ad
     written += [p for column, name, title, log in FIGURES
                 if (p := plot_metric(runs, column, figures / name, title, log))]
     written.append(plot_comparison(runs, figures))
+    written += [p for p in (plot_drop_rate(runs, rows, figures / "drop_rate.png"),) if p]
     return written
 
 
@@ -251,23 +370,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     pub = sub.add_parser("publish", help="summary.csv, the runs' small files and figures")
     pub.add_argument("runs", nargs="+", metavar="RUN_DIR", help="kaedit run directories")
     pub.add_argument("--out", required=True, help="e.g. docs/results/ka-1k")
-    pub.add_argument("--baseline", default="add",
-                     help="fusion the other runs of a method are compared with in "
-                          "paired.csv (default: add)")
-    pub.add_argument("--method-baseline", default="memit",
-                     help="method the other runs of a fusion are compared with in "
-                          "paired_methods.csv (default: memit)")
+    for name, c in COMPARED.items():
+        pub.add_argument(c.option, dest=f"baseline_{name}", type=c.parse, default=None,
+                         metavar=c.column.upper(),
+                         help=f"{c.column} the other runs are compared with in {c.file} "
+                              f"(default: {c.default})")
     args = parser.parse_args(argv)
+    chosen = {name: getattr(args, f"baseline_{name}") for name in COMPARED}
     try:
-        written = publish(args.runs, args.out, args.baseline, args.method_baseline)
+        written = publish(args.runs, args.out,
+                          {k: v for k, v in chosen.items() if v is not None})
     except (FileNotFoundError, ConfigError) as exc:  # bad input; other errors keep their traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for p in written:
         print(p)
     print(pd.read_csv(Path(args.out) / SUMMARY).to_string(index=False))
-    for file, *_ in COMPARED.values():
-        pairs = pd.read_csv(Path(args.out) / file)
+    for c in COMPARED.values():
+        pairs = pd.read_csv(Path(args.out) / c.file)
         if len(pairs):
             print(pairs.to_string(index=False))
     return 0
