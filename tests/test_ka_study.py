@@ -7,6 +7,7 @@ into summary.csv, copies and figures."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -234,6 +235,7 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
         assert not np.isnan(row["consistency_end"])
         assert row["time_s"] > 0 and isinstance(row["machine"], str)
         assert row["drift_end"] == pytest.approx(last["update/total_rel"]) and row["drift_end"] > 0
+        assert row["drift_norm_end"] == pytest.approx(last["update/total_norm"])
         # add changes nothing; DR's change is ‖Δ‖·√(p/(1 − p)) in expectation (2‖Δ‖ at
         # p = 0.8, ‖Δ‖ at 0.5): a few thousand entries put one step within a few per cent
         if row["fusion"] == "add":
@@ -325,6 +327,36 @@ def test_drop_rate_groups_put_add_at_p_zero(study_runs: list[Path]) -> None:
     assert [(r["run"], r["p"]) for r in points] == [
         ("memit-add", 0.0), ("memit-dr5", 0.5), ("memit-dr", 0.8)]
     assert not ka_study.drop_rate_groups(runs[3:], rows[3:])  # PMET add alone
+
+
+def test_drift_norm_of_runs_without_update_columns_comes_from_the_checkpoint(
+        study_runs: list[Path], tmp_path: Path) -> None:
+    """A run logged before ``update/*`` existed: ‖W − W₀‖ at the end is the norm of its
+    last checkpoint's deltas, the same number the runner logs as update/total_norm."""
+    from kaedit.analyze import load_run
+
+    for source in study_runs[:3]:  # add, DR 0.8, DR 0.5
+        old = tmp_path / source.name
+        shutil.copytree(source, old)
+        metrics = pd.read_csv(old / "metrics.csv")
+        logged = metrics["update/total_norm"].iloc[-1]
+        metrics.drop(columns=[c for c in metrics if c.startswith("update/")]).to_csv(
+            old / "metrics.csv", index=False)
+        row = ka_study.run_row(load_run(old))
+        assert np.isnan(row["drift_end"]) and np.isnan(row["fusion_change_ratio"])
+        # float32 tensors summed in float64 either way; the CSV keeps ~7 digits
+        assert row["drift_norm_end"] == pytest.approx(logged, rel=1e-6)
+        # a checkpoint of an earlier step (a run cut short after its last metrics row
+        # was kept) or none: not the end's weights, so NaN
+        state = old / "checkpoint" / "latest.json"
+        saved = json.loads(state.read_text())
+        folder = old / "checkpoint" / saved["path"]
+        step = json.loads((folder / "state.json").read_text())
+        step["step"] -= 1
+        (folder / "state.json").write_text(json.dumps(step))
+        assert np.isnan(ka_study.drift_norm_end(load_run(old)))
+        shutil.rmtree(old / "checkpoint")
+        assert np.isnan(ka_study.drift_norm_end(load_run(old)))
 
 
 def test_without_leaves_out_one_dotted_node() -> None:

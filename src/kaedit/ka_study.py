@@ -11,8 +11,10 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   perplexity and the fixed set's specificity, ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
   edited weights at the end) and ``fusion_change_ratio`` (‖f(Δ) − Δ‖ / ‖Δ‖, the mean
   over steps: 0 for ``add``, about √(p/(1 − p)) for drop-and-rescale; both NaN for runs
-  that did not log ``update/*``), ``time_s`` (edit and evaluation seconds
-  summed over every step's row, all resumed segments included) and ``machine``;
+  that did not log ``update/*``), ``drift_norm_end`` (‖W − W₀‖ itself, for those runs
+  too: from their last checkpoint, :func:`drift_norm_end`), ``time_s`` (edit and
+  evaluation seconds summed over every step's row, all resumed segments included) and
+  ``machine``;
 * ``<run>/`` -- the run's ``metrics.csv``, ``retention.csv``, ``retention_by_batch.csv``,
   ``summary.json`` and ``config.yaml`` (whichever exist), and ``retention.png``
   (:func:`kaedit.analyze.plot_retention`: efficacy of the edits made at step s measured at
@@ -123,6 +125,24 @@ def start_end(metrics: pd.DataFrame, column: str) -> tuple[float, float]:
             float(logged.iloc[-1]) if len(logged) else math.nan)
 
 
+def drift_norm_end(run: Run) -> float:
+    """‖W − W₀‖_F of the edited weights at the run's last step: its last logged
+    ``update/total_norm``, or, for runs that did not log it, the norm of its last
+    checkpoint's ``deltas.safetensors`` when that checkpoint is of the last step (the
+    checkpoint keeps exactly W − W₀ of the edited weights, what ``update/total_norm``
+    measures; :mod:`kaedit.checkpoint`); NaN when neither is there."""
+    from kaedit import checkpoint
+    from kaedit.weights import frobenius
+
+    logged = start_end(run.metrics, "update/total_norm")[1]
+    if not math.isnan(logged):
+        return logged
+    saved = checkpoint.load(run.path)
+    if saved is None or saved.state.step != int(run.metrics["step"].max()):
+        return math.nan
+    return frobenius(saved.deltas)
+
+
 def run_row(run: Run) -> dict[str, Any]:
     """One row of ``summary.csv`` (see the module docstring) for a loaded run."""
     from kaedit.analyze import _class_name
@@ -151,6 +171,7 @@ def run_row(run: Run) -> dict[str, Any]:
     # the edited weights' relative drift ‖W − W₀‖ / ‖W₀‖ at the end, and what the fusion
     # changed relative to the update, ‖f(Δ) − Δ‖ / ‖Δ‖, averaged over the steps
     row["drift_end"] = start_end(metrics, "update/total_rel")[1]
+    row["drift_norm_end"] = drift_norm_end(run)
     row["fusion_change_ratio"] = math.nan
     if {"update/fusion_change_norm", "update/computed_norm"} <= set(metrics):
         ratio = (metrics["update/fusion_change_norm"] / metrics["update/computed_norm"]).dropna()
