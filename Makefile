@@ -10,8 +10,13 @@ ARGS ?=
 PYTEST_ARGS ?=
 # e.g. BENCH_ARGS="--n-edits 30" (default: 100 edits in batches of 10)
 BENCH_ARGS ?=
+# The numeric tests (tolerances on float results) that test-threads runs a second time.
+NUMERIC_TESTS := tests/test_methods.py tests/test_pmet_adaple.py tests/test_rome_ft_alphaedit.py \
+	tests/test_targets_fast.py tests/test_tokens.py tests/test_evaluate.py tests/test_mend.py \
+	tests/test_perplexity.py tests/test_trace.py tests/test_analyze.py tests/test_fusion.py \
+	tests/test_model_configs.py
 
-.PHONY: help venv run reproduce-cpu bench test test-fast lint format docs docs-check clean
+.PHONY: help venv run reproduce-cpu bench test test-fast test-threads lint format docs docs-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -40,6 +45,9 @@ test: venv ## The whole test suite (includes the real-model tests marked slow)
 
 test-fast: venv ## Tests without the real model (-m "not slow")
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-threads: venv ## The numeric tests again with 2 torch threads (other BLAS reduction order; CI)
+	KAEDIT_TEST_THREADS=2 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) $(NUMERIC_TESTS)
 
 lint: venv ## ruff check (rules: pyproject.toml [tool.ruff.lint])
 	$(VENV)/bin/ruff check src tests benchmarks

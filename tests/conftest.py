@@ -13,6 +13,7 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytest
@@ -35,6 +36,102 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
     # default thread pool makes every small matmul wait on the other process (~100x slower).
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> int:
+    """torch's intra-op thread count for the session: ``KAEDIT_TEST_THREADS`` when set,
+    else the 1 of :func:`pytest_configure`.
+
+    CI runs the numeric tests a second time under another thread count, which changes
+    BLAS reduction order: a tolerance that only holds for one summation order fails there.
+    Subprocesses (``python -m kaedit.run`` in the CLI tests) keep their own default."""
+    threads = os.environ.get("KAEDIT_TEST_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+# ------------------------------------------------------------------ numeric tolerances
+#: float32's unit roundoff u = 2⁻²⁴ ≈ 6e-8 (half of ``torch.finfo(torch.float32).eps``):
+#: rounding a real x to float32 moves it by at most u·|x|.
+U32 = 2.0**-24
+#: float64's unit roundoff, 2⁻⁵³ ≈ 1.1e-16.
+U64 = 2.0**-53
+
+
+#: ``rel`` of :func:`assert_close_to_scale` for two float32 forwards of a tiny model
+#: (``conf/model/tiny_*.yaml``: 4 blocks, widths 32 and 64) that differ only in batching,
+#: padding, chunking or matmul shapes, i.e. in summation order. A product of inner length
+#: n rounds by ~√n·u of its result's scale when its terms have random signs (Higham &
+#: Mary 2019's probabilistic bound; the worst case γₙ assumes every rounding aligned):
+#: ≤ √64·u ≈ 5e-7 here. ~4 products a block over 4 blocks, independent errors adding in
+#: quadrature, give ≈ 2e-6 of the hidden states' scale; 1e-5 leaves 5× for the maximum
+#: over entries and the norms' and softmaxes' own roundings. A wrong row, position, mask
+#: or missing term moves entries by a sizeable fraction of the scale.
+FORWARD_REL = 1e-5
+
+
+def csv_rel(digits: int = 6, roundings: int = 1) -> float:
+    """Relative error of a number written with ``digits`` significant digits (``%.6g``,
+    ``f"{v:.6g}"``, pandas ``float_format="%.4g"``) and read back, ``roundings`` times
+    independently (e.g. two CSVs rounding two slightly different values).
+
+    A value x in [10ᵏ, 10ᵏ⁺¹) printed with d significant digits is rounded to a multiple
+    of 10ᵏ⁻ᵈ⁺¹, so it moves by at most half of that, ½·10ᵏ⁻ᵈ⁺¹ ≤ ½·10¹⁻ᵈ·|x| (and the
+    rounded value is ≥ 10ᵏ too, so the bound holds relative to either side): 5e-6 for
+    ``.6g``, 5e-4 for ``.4g``. Reading the decimal back adds one float64 rounding (u₆₄);
+    4·u₆₄ per rounding is left for that and for pytest.approx's own arithmetic."""
+    return roundings * (0.5 * 10.0 ** (1 - digits) + 4 * U64)
+
+
+def csv_approx(value: Any, digits: int = 6, roundings: int = 1, extra_rel: float = 0.0):
+    """``pytest.approx(value)`` at the precision a CSV keeps (:func:`csv_rel`).
+
+    For comparing a number read from a CSV written with ``digits`` significant digits
+    (metrics.csv, retention.csv: ``f"{v:.6g}"`` in kaedit.tracking; summary.csv,
+    results.csv, paired*.csv, topk.csv, aie.csv: ``float_format="%.6g"``) with the same
+    number at full precision. pytest.approx's default rel=1e-6 is tighter than the 5e-6 a
+    ``.6g`` print can be off, so it passes or fails depending on where the rounding lands
+    (issue 25). ``roundings=2`` when each side went through its own print of values that
+    may differ in their last bits; ``extra_rel`` adds the error of a float32 computation
+    when the full-precision side reaches the value along another code path (each caller
+    derives it). A wrong value (a wrong step, column or formula) is off by far more than
+    a few units in the 6th digit."""
+    return pytest.approx(value, rel=csv_rel(digits, roundings) + extra_rel, abs=1e-12)
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """γₙ = n·u / (1 − n·u): the bound on the relative error of n floating-point
+    operations in a row (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1)."""
+    assert n * u < 1, (n, u)
+    return n * u / (1 - n * u)
+
+
+def product_roundoff(a: torch.Tensor, b: torch.Tensor, u: float = U32) -> torch.Tensor:
+    """Elementwise bound on |fl(a @ b) − a @ b| for a product computed in precision ``u``:
+    γₙ·(|a| @ |b|), n the inner dimension (Higham §3.5, eq. 3.13).
+
+    It holds for every summation order, blocking, FMA use and thread count, i.e. on every
+    CPU and BLAS, and it is relative to the magnitude of the terms summed, not to the
+    result: the right scale where the result cancels (a residual, a near-zero entry)."""
+    n = a.shape[-1]
+    return gamma(n, u) * (a.detach().double().abs() @ b.detach().double().abs())
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float,
+                  msg: str = "") -> None:
+    """``|actual − expected| ≤ bound`` elementwise, ``bound`` a rounding-error bound
+    derived from the computation (e.g. :func:`product_roundoff`) rather than a tolerance."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, msg)
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    bound = torch.as_tensor(bound, dtype=torch.float64).cpu()
+    excess = (a - e).abs() - bound
+    worst = int(excess.argmax()) if excess.numel() else 0
+    assert excess.numel() == 0 or float(excess.max()) <= 0, (
+        f"{msg}: |difference| {float((a - e).abs().flatten()[worst]):.3g} exceeds its "
+        f"rounding bound {float(bound.expand_as(a).flatten()[worst]):.3g} at flat index {worst}"
+    )
 
 
 @pytest.fixture(scope="session")

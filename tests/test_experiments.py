@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from conftest import REPO, Compose, memit_crashes_at_call
+from conftest import REPO, U32, Compose, csv_approx, csv_rel, memit_crashes_at_call
 from kaedit import experiment
 from kaedit.experiment import compose as compose_config
 from kaedit.methods.core import TargetConfig
@@ -240,20 +240,29 @@ def check_update_sizes(run_dir: Path, steps: int) -> None:
 
     metrics = pd.read_csv(run_dir / "metrics.csv").set_index("step")  # 6 significant digits
     total: dict[str, torch.Tensor] = {}
+    accumulated = 0.0  # bound on ‖float32 running total − float64 sum‖ (the runner's sum)
     for step in range(1, steps + 1):
         raw, fused = (load_file(str(run_dir / "deltas" / f"step-{step:04d}{s}.safetensors"))
                       for s in ("", "-fused"))
         for n, d in fused.items():
             total[n] = total.get(n, 0) + d.double()
+        if step > 1:  # EditedWeights.add: total += fused in float32, ≤ u·|total| per entry
+            accumulated += U32 * norm(total.values())
         row = metrics.loc[step]
-        assert row["update/computed_norm"] == pytest.approx(norm(raw.values()), rel=1e-5)
-        assert row["update/applied_norm"] == pytest.approx(norm(fused.values()), rel=1e-5)
-        assert row["update/fusion_change_norm"] == pytest.approx(norm(raw.values()), rel=1e-5)
-        assert row["update/total_norm"] == pytest.approx(norm(total.values()), rel=1e-5)
-    # ‖W_t − W₀‖ / ‖W₀‖: the same ‖W₀‖ (the same edited weights) at every step
+        # the saved tensors are the ones the runner measured (its norms are float64 sums
+        # too): only metrics.csv's 6 digits apart. DR at p = 0.5 doubles or zeroes each
+        # entry, both exact in float32, so fused − raw = ±raw exactly.
+        assert row["update/computed_norm"] == csv_approx(norm(raw.values()))
+        assert row["update/applied_norm"] == csv_approx(norm(fused.values()))
+        assert row["update/fusion_change_norm"] == csv_approx(norm(raw.values()))
+        want = norm(total.values())
+        assert row["update/total_norm"] == csv_approx(want, extra_rel=accumulated / want)
+    # ‖W_t − W₀‖ / ‖W₀‖: the same ‖W₀‖ (the same edited weights) at every step. Each ratio
+    # of two 6-digit numbers is off by ≤ 2·csv_rel(), so two of them differ by ≤ 4·csv_rel()
+    # (the 1e-4 covers the second-order terms).
     w0 = (metrics["update/total_norm"] / metrics["update/total_rel"]).dropna()
     assert len(w0) == steps and w0.iloc[0] > 0
-    assert (w0 - w0.iloc[0]).abs().max() <= 2e-5 * w0.iloc[0]
+    assert (w0 - w0.iloc[0]).abs().max() <= 4 * csv_rel() * (1 + 1e-4) * w0.iloc[0]
 
 
 def test_served_weights_are_evaluated_and_saved(

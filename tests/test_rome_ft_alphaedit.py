@@ -13,7 +13,16 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, Compose, assert_close_to_scale, deltas_leaving_model_untouched
+from conftest import (
+    REPO,
+    U32,
+    Compose,
+    assert_close_to_scale,
+    assert_within,
+    deltas_leaving_model_untouched,
+    gamma,
+    product_roundoff,
+)
 from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer
 from kaedit.experiment import compose as compose_config
@@ -88,8 +97,16 @@ def test_rome_single_edit_is_rank_one_and_maps_key_to_value(
     proj = get_module(lm.model, lm.spec.module("mlp_out", rome.layer))
     with torch.no_grad(), applied(lm.model, deltas):
         reached = proj(k)  # (W + Δ) k* (+ b)
-    # float32 weights and forward vs the float64 closed form (measured: ≤ 6.7e-7 of ‖v*‖∞)
-    assert_close_to_scale(reached, v, rel=1e-5, msg="(W + Δ)k* = v*")
+        w = proj.weight.detach().double().abs()  # W + Δ as applied
+    # The float64 closed form maps k* exactly onto r = v* − fl(Wk* + b); what is left are
+    # float32 roundings: the product Wk* + b behind r and the one giving `reached` (≤
+    # γₙ₊₁(|W||k*| + |b|) each, any order), r itself, Δ and W + Δ stored in float32 (u
+    # each, relative to |W||k*| or |Δ||k*|). Three times (γₙ₊₁ + u) of the terms covers
+    # all five, |W₀| ≤ |W + Δ| + |Δ|, and the float64 solve (~1e-16·cond(C)).
+    b = proj.bias.detach().double().abs() if proj.bias is not None else 0.0
+    terms = (w + delta.double().abs()) @ k.detach().double().abs() + b
+    assert_within(reached, v, 3 * (gamma(k.shape[-1] + 1) + U32) * terms,
+                  msg="(W + Δ)k* = v*")
 
 
 def test_rome_batch_applies_requests_one_after_the_other(
@@ -101,8 +118,10 @@ def test_rome_batch_applies_requests_one_after_the_other(
         second = rome.compute_deltas(ctx, records[1:2])
     both = rome.compute_deltas(ctx, records[:2])
     (name,) = both
-    # the same two rank-one solves, applied inside vs outside (measured: 1e-7 of the scale)
-    assert_close_to_scale(both[name], first[name] + second[name], rel=1e-5, msg=name)
+    # the same two rank-one solves (the second on W₀ + fl(Δ₁) either way): fl(Δ₁ + Δ₂) in
+    # float64 vs fl(Δ₁) + fl(Δ₂) in float32, three roundings of ≤ u·(|Δ₁| + |Δ₂|) at most
+    a1, a2 = first[name].double().abs(), second[name].double().abs()
+    assert_within(both[name], first[name] + second[name], 3 * U32 * (a1 + a2), msg=name)
     s = torch.linalg.svdvals(both[name].double())
     assert s[1] > 1e-3 * s[0] and s[2] < 1e-5 * s[0], s[:3]  # rank two (float32 noise)
 
@@ -113,7 +132,8 @@ def test_rank_one_update_closed_form() -> None:
     m = torch.randn(10, 10, generator=g)
     cov = m @ m.T / 10 + 0.1 * torch.eye(10)
     delta = rank_one_update(r, k, cov)
-    # float64 throughout, a well-conditioned 10×10 solve (measured: 1e-16)
+    # float64 throughout: ≤ γ₁₁·cond(C) ≈ 11·1.1e-16·40 ≈ 5e-14 of the scale (C = MMᵀ/10
+    # + 0.1I: eigenvalues 0.1 to ~4), far below 1e-10
     assert_close_to_scale(delta @ k.double(), r.double(), rel=1e-10, msg="Δk* = r")
     # Keys C-orthogonal to k* (xᵀC⁻¹k* = 0) are left alone.
     u = torch.linalg.solve(cov.double(), k.double())
@@ -176,6 +196,10 @@ def test_nullspace_projector_is_an_orthogonal_projector(alpha) -> None:
     for layer, p in m.projectors.items():
         assert p.dtype == torch.float32  # d_in x d_in per layer: stored in float32
         p = p.double()
+        # P is UUᵀ in float64 (symmetric, idempotent to ~1e-15) rounded to float32: E = p − P
+        # has |E| ≤ u|P|, and rows of a projector have ‖Pᵢ‖ ≤ 1, so by Cauchy-Schwarz
+        # |EP|, |PE|, |Ev| ≤ u for unit v: p² − p = PE + EP + E² − E is ≤ 3u ≈ 1.8e-7,
+        # p·v − P·v ≤ u ≈ 6e-8 (within the float64 default atol 1e-7), pᵀ − p ≤ 2u·|p|
         torch.testing.assert_close(p, p.T)
         torch.testing.assert_close(p @ p, p, rtol=0, atol=1e-6)
         evals, evecs = torch.linalg.eigh(covs[layer].double())
@@ -213,13 +237,17 @@ def test_alphaedit_commit_accumulates_and_state_round_trips(
         m.commit(ctx, records[:2], first)
         k1 = {x: compute_keys(lm, x, records[:2], ctx.templates).double() for x in m.layers}
     for x in m.layers:
-        # accumulated and stored in float32 (measured: ≤ 5.7e-8 of the scale)
-        assert_close_to_scale(m.prev_kk[x].double(), k1[x] @ k1[x].T, rel=1e-6, msg="K₁K₁ᵀ")
+        # the same keys (the same forward on the same edited model), the float64 K₁K₁ᵀ
+        # stored in float32: ≤ u·|K₁||K₁ᵀ| an entry (×2 for the float64 product)
+        bound = 2 * U32 * (k1[x].abs() @ k1[x].abs().T)
+        assert_within(m.prev_kk[x].double(), k1[x] @ k1[x].T, bound, msg="K₁K₁ᵀ")
     m.commit(ctx, records[2:], {})
     k2 = {x: compute_keys(lm, x, records[2:], ctx.templates).double() for x in m.layers}
     for x in m.layers:
         want = k1[x] @ k1[x].T + k2[x] @ k2[x].T
-        assert_close_to_scale(m.prev_kk[x].double(), want, rel=1e-6, msg="K₁K₁ᵀ + K₂K₂ᵀ")
+        # two float32 roundings (the stored K₁K₁ᵀ, then the sum), each ≤ u of the terms
+        bound = 4 * U32 * (k1[x].abs() @ k1[x].abs().T + k2[x].abs() @ k2[x].abs().T)
+        assert_within(m.prev_kk[x].double(), want, bound, msg="K₁K₁ᵀ + K₂K₂ᵀ")
     assert m.n_committed == 3
 
     state = m.state_dict()
@@ -259,8 +287,11 @@ def test_solve_projected_normal_equations_and_null_space() -> None:
     # Δ (K_p K_pᵀ P + K Kᵀ P + α I) = R Kᵀ P
     M = (Kp @ Kp.T + K @ K.T).double()
     lhs = delta @ (M @ P + l2 * torch.eye(d_in, dtype=torch.float64))
-    # Δ is returned in float32 (measured: 3e-8 of the scale)
-    assert_close_to_scale(lhs, R.double() @ K.double().T @ P, rel=1e-6, msg="normal equation")
+    # Δ is float64; the solver forms KKᵀ in float64, M here in float32 (KKᵀ: ≤ γ₃|K||Kᵀ|;
+    # its sum with K_pK_pᵀ: ≤ u|M|), so lhs − rhs = Δ·δM·P up to float64 noise (×2)
+    dM = product_roundoff(K, K.T) + U32 * M.abs()
+    assert_within(lhs, R.double() @ K.double().T @ P, 2 * (delta.abs() @ dM @ P.abs()),
+                  msg="normal equation")
     assert float((delta @ q[:, 8:]).abs().max()) < 1e-10  # outside the null space: 0
 
 
