@@ -103,3 +103,28 @@ def test_gpt2_conv1d_rome_update_is_exact_at_the_key(compose: Compose, tiny_corp
         out = proj(k)
     # ROME's closed form is exact at k*; float32 roundoff through one solve and matvec
     assert_close_to_scale(out, v, 1e-4, "(W + Δ) k* = v*")
+
+
+def test_gpt2_starts_at_a_block_without_adding_positions_twice(
+        compose: Compose, tiny_corpus: Path) -> None:
+    """Issue 30 on GPT-2: the forward adds ``wpe`` to its ``inputs_embeds``; starting at a
+    block from its cached input must not add the positions again (model.modules.pos_embed
+    is zeroed while the blocks below are skipped)."""
+    from dataclasses import replace
+
+    from kaedit.editor import Editor
+    from kaedit.tokens import block_inputs, final_hidden, pad
+
+    ed = Editor(tiny_config(compose, "gpt2xl", tiny_corpus, "memit"))
+    lm = ed.lm
+    assert lm.spec.pos_embed == "transformer.wpe"
+    ids, mask = pad([[5, 6, 7, 8, 9], [10, 11, 12]], lm.tokenizer.pad_token_id, lm.device)
+    with torch.no_grad():
+        full = final_hidden(lm.model, lm.spec, ids, mask)
+        block_in = block_inputs(lm.model, lm.spec, 13, ids, mask)
+        started = final_hidden(lm.model, lm.spec, ids, mask, start=13, block_input=block_in)
+        twice = final_hidden(lm.model, replace(lm.spec, pos_embed=""), ids, mask, start=13,
+                             block_input=block_in)
+    # the same blocks on the same inputs; float32 rounding of the scale at most
+    assert_close_to_scale(started, full, 1e-5, "from block 13")
+    assert not torch.allclose(twice, full, rtol=1e-3, atol=1e-3)  # wpe added twice

@@ -90,7 +90,9 @@ def test_runner_end_to_end_on_smollm2(cfg, tmp_path):
 
 
 def test_fast_and_full_targets_agree_on_real_records(cfg, lm, requests):
-    """Issue 15 on the real model: the same v* at MEMIT's layer from both target paths, on
+    """Issues 15 and 30 on the real model: the same v* at MEMIT's layer from the fast path
+    (cached prefix, steps starting at the edit block) and the full one (every position
+    through every block, every step), on
     real CounterFact records (prompts of different lengths, subjects at different places)
     with the generated context templates and the model's configured target settings."""
     templates = context_templates(lm, [(10, 5)], seed=0)
@@ -98,10 +100,63 @@ def test_fast_and_full_targets_agree_on_real_records(cfg, lm, requests):
     target = TargetConfig(**cfg.model.edit.target)
     assert target.fast
     out = {fast: optimize_targets(lm, requests[:3], templates, [module],
-                                  replace(target, fast=fast))[module] for fast in (True, False)}
+                                  replace(target, fast=fast, from_edit_layer=fast))[module]
+           for fast in (True, False)}
     torch.testing.assert_close(out[True][0], out[False][0])
     # Same maths in different matmul shapes, through 25 Adam steps (which amplify rounding
     # on entries with near-zero gradients; tiny models: ≤ 1.7e-4 of the scale). The
     # edit's size ‖δ‖ is ~0.5 ‖h‖, so a real difference would be of the scale itself.
     assert_close_to_scale(out[True][0] + out[True][1], out[False][0] + out[False][1],
                           rel=5e-3, msg="v*")
+
+
+def _argmax_everywhere(lm, request, templates, module, delta) -> bool:
+    """With ``delta`` added at the subject token of ``module``, is the new object the argmax
+    at every target token of every prefixed prompt?"""
+    from kaedit.hooks import edit_outputs
+    from kaedit.methods.core import _request_rows
+    from kaedit.tokens import final_hidden, lm_head, pad
+
+    rows = [r for r in _request_rows(lm.tokenizer, 0, request, templates, TargetConfig())
+            if not r.is_kl]
+    ids, mask = pad([r.ids for r in rows], lm.tokenizer.pad_token_id, lm.device)
+    every, cols = torch.arange(len(rows)), torch.tensor([r.subject for r in rows])
+
+    def add(h):
+        h = h.clone()
+        h[every, cols] += delta.to(h.dtype)
+        return h
+
+    with torch.no_grad(), edit_outputs(lm.model, {module: add}):
+        hidden = final_hidden(lm.model, lm.spec, ids, mask)
+    return all(lm_head(lm.model, lm.spec, hidden[j, list(r.reads)]).argmax(-1).tolist()
+               == list(r.target) for j, r in enumerate(rows))
+
+
+def test_most_probable_early_stopping_on_real_records(cfg, lm, requests):
+    """MPES (ENCORE, issue 30): a request stops at the k-th step at which its new object is
+    the argmax at every target token of every prompt. With the loss rule off, the result
+    is the never-stopping run truncated there; the target it stops at is all argmax, the
+    step before it is not (k = 1), and k = 2 stops later."""
+    templates = context_templates(lm, [(10, 5)], seed=0)
+    module = lm.spec.module("layer", int(cfg.model.edit.layers[-1]))
+    request = requests[0]
+    never = replace(TargetConfig(**cfg.model.edit.target), early_stop_loss=-1.0,
+                    early_stop_on="nll")
+    stopped, prev = {}, None
+    for k in (1, 2):
+        got = optimize_targets(lm, [request], templates, [module],
+                               replace(never, early_stop_on="most_probable",
+                                       most_probable_steps=k))[module][1]
+        assert _argmax_everywhere(lm, request, templates, module, got[0])
+        for s in range(1, never.steps):  # the truncated run it equals
+            cut = optimize_targets(lm, [request], templates, [module],
+                                   replace(never, steps=s))[module][1]
+            if torch.equal(cut, got):
+                stopped[k] = s
+                break
+            prev = cut
+        assert k in stopped, f"MPES k={k} is no truncation of the never-stopping run"
+        if k == 1:
+            assert not _argmax_everywhere(lm, request, templates, module, prev[0])
+    assert 1 < stopped[1] < stopped[2] < never.steps

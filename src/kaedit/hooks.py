@@ -162,3 +162,35 @@ def edit_outputs(model: nn.Module, edits: Mapping[str, OutputEdit]) -> Iterator[
 def count_hooks(model: nn.Module) -> int:
     """Number of forward (pre-)hooks registered anywhere in ``model`` (tests use it)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@contextlib.contextmanager
+def start_at(
+    model: nn.Module, blocks: str, layer: int, zeroed: Iterable[str] = ()
+) -> Iterator[None]:
+    """While active, the model's forward runs only decoder blocks ``layer`` onwards: what it
+    takes as ``inputs_embeds`` is the input of block ``layer`` (issue 30: target optimisation
+    starts at the edit layer instead of re-running the blocks below it).
+
+    ``blocks`` is the path of the blocks' ``nn.ModuleList`` (e.g. ``model.layers``); it is
+    replaced by a list of the same module objects from ``layer`` on, so hooks on them stay
+    and each attention module keeps its own ``layer_idx`` (a key/value cache passed in must
+    hold entries for every block; those below ``layer`` are not read). ``zeroed`` names
+    modules whose output is replaced by zeros, for position embeddings the forward adds to
+    ``inputs_embeds`` (GPT-2's ``wpe``: already part of the cached input). The original
+    list is put back in ``finally``. Resolve module paths inside ``blocks`` (hooks such as
+    :func:`edit_outputs`) *before* entering: while active, ``blocks.{i}`` is block
+    ``layer + i``.
+    """
+    parent_path, _, attr = blocks.rpartition(".")
+    parent = get_module(model, parent_path) if parent_path else model
+    original = getattr(parent, attr)
+    if not isinstance(original, nn.ModuleList) or not 0 <= layer < len(original):
+        raise ValueError(f"start_at: {blocks!r} is not a list of blocks with index {layer}")
+    zero = dict.fromkeys(zeroed, torch.zeros_like)
+    try:
+        setattr(parent, attr, nn.ModuleList(list(original)[layer:]))
+        with edit_outputs(model, zero):
+            yield
+    finally:
+        setattr(parent, attr, original)

@@ -39,6 +39,10 @@ class ModelLoadError(ConfigError):
 
 
 MODULE_KINDS = ("layer", "attn_out", "mlp_in", "mlp_out", "embed", "ln_f", "lm_head")
+#: Kinds a model may lack: ``pos_embed``, a learned absolute position embedding added to the
+#: token embeddings inside the model's forward (GPT-2's ``transformer.wpe``); rotary models
+#: (Llama, GPT-NeoX, GPT-J) have none.
+OPTIONAL_KINDS = ("pos_embed",)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class ModelSpec:
     #: instead of ``nn.Linear``'s ``[d_out, d_in]`` (``model.transposed`` in the config).
     #: Methods compute Δ in ``nn.Linear``'s orientation; :meth:`to_param` stores it.
     transposed: tuple[str, ...] = ()
+    #: Absolute position embedding module (:data:`OPTIONAL_KINDS`), or "" if the model has none.
+    pos_embed: str = ""
 
     @classmethod
     def from_config(cls, name: str, modules: Mapping[str, str], n_layers: int,
@@ -80,7 +86,25 @@ class ModelSpec:
             raise ModelLoadError(f"model.transposed of {name!r} names {bad}, not module kinds "
                                  f"{list(MODULE_KINDS)}")
         return cls(name=name, n_layers=n_layers, transposed=tuple(str(k) for k in transposed),
-                   **{k: str(modules[k]) for k in MODULE_KINDS})
+                   **{k: str(modules[k]) for k in MODULE_KINDS},
+                   **{k: str(modules[k]) for k in OPTIONAL_KINDS if modules.get(k)})
+
+    @property
+    def layers_path(self) -> str:
+        """Path of the container of the decoder blocks (``model.layers`` for
+        ``model.layers.{}``)."""
+        if not self.layer.endswith(".{}"):
+            raise ModelLoadError(f"model.modules.layer={self.layer!r} of {self.name!r} must "
+                                 "end in '.{}' (the index in the blocks' container)")
+        return self.layer[: -len(".{}")]
+
+    def layer_of(self, module: str) -> int | None:
+        """Index of the decoder block that contains ``module`` (a module path), or None."""
+        prefix = self.layers_path + "."
+        if not module.startswith(prefix):
+            return None
+        head = module[len(prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
 
     def to_param(self, kind: str, delta: torch.Tensor) -> torch.Tensor:
         """Δ ``[d_out, d_in]`` (``nn.Linear`` orientation) in the layout of ``kind``'s weight."""
@@ -114,7 +138,7 @@ class ModelSpec:
                         f"module path {path!r} (model.modules.{kind}) does not exist in "
                         f"{type(model).__name__}; e.g. {sorted(names)[1:6]}"
                     )
-        for kind in ("embed", "ln_f", "lm_head"):
+        for kind in ("embed", "ln_f", "lm_head", *(k for k in OPTIONAL_KINDS if getattr(self, k))):
             if self.module(kind) not in names:
                 raise ModelLoadError(
                     f"module path {self.module(kind)!r} (model.modules.{kind}) does not exist"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from kaedit.hooks import TraceResult, get_module, run_until
+from kaedit.hooks import TraceResult, get_module, run_until, start_at
 from kaedit.models import LoadedModel, ModelSpec
 
 
@@ -125,6 +125,8 @@ def final_hidden(
     *,
     position_ids: torch.Tensor | None = None,
     past_key_values=None,
+    start: int = 0,
+    block_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hidden states after the final norm ``[batch, len, d]``; the LM head is not run.
 
@@ -135,9 +137,33 @@ def final_hidden(
     are the positions after the cached ones: ``mask`` then covers cache + ``ids``
     ``[batch, cached + len]`` and ``position_ids`` ``[batch, len]`` give each row's true
     positions. The cache is extended in place (transformers' caches append).
+
+    With ``start`` > 0, ``block_input`` ``[batch, len, d]`` is the input of decoder block
+    ``start`` at these positions (:func:`block_inputs`) and only blocks ``start`` onwards
+    run (:func:`kaedit.hooks.start_at`); ``ids`` is then unused. A cache must still hold
+    every block's entries.
     """
+    if start:
+        if block_input is None:
+            raise ValueError("final_hidden: start > 0 needs the block's input (block_input)")
+        with start_at(model, spec.layers_path, start,
+                      [spec.pos_embed] if spec.pos_embed else []):
+            return _final_hidden(model, spec, mask, position_ids, past_key_values,
+                                 inputs_embeds=block_input)
+    return _final_hidden(model, spec, mask, position_ids, past_key_values, input_ids=ids)
+
+
+def _final_hidden(model, spec: ModelSpec, mask, position_ids, past_key_values,
+                  **inputs: torch.Tensor) -> torch.Tensor:
     ln_f = spec.module("ln_f")
-    extra = {} if position_ids is None else {"position_ids": position_ids}
+    tr = run_until(model, [ln_f], detach=False, attention_mask=mask, **inputs,
+                   **_position_kwargs(model, position_ids, past_key_values))
+    return tr[ln_f].output
+
+
+def _position_kwargs(model: nn.Module, position_ids, past_key_values) -> dict:
+    """The forward's position ids and cache arguments (``use_cache`` with a cache)."""
+    extra: dict = {} if position_ids is None else {"position_ids": position_ids}
     if past_key_values is not None:
         # transformers renamed the argument (``past_key_values`` deprecated from 5.2x)
         params = inspect.signature(model.forward).parameters
@@ -145,8 +171,28 @@ def final_hidden(
         extra["use_cache"] = True
     else:
         extra["use_cache"] = False
-    tr = run_until(model, [ln_f], detach=False, input_ids=ids, attention_mask=mask, **extra)
-    return tr[ln_f].output
+    return extra
+
+
+@torch.no_grad()
+def block_inputs(
+    model: nn.Module,
+    spec: ModelSpec,
+    layer: int,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    past_key_values=None,
+) -> torch.Tensor:
+    """Input of decoder block ``layer`` at ``ids`` ``[batch, len, d]`` (no grad): what
+    :func:`final_hidden` takes as ``block_input`` to start there. Arguments as
+    :func:`final_hidden`'s; the pass stops at the block, so a cache passed in gains entries
+    for the blocks below ``layer`` only."""
+    block = spec.module("layer", layer)
+    tr = run_until(model, [block], inputs=True, outputs=False, input_ids=ids,
+                   attention_mask=mask, **_position_kwargs(model, position_ids, past_key_values))
+    return tr[block].input
 
 
 def lm_head(model: nn.Module, spec: ModelSpec, hidden: torch.Tensor) -> torch.Tensor:
