@@ -270,3 +270,124 @@ def test_url_is_downloaded_once_into_cache(tmp_path: Path, monkeypatch: pytest.M
 def test_hub_id_is_passed_through(tmp_path: Path) -> None:
     assert resolve_source("azhx/counterfact", [], None, None, str(tmp_path)) == "azhx/counterfact"
     assert resolve_source(None, [], None, "azhx/counterfact", str(tmp_path)) == "azhx/counterfact"
+
+
+# ----------------------------------------------------------------------------- one stream
+def rome_row(case: int, prompt: str, subject: str, new: str, relation: str = "P103") -> dict:
+    return {
+        "case_id": case,
+        "requested_rewrite": {
+            "prompt": prompt, "subject": subject, "relation_id": relation,
+            "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": "French", "id": "Q150"},
+        },
+        "paraphrase_prompts": [f"Indeed. {subject} is a native speaker of"],
+        "neighborhood_prompts": ["Michel Rocard is a native speaker of"],
+        "attribute_prompts": [], "generation_prompts": [f"{subject} was born in"],
+    }
+
+
+def stream_cfg(rome: str, easyedit: str, **top: object) -> dict:
+    def node(path: str, schema: str) -> dict:
+        return {"path": path, "candidates": [], "url": None, "hf_id": None,
+                "schema": schema, "split": "train"}
+
+    return {"name": "counterfact_11k", "limit": None, "on_conflict": "error", **top,
+            "sources": {"counterfact": node(rome, "counterfact"),
+                        "easyedit": node(easyedit, "easyedit")}}
+
+
+def test_stream_prefers_first_source_and_keeps_order(tmp_path: Path) -> None:
+    """ROME's records first in their order, then EasyEdit's unseen case ids in theirs; a
+    shared case id keeps the ROME record (its paraphrases and generation prompts)."""
+    rome = write(tmp_path / "cf.json", [
+        rome_row(7, "The mother tongue of {} is", "Danielle Darrieux", "English"),
+        rome_row(3, "{} is a native speaker of", "Jean Gabin", "Dutch"),
+    ])
+    ee = [dict(EE_ROW, case_id=1, subject="Montesquieu", prompt="Montesquieu, a native"),
+          EE_ROW,  # case 7, the same edit as ROME's case 7
+          dict(EE_ROW, case_id=0, subject="Raymond Barre", prompt="Raymond Barre, speaker of")]
+    reqs = from_config(stream_cfg(rome, write(tmp_path / "ee.json", ee)), str(tmp_path))
+    assert [r.case_id for r in reqs] == ["7", "3", "1", "0"]  # 4 distinct edits of 5 records
+    assert [r.source for r in reqs] == ["counterfact", "counterfact", "easyedit", "easyedit"]
+    assert reqs[0].generation_prompts == ("Danielle Darrieux was born in",)
+    assert reqs[0].relation_id == "P103" and reqs[2].relation_id is None
+    cfg = stream_cfg(rome, str(tmp_path / "ee.json"), limit=3)
+    assert [r.case_id for r in from_config(cfg, str(tmp_path))] == ["7", "3", "1"]
+
+
+def test_stream_conflict_names_both_records(tmp_path: Path) -> None:
+    """Same subject and relation, another object: an error naming both case ids, the
+    subject, the relation and both objects. EasyEdit records have no relation id: they take
+    the one ROME's records give their template (here P103, from a template case 7 lacks)."""
+    rome = write(tmp_path / "cf.json", [
+        rome_row(7, "The mother tongue of {} is", "Danielle Darrieux", "English"),
+        rome_row(3, "{} is a native speaker of", "Jean Gabin", "Dutch"),
+    ])
+    ee = write(tmp_path / "ee.json", [
+        dict(EE_ROW, case_id=9, prompt="Danielle Darrieux is a native speaker of",
+             target_new="German"),
+        dict(EE_ROW, case_id=10, prompt="Danielle Darrieux is a native speaker of"),  # English
+    ])
+    cfg = stream_cfg(rome, ee)
+    message = (r"case_id=7 .*'English'.* and case_id=9 .*'German'.* subject 'Danielle "
+               r"Darrieux', relation 'P103', to different objects 'English' and 'German'")
+    with pytest.raises(DatasetError, match=message):
+        from_config(cfg, str(tmp_path))
+    cfg["on_conflict"] = "drop_later"
+    assert [r.case_id for r in from_config(cfg, str(tmp_path))] == ["7", "3", "10"]
+    cfg["on_conflict"] = "keep"
+    assert [r.case_id for r in from_config(cfg, str(tmp_path))] == ["7", "3", "9", "10"]
+
+
+def test_stream_without_relation_ids_compares_templates(tmp_path: Path) -> None:
+    ee = write(tmp_path / "ee.json", [EE_ROW, dict(EE_ROW, case_id=8, target_new="Dutch")])
+    cfg = stream_cfg(write(tmp_path / "cf.json", [rome_row(3, "{} sang", "Jean Gabin", "x")]), ee)
+    message = r"case_id=7 .* case_id=8 .*relation 'The mother tongue of \{\} is'.*'English' and"
+    with pytest.raises(DatasetError, match=message + " 'Dutch'"):
+        from_config(cfg, str(tmp_path))
+
+
+def test_stream_bad_settings(tmp_path: Path) -> None:
+    rome = write(tmp_path / "cf.json", [rome_row(7, "{} sang", "Danielle Darrieux", "jazz")])
+    ee = write(tmp_path / "ee.json", [EE_ROW])  # case 7 too, but another edit
+    with pytest.raises(DatasetError, match=r"case_id=7 names two different edits.*'jazz'.*"
+                                           r"'English'"):
+        from_config(stream_cfg(rome, ee), str(tmp_path))
+    with pytest.raises(DatasetError, match="on_conflict 'drop'; valid options: error, drop_later"):
+        from_config(stream_cfg(rome, ee, on_conflict="drop"), str(tmp_path))
+    with pytest.raises(DatasetError, match=r"dataset\.sources\.<name>\.path"):
+        from_config(stream_cfg(rome, ee, path=rome), str(tmp_path))
+
+
+def test_stream_config_composes_with_omegaconf(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1]
+    node = OmegaConf.load(root / "conf" / "dataset" / "counterfact_11k.yaml")
+    cfg = OmegaConf.create({"data_root": str(tmp_path), "dataset": node})
+    (tmp_path / "counterfact").mkdir()
+    write(tmp_path / "counterfact" / "counterfact.json",
+          [rome_row(3, "{} is a native speaker of", "Jean Gabin", "Dutch")])
+    write(tmp_path / "counterfact" / "counterfact_easyedit_format.json", [EE_ROW] * 2)
+    reqs = from_config(cfg.dataset, str(tmp_path / "cache"))
+    assert [r.case_id for r in reqs] == ["3", "7"]
+
+
+@needs_data
+def test_counterfact_11k_real_stream(tmp_path: Path) -> None:
+    """11,031 distinct edits; the 1,001 shared case ids are the same facts in both files;
+    216 records conflict with an earlier one (12 of them within counterfact.json)."""
+    cfg = stream_cfg(str(CF), str(CF_EE), on_conflict="keep")
+    reqs = from_config(cfg, str(tmp_path))
+    rome = load_requests(str(CF))
+    assert len(reqs) == len({r.case_id for r in reqs}) == 11031
+    assert reqs[:2180] == rome  # dataset=counterfact's stream is the prefix
+    assert all(r.source == "easyedit" for r in reqs[2180:])
+    cfg["on_conflict"] = "drop_later"
+    kept = from_config(cfg, str(tmp_path))
+    assert len(kept) == 11031 - 216
+    assert sum(r.source == "counterfact" for r in kept) == 2180 - 12
+    cfg["on_conflict"] = "error"
+    with pytest.raises(DatasetError, match=r"case_id=1068 .* case_id=5944 .*'Moscow' and "
+                                           r"'Lawrence'"):
+        from_config(cfg, str(tmp_path))

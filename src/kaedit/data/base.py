@@ -3,7 +3,8 @@
 A source is a local ``.json``/``.jsonl`` file, an http(s) URL (downloaded once into a cache
 directory) or a Hugging Face dataset id ``owner/name``. The schema of a file (ROME CounterFact,
 EasyEdit CounterFact, MEND zsRE) is detected from its first row unless forced; the per-schema
-row converters live in :mod:`kaedit.data.counterfact` and :mod:`kaedit.data.zsre`.
+row converters live in :mod:`kaedit.data.counterfact` and :mod:`kaedit.data.zsre`; a config
+with ``sources`` reads several sources as one stream (:mod:`kaedit.data.merge`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kaedit.data import counterfact, zsre
+from kaedit.data import counterfact, merge, zsre
 from kaedit.data.fields import (  # noqa: F401 - re-exported
     DatasetError,
     Row,
@@ -252,8 +253,7 @@ def load_requests(
 ) -> list[EditRequest]:
     """Load edit requests from a local ``.json``/``.jsonl`` file or a Hugging Face dataset id
     (see :func:`resolve_source` for URLs). ``limit`` keeps the first ``limit`` records."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise DatasetError(f"limit must be a non-negative integer or None, got {limit!r}")
+    check_limit(limit)
     if _is_url(source):
         raise DatasetError(
             f"{source} is a URL: resolve it first with resolve_source(...) "
@@ -268,9 +268,15 @@ def load_requests(
     return convert_rows(rows[:limit] if limit is not None else rows, schema, source)
 
 
-def from_config(cfg: Mapping[str, Any], cache_dir: str) -> list[EditRequest]:
-    """Load the requests a ``conf/dataset/*.yaml`` node describes (DictConfig or dict):
-    keys ``path``, ``candidates``, ``url``, ``hf_id``, ``schema``, ``split``, ``limit``."""
+def check_limit(limit: object) -> None:
+    """:class:`DatasetError` unless ``limit`` is a non-negative integer or None."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise DatasetError(f"limit must be a non-negative integer or None, got {limit!r}")
+
+
+def _load_source(cfg: Mapping[str, Any], cache_dir: str, limit: int | None) -> list[EditRequest]:
+    """The requests of one source node (``path``, ``candidates``, ``url``, ``hf_id``,
+    ``schema``, ``split``)."""
     source = resolve_source(
         cfg.get("path"),
         [str(c) for c in (cfg.get("candidates") or [])],
@@ -278,10 +284,29 @@ def from_config(cfg: Mapping[str, Any], cache_dir: str) -> list[EditRequest]:
         cfg.get("hf_id"),
         cache_dir,
     )
-    limit = cfg.get("limit")
     return load_requests(
-        source,
-        schema=cfg.get("schema") or "auto",
-        limit=None if limit is None else int(limit),
-        split=cfg.get("split") or "train",
+        source, schema=cfg.get("schema") or "auto", limit=limit, split=cfg.get("split") or "train"
     )
+
+
+def from_config(cfg: Mapping[str, Any], cache_dir: str) -> list[EditRequest]:
+    """Load the requests a ``conf/dataset/*.yaml`` node describes (DictConfig or dict):
+    keys ``path``, ``candidates``, ``url``, ``hf_id``, ``schema``, ``split``, ``limit``;
+    or ``sources`` (named source nodes with those keys, read in order as one stream by
+    :func:`kaedit.data.merge.merge`), ``on_conflict`` and ``limit``."""
+    limit = cfg.get("limit")
+    limit = None if limit is None else int(limit)
+    sources = cfg.get("sources")
+    if not sources:
+        return _load_source(cfg, cache_dir, limit)
+    if cfg.get("path"):
+        raise DatasetError(
+            "dataset.path is set but this dataset reads dataset.sources: set "
+            "dataset.sources.<name>.path instead"
+        )
+    check_limit(limit)
+    on_conflict = merge.check_on_conflict(str(cfg.get("on_conflict") or "error"))
+    nodes = sources.values() if isinstance(sources, Mapping) else sources
+    stream = merge.merge([_load_source(n, cache_dir, None) for n in nodes], on_conflict)
+    log.info("merged %d sources into %d records", len(nodes), len(stream))
+    return stream[:limit] if limit is not None else stream
