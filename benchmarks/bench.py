@@ -1,33 +1,44 @@
-"""``make bench``: where the time of a sequential-editing run goes, and how it compares.
+"""``make bench``: where the time of a sequential-editing run goes, and what a long run costs.
 
-On SmolLM2 (or any ``model=``) and the same CounterFact edits, runs in separate processes:
+On SmolLM2 (or any ``model=``) and the same CounterFact edits (default: 100 edits in one
+batch of 100, Table 3's batch), runs in separate processes:
 
 1. **statistics** -- the covariance statistics of the edit layers computed from the corpus
-   (cold) and read back from the cache (warm);
-2. **kaedit** -- ``python -m kaedit.run``'s runner: MEMIT, all requests' v* optimised
-   together on the fast path (positions before the subject token computed once),
-   evaluation in padded batches across records;
-3. **kaedit_full** -- the same, with every v* step recomputing every position
-   (``++model.edit.target.fast=false``): ``targets_fast_speedup`` = its targets time /
-   kaedit's, on the same edits in the same bench;
-4. **baseline** -- the same runner, edits and fusion, but MEMIT as the reference ROME/MEMIT
+   (cold) and read back from the cache (warm), and one WikiText-2 perplexity evaluation
+   of the unedited model (``perplexity_s``: what ``perplexity.every`` costs per use);
+2. **kaedit** -- ``python -m kaedit.run``'s runner as configured: MEMIT, all requests' v*
+   optimised together from the edit block up (``target.from_edit_layer``), positions
+   before the subject token computed once (``target.fast``), evaluation in padded batches
+   across records;
+3. **kaedit_full** -- the same, with every v* step recomputing every position of every
+   block (``++model.edit.target.fast=false ++model.edit.target.from_edit_layer=false``);
+4. **kaedit_most_probable** -- the same as kaedit with most-probable early stopping
+   (``++model.edit.target.early_stop_on=most_probable``, ENCORE's MPES);
+   ``targets_s_per_edit`` has the three paths, timed on the same edits in the same bench;
+5. **baseline** -- the same runner, edits and fusion, but MEMIT as the reference ROME/MEMIT
    code runs it: each request's v* optimised alone (``method.batch_targets=false``), in
    full, and evaluation one prompt sequence per forward pass (``eval_batch_size=1``).
    Everything else (keys, closed-form solve, fusion, metrics) is the same code, so the
    ratio isolates those choices; the runs produce the same metrics up to numerics
-   (checked and reported);
-5. **memory** -- peak memory of one target optimisation of ``--memory-batch`` requests
-   (default 100, Table 3's batch) on each path, each in a fresh process, under the
-   default ``target.chunk_tokens`` budget (``--memory-steps`` steps: the peak is reached
-   in the first backward pass).
+   (checked and reported); ``--no-baseline`` skips it;
+6. **memory** -- peak memory of one target optimisation of ``--memory-batch`` requests
+   (default 100, Table 3's batch) on the fast and full paths, each in a fresh process,
+   under the default ``target.chunk_tokens`` budget (``--memory-steps`` steps: the peak is
+   reached in the first backward pass).
 
 Per-stage seconds per edit come from the runner's own ``time/*`` columns (targets, keys,
-solve, fusion, evaluation). Writes ``benchmarks/results/<date>-<host>.json`` (with
-``targets_s_per_edit`` per path, ``targets_fast_speedup``, ``end_to_end_speedup``,
-``projected_1000_edits_h`` and ``memory``) and ``.md``, and prints the table.
+solve, fusion, evaluation). From them and the perplexity time, ``projected`` gives the
+hours of a 1,000- and a 10,000-edit run per target path in batches of ``--batch-size``,
+evaluated as ``experiment=ka_study_10k`` evaluates (every 1,000 edits and at step 0: the
+batch, a 200-edit sample of the edits so far, the first batch in full, the neighbourhoods
+of 200 planned edits, WikiText-2 perplexity), and evaluation's share of that time
+(:func:`projection`). Writes ``benchmarks/results/<date>-<host>[-<gpu>].json`` (with
+``targets_s_per_edit``, ``end_to_end_s_per_edit``, ``eval_share``,
+``projected_1000_edits_h``, ``projected_10000_edits_h``, ``peak_memory_mb``) and ``.md``,
+and prints the table.
 
-    python benchmarks/bench.py                       # 100 edits in batches of 10
-    python benchmarks/bench.py --n-edits 20 model=smollm2 fusion=add
+    python benchmarks/bench.py                       # 100 edits in one batch of 100
+    python benchmarks/bench.py --n-edits 20 --batch-size 10 model=smollm2 fusion=add
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kaedit.setup import build_model, build_stats, compose, resolve_data_root
+from kaedit.setup import build, build_model, build_stats, compose, resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("targets", "keys", "solve", "fusion", "eval")
@@ -68,13 +79,23 @@ def phase_statistics(overrides: list[str]) -> dict[str, Any]:
     layers = [int(x) for x in cfg.method.layers]
     lm = build_model(cfg, layers)
     t0 = time.perf_counter()
-    build_stats(cfg).get(lm, layers)  # empty cache directory: computed from the corpus
+    cold_store = build_stats(cfg)
+    cold_store.get(lm, layers)  # empty cache directory: computed from the corpus
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    build_stats(cfg).get(lm, layers)  # a new store, as a new run would make: read back
+    warm_store = build_stats(cfg)
+    warm_store.get(lm, layers)  # a new store, as a new run would make: read back
     warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    perplexity = build(cfg.perplexity)(lm)  # tokenising included, as a run's first use
+    ppl_s = time.perf_counter() - t0
     return {"layers": layers, "n_tokens": int(cfg.stats.n_tokens), "cold_s": cold,
-            "warm_s": warm, "warm_fraction": warm / cold, "peak_memory_mb": peak_memory_mb()}
+            "warm_s": warm, "warm_fraction": warm / cold,
+            # seconds each store spent computing from the corpus (warm: none, read back)
+            "cold_compute_s": cold_store.compute_seconds,
+            "warm_compute_s": warm_store.compute_seconds, "perplexity": perplexity,
+            "perplexity_tokens": int(cfg.perplexity.n_tokens), "perplexity_s": ppl_s,
+            "peak_memory_mb": peak_memory_mb()}
 
 
 def phase_run(overrides: list[str], run_dir: str) -> dict[str, Any]:
@@ -99,6 +120,11 @@ def phase_run(overrides: list[str], run_dir: str) -> dict[str, Any]:
         # edits scored over all evaluations (each evaluation re-checks every edit so far)
         "eval_edits": len(pd.read_csv(Path(run_dir) / "retention.csv")),
         "eval_prompts_per_s": float(m["eval/prompts"].sum() / m["time/eval_s"].sum()),
+        "eval_share": float(summary["eval_share"]),
+        # seconds per scored request: every evaluation's time over the requests it scored
+        # (retention.csv: one row per tracked edit and evaluation; all edits tracked here)
+        "eval_s_per_request": float(m["time/eval_s"].sum()) / len(
+            pd.read_csv(Path(run_dir) / "retention.csv")),
         "final": {k: summary[k] for k in summary if k.startswith(("seen/", "batch/"))},
         "peak_memory_mb": peak_memory_mb(),
     }
@@ -162,8 +188,59 @@ def child(phase: str, overrides: list[str], run_dir: str, out: Path,
     return json.loads(out.read_text())
 
 
+#: What the projections assume: ``experiment=ka_study_10k``'s evaluation
+#: (experiments/experiment/ka_study_10k.yaml), which they are meant to size.
+EVAL_EVERY_EDITS = 1000
+EVAL_SAMPLE = 200
+EVAL_FIXED = 200
+#: The target paths the bench times (run name, label, extra overrides).
+FULL = ["++model.edit.target.fast=false", "++model.edit.target.from_edit_layer=false"]
+PATHS = (("kaedit", "fast", []), ("kaedit_full", "full", FULL),
+         ("kaedit_most_probable", "most_probable",
+          ["++model.edit.target.early_stop_on=most_probable"]))
+
+
+def projection(n_edits: int, batch_size: int, edit_s_per_edit: float,
+               eval_s_per_request: float, perplexity_s: float) -> dict[str, float]:
+    """Hours of an ``n_edits`` run in batches of ``batch_size`` and evaluation's share.
+
+    Editing: ``n_edits`` × the measured seconds per edit of every edit stage (targets,
+    keys, solve, fusion). Evaluation as ``experiment=ka_study_10k`` does it: at step 0 and
+    every ``EVAL_EVERY_EDITS`` edits (the last step among them), each scoring the batch,
+    ``EVAL_SAMPLE`` edits made so far, the first batch in full and the neighbourhoods of
+    ``EVAL_FIXED`` planned edits -- counted as ``2·batch + sample + fixed`` whole requests at
+    the measured seconds per scored request, an upper bound (the sets overlap, and the
+    fixed set scores only neighbourhood prompts) -- plus one perplexity evaluation each.
+    Model loading, context templates and statistics (cached) are left out: seconds."""
+    evaluations = 1 + -(-n_edits // EVAL_EVERY_EDITS)
+    requests = 2 * batch_size + EVAL_SAMPLE + EVAL_FIXED
+    edit_h = n_edits * edit_s_per_edit / 3600
+    eval_h = evaluations * (requests * eval_s_per_request + perplexity_s) / 3600
+    return {"hours": edit_h + eval_h, "edit_h": edit_h, "eval_h": eval_h,
+            "eval_share": eval_h / (edit_h + eval_h), "evaluations": evaluations,
+            "requests_per_evaluation": requests}
+
+
+def project(res: dict[str, Any]) -> None:
+    """Fill ``res["projected"]`` (per target path, 1,000 and 10,000 edits) and the
+    headline fields of the configured path (``kaedit``)."""
+    ppl_s = res["statistics"]["perplexity_s"]
+    res["projected"] = {}
+    for name, label, _ in PATHS:
+        run = res[name]
+        edit_s = sum(run["stage_s_per_edit"][s] for s in STAGES if s != "eval")
+        res["projected"][label] = {
+            str(n): projection(n, res["batch_size"], edit_s, run["eval_s_per_request"], ppl_s)
+            for n in (1000, 10000)}
+    kp = res["projected"]["fast"]
+    res["projected_1000_edits_h"] = kp["1000"]["hours"]
+    res["projected_10000_edits_h"] = kp["10000"]["hours"]
+    res["projected_10000_eval_share"] = kp["10000"]["eval_share"]
+
+
 def markdown(res: dict[str, Any]) -> str:
     k, f, b, st = res["kaedit"], res["kaedit_full"], res.get("baseline"), res["statistics"]
+    mp = res["kaedit_most_probable"]
     mc = res["machine"]
     lines = [
         (f"Machine: {mc['host']}, {mc['cpu']}, {mc['cores']} cores "
@@ -173,38 +250,52 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['n_edits']} CounterFact edits in sequential batches of {res['batch_size']}, "
         "every step evaluated on its batch and on all edits so far."),
         "",
-        ("| seconds per edit | kaedit (fast targets) | kaedit (full targets) "
+        ("| seconds per edit | kaedit (fast targets) | full targets | most-probable stop "
          "| one-at-a-time baseline | baseline / kaedit |"),
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for s in STAGES:
-        kv, fv = k["stage_s_per_edit"][s], f["stage_s_per_edit"][s]
+        kv, fv, mv = (r["stage_s_per_edit"][s] for r in (k, f, mp))
         bv = b["stage_s_per_edit"][s] if b else None
         ratio = f"{bv / kv:.1f}×" if b and kv > 0 else ""
-        lines.append(f"| {s} | {kv:.2f} | {fv:.2f} | {'' if bv is None else f'{bv:.2f}'} "
-                     f"| {ratio} |")
+        lines.append(f"| {s} | {kv:.2f} | {fv:.2f} | {mv:.2f} "
+                     f"| {'' if bv is None else f'{bv:.2f}'} | {ratio} |")
     end = f"{b['s_per_edit']:.2f}" if b else ""
     speedup = f"**{res['end_to_end_speedup']:.1f}×**" if b else ""
     lines += [
         (f"| **end to end** (model load, templates, step 0 included) | {k['s_per_edit']:.2f} "
-         f"| {f['s_per_edit']:.2f} | {end} | {speedup} |"),
+         f"| {f['s_per_edit']:.2f} | {mp['s_per_edit']:.2f} | {end} | {speedup} |"),
+        (f"| evaluation's share of the run | {k['eval_share']:.0%} | {f['eval_share']:.0%} "
+         f"| {mp['eval_share']:.0%} | {'' if not b else format(b['eval_share'], '.0%')} | |"),
         "",
         (f"- targets: fast path {res['targets_s_per_edit']['fast']:.2f} s/edit, full "
-         f"recomputation {res['targets_s_per_edit']['full']:.2f} s/edit: "
-         f"**{res['targets_fast_speedup']:.1f}×** (same run, same edits)"),
-        f"- evaluation throughput: {k['eval_prompts_per_s']:.0f} prompts/s"
+         f"recomputation {res['targets_s_per_edit']['full']:.2f} s/edit "
+         f"(**{res['targets_fast_speedup']:.1f}×**), most-probable early stopping "
+         f"{res['targets_s_per_edit']['most_probable']:.2f} s/edit (same edits)"),
+        f"- evaluation throughput: {k['eval_prompts_per_s']:.0f} prompts/s, "
+        f"{k['eval_s_per_request']:.2f} s per scored request"
         + (f" vs {b['eval_prompts_per_s']:.0f} prompts/s one at a time "
            f"({res['eval_speedup']:.1f}×)" if b else ""),
         (f"- covariance statistics ({len(st['layers'])} layers, {st['n_tokens']:,} tokens): "
         f"cold {st['cold_s']:.1f} s, warm (cached) {st['warm_s']:.2f} s = "
-        f"{100 * st['warm_fraction']:.1f} % of cold"),
+        f"{100 * st['warm_fraction']:.1f} % of cold; one perplexity evaluation "
+        f"({st['perplexity_tokens']:,} tokens) {st['perplexity_s']:.1f} s"),
         f"- peak memory: kaedit {k['peak_memory_mb']:.0f} MiB, full targets "
         f"{f['peak_memory_mb']:.0f} MiB"
         + (f", baseline {b['peak_memory_mb']:.0f} MiB" if b else "")
         + f", statistics {st['peak_memory_mb']:.0f} MiB",
-        (f"- 1,000 sequential edits evaluated every 100 (projected from this run): "
-        f"{res['projected_1000_edits_h']:.2f} h"),
+        "",
+        (f"Projected from this bench (batches of {res['batch_size']}, evaluation every "
+         f"{EVAL_EVERY_EDITS:,} edits and at step 0 on {EVAL_SAMPLE} seen + first batch + "
+         f"{EVAL_FIXED} fixed neighbourhoods + perplexity; `projection` in bench.py):"),
+        "",
+        "| target path | 1,000 edits | 10,000 edits | evaluation's share (10,000) |",
+        "|---|---|---|---|",
     ]
+    for label, pr in res["projected"].items():
+        lines.append(f"| {label} | {pr['1000']['hours']:.2f} h | {pr['10000']['hours']:.2f} h "
+                     f"| {pr['10000']['eval_share']:.0%} |")
+    lines.append("")
     mem = res.get("memory")
     if mem:
         lines.append(
@@ -213,19 +304,18 @@ def markdown(res: dict[str, Any]) -> str:
             f"{mem['fast']['chunk_tokens']}): fast {mem['fast']['peak_memory_mb']:.0f} MiB, "
             f"full {mem['full']['peak_memory_mb']:.0f} MiB (model and data loaded: "
             f"{mem['fast']['peak_before_mb']:.0f} MiB)")
-    if b:
-        lines.append(
-            "- same results: final seen/efficacy, generalization, specificity "
-            + ", ".join(f"{k['final'][m]:.1f} vs {f['final'][m]:.1f} vs {b['final'][m]:.1f}"
-                        for m in ("seen/efficacy", "seen/generalization",
-                                  "seen/specificity")))
+    lines.append(
+        "- final seen/efficacy, generalization, specificity (fast / full / most-probable"
+        + (" / baseline" if b else "") + "): "
+        + ", ".join(" vs ".join(f"{r['final'][m]:.1f}" for r in (k, f, mp, *([b] if b else [])))
+                    for m in ("seen/efficacy", "seen/generalization", "seen/specificity")))
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-edits", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--no-baseline", action="store_true", help="skip the reference baseline")
     ap.add_argument("--memory-batch", type=int, default=100,
                     help="requests in the memory phase (0: skip it)")
@@ -252,6 +342,7 @@ def main() -> None:
             "method=memit", "logger=csv", f"schedule.n_edits={args.n_edits}",
             f"schedule.batch_size={args.batch_size}", "schedule.generation_every=0",
             "schedule.retention_sample=null", "schedule.checkpoint_every=0",
+            "perplexity.every=0",  # timed once in the statistics phase
             f"stats.cache_dir={tmp}/stats",  # empty: the statistics phase measures cold
             *args.overrides,
         ]
@@ -264,15 +355,17 @@ def main() -> None:
         }
         t = Path(tmp)
         res["statistics"] = child("statistics", common, str(t / "stats-run"), t / "s.json")
-        full = "++model.edit.target.fast=false"  # every v* step recomputes every position
-        res["kaedit"] = k = child("run", common, str(t / "kaedit"), t / "k.json")
-        res["kaedit_full"] = f = child("run", [*common, full], str(t / "full"), t / "f.json")
-        res["targets_s_per_edit"] = {"fast": k["stage_s_per_edit"]["targets"],
-                                     "full": f["stage_s_per_edit"]["targets"]}
+        for name, _, extra in PATHS:
+            res[name] = child("run", [*common, *extra], str(t / name), t / f"{name}.json")
+        k, f = res["kaedit"], res["kaedit_full"]
+        res["targets_s_per_edit"] = {label: res[name]["stage_s_per_edit"]["targets"]
+                                     for name, label, _ in PATHS}
         res["targets_fast_speedup"] = (f["stage_s_per_edit"]["targets"]
                                        / k["stage_s_per_edit"]["targets"])
+        res["end_to_end_s_per_edit"] = k["s_per_edit"]
+        res["eval_share"] = k["eval_share"]
         if not args.no_baseline:
-            base = [*common, full, "method.batch_targets=false", "eval_batch_size=1"]
+            base = [*common, *FULL, "method.batch_targets=false", "eval_batch_size=1"]
             res["baseline"] = b = child("run", base, str(t / "baseline"), t / "b.json")
             res["end_to_end_speedup"] = b["wall_s"] / k["wall_s"]
             res["eval_speedup"] = k["eval_prompts_per_s"] / b["eval_prompts_per_s"]
@@ -284,13 +377,12 @@ def main() -> None:
             res["memory"] = {
                 path: child("memory", [*common, *extra], str(t / "mem"), t / f"m-{path}.json",
                             mem_args)
-                for path, extra in (("fast", []), ("full", [full]))
+                for path, extra in (("fast", []), ("full", FULL))
             }
-        # 1,000 edits, evaluation every 100 edits on a sample of 100 earlier ones + the batch
-        prompts_per_edit = k["eval_prompts"] / k["eval_edits"]
-        edit_s = sum(k["stage_s_per_edit"][s] for s in STAGES if s != "eval")
-        eval_s = 10 * (100 + args.batch_size) * prompts_per_edit / k["eval_prompts_per_s"]
-        res["projected_1000_edits_h"] = (1000 * edit_s + eval_s) / 3600
+        res["peak_memory_mb"] = max(
+            [r["peak_memory_mb"] for name, _, _ in PATHS for r in [res[name]]]
+            + [m["peak_memory_mb"] for m in res.get("memory", {}).values()])
+        project(res)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

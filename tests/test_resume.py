@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import csv_approx
+
 REPO = Path(__file__).resolve().parents[1]
 BASE = [
     "model=tiny_llama",
@@ -109,6 +111,12 @@ def test_killed_run_resumes_to_identical_results(tmp_path, reference, fusion, ki
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "retention.csv"),
                                   pd.read_csv(ref_dir / "retention.csv"),
                                   obj=f"retention.csv, killed after step {killed_at}")
+    # Time and evaluation's share count both segments: each kept evaluation once.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    kept = pd.read_csv(run_dir / "metrics.csv")["time/eval_s"].sum()
+    assert summary["eval_s"] == csv_approx(kept)
+    assert 0 < summary["wall_s"] < summary["elapsed_s"]  # the killed segment counted
+    assert summary["eval_share"] == summary["eval_s"] / summary["elapsed_s"]
     a = load_file(str(ref_dir / "deltas.safetensors"))
     b = load_file(str(run_dir / "deltas.safetensors"))
     assert a.keys() == b.keys()

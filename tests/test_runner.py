@@ -83,6 +83,10 @@ def test_run_writes_outputs(run, compose: Compose, edited_model: list[LoadedMode
     last = metrics.iloc[-1]
     for col in HEADLINE_COLUMNS:  # the same float, printed with .6g in metrics.csv
         assert summary[col] == csv_approx(last[col])
+    # Evaluation's share of the run (issue 30): every evaluation's time/eval_s, summed.
+    assert summary["eval_s"] == csv_approx(metrics["time/eval_s"].sum())
+    assert 0 < summary["eval_s"] < summary["elapsed_s"] == summary["wall_s"]  # one segment
+    assert summary["eval_share"] == summary["eval_s"] / summary["elapsed_s"]
 
     # seen/* follows every planned edit at step 0, the 3 made at step 1, all 6 at step 2.
     retention = pd.read_csv(run_dir / "retention.csv")

@@ -62,6 +62,10 @@ class RunState:
     trackers: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Rows of ``retention.csv`` written so far.
     retention_rows: int = 0
+    #: Seconds spent evaluating (step 0 included) and in the run overall, summed over
+    #: every segment of a resumed run: the summary's ``eval_share`` is their ratio.
+    eval_s: float = 0.0
+    elapsed_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **dataclasses.asdict(self)}

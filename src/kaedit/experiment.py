@@ -356,7 +356,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     retention = CsvRows(run_dir / RETENTION, keep=state.retention_rows)
     n_steps = len(batches)
     made_at = [s for s, r in enumerate(batches, start=1) for _ in r]  # per planned edit
-    t_start = time.perf_counter()
+    t_start, elapsed_before = time.perf_counter(), state.elapsed_s
 
     def evaluate(step: int, batch: Sequence[int], n_done: int, extra: Mapping) -> dict:
         t0, pairs0 = time.perf_counter(), evaluation.scorer.pairs_scored
@@ -365,8 +365,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                                                    schedule.generation_at(step, n_steps))
             if perplexity is not None and perplexity.due(step, n_steps):
                 row["general/perplexity"] = perplexity(lm)
+        t_eval = time.perf_counter() - t0
+        state.eval_s += t_eval
         row = {"step": step, "edits_done": n_done, **extra, **row,
-               "time/eval_s": time.perf_counter() - t0,
+               "time/eval_s": t_eval,
                "eval/prompts": evaluation.scorer.pairs_scored - pairs0}
         # first-batch retention: efficacy (x100) of the step-1 edits tracked (the seen
         # sample's, or all of them with schedule.first_batch_in_full)
@@ -419,6 +421,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                                               or step == n_steps):
                 state.trackers = {n: t.state() for n, t in named.items()}
                 state.retention_rows = retention.n_rows
+                state.elapsed_s = elapsed_before + time.perf_counter() - t_start
                 checkpoint.save(run_dir, state, edits.total, method.state_dict(),
                                 fusion_state.flat())
             bar.update(1)
@@ -427,10 +430,15 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         bar.close()
 
         summary = dict(state.last_row)
+        wall = time.perf_counter() - t_start
+        elapsed = elapsed_before + wall
         summary.update({
             "steps": n_steps, "edits_done": state.n_done,
             "steps_failed": len(state.faults), "faults": state.faults,
-            "wall_s": time.perf_counter() - t_start,
+            # wall_s: this segment (since the last resume); elapsed_s and eval_s: the whole
+            # run, every segment; eval_share: evaluation's share of it (issue 30)
+            "wall_s": wall, "elapsed_s": elapsed, "eval_s": state.eval_s,
+            "eval_share": state.eval_s / elapsed if elapsed > 0 else 0.0,
             "stats_compute_s": stats.compute_seconds,
             "machine": machine(lm),
         })
