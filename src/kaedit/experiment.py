@@ -40,7 +40,7 @@ from kaedit import checkpoint
 from kaedit.checkpoint import RunState
 from kaedit.errors import ConfigError
 from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate, check_tokenisation
-from kaedit.fusion import FusionState, FusionStrategy
+from kaedit.fusion import FusionState, FusionStrategy, bind_weights
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.core import context_templates
 from kaedit.models import LoadedModel
@@ -183,6 +183,7 @@ def edit_step(method: EditMethod, ctx: EditContext, fusion: FusionStrategy,
     loop (``ctx.layer_fusion``); step scope: ``None``, and the fusion runs once after it.
     Deltas that fail the guard (:func:`~kaedit.weights.delta_problem`) are not applied,
     the fusion state is not advanced and the method is not told of them."""
+    fusion = bind_weights(fusion, edits)  # RECT / PRUNE read W₀ and W_{t-1} (issue 26)
     layer = fusion.layer_fusion(seed, step)
     ctx.layer_fusion = None if layer is None else layer.fuse
     ctx.clock.take()

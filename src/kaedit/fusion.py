@@ -56,14 +56,28 @@ Scope (``fusion.scope``), for the stateless strategies:
 
 The stateful strategies carry state across steps per weight and run at step scope only;
 ``scope=layer`` for them is a :class:`~kaedit.errors.ConfigError` when the fusion is built.
+
+Stabilisers for lifelong editing (issue 26) that need the weights themselves, not only Δ:
+
+* :class:`Rect` -- RECT (Gu et al. 2024): keep the k fraction of entries of each Δ with
+  the largest relative change |Δ|/|W| (W: the weights the step edits, W_{t−1}).
+* :class:`Prune` -- PRUNE (Ma et al., ICLR 2025): the method edits W₀ + Σ Δ_s unrestrained;
+  the served weights are W₀ + F(Σ Δ_s), F reducing each singular value σ of the
+  accumulated edit above σ_max(W₀) to σ_max(W₀) + log(σ / σ_max(W₀)). The state is Σ Δ_s
+  and σ_max(W₀) per weight.
+
+They read the weights through a :class:`WeightReader` (the run's
+:class:`~kaedit.weights.EditedWeights`) that :func:`bind_weights` gives them: the fusion a
+config builds has none, and the runner binds the one of its run before each step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -127,6 +141,45 @@ class FusionStrategy(Protocol):
     def layer_fusion(self, seed: int, step: int) -> LayerFusion | None:
         """What the method applies in its layer loop at ``step`` (None: step scope)."""
         ...
+
+
+@runtime_checkable
+class WeightReader(Protocol):
+    """Where a fusion that needs the weights reads them (:class:`~kaedit.weights.EditedWeights`
+    is one): by parameter name, in float32, on the weight's device."""
+
+    def unedited(self, name: str) -> torch.Tensor:
+        """W₀: the weight as it was before the run's first edit of it."""
+        ...
+
+    def current(self, name: str) -> torch.Tensor:
+        """The working weight the method edits next: W₀ + the increments applied so far."""
+        ...
+
+
+def bind_weights(fusion: FusionStrategy, weights: WeightReader) -> FusionStrategy:
+    """``fusion`` reading ``weights`` if it needs them (``needs_weights``: :class:`Rect`,
+    :class:`Prune`), else ``fusion`` itself. The runner calls it once per step, before
+    :meth:`FusionStrategy.layer_fusion` and :meth:`FusionStrategy.step`, with its
+    :class:`~kaedit.weights.EditedWeights`; the fusion a config builds reads no weights."""
+    if getattr(fusion, "needs_weights", False):
+        return replace(fusion, weights=weights)  # type: ignore[type-var]
+    return fusion
+
+
+class ReadsWeights:
+    """Mixin of the fusions that read the weights (:func:`bind_weights`)."""
+
+    needs_weights: ClassVar[bool] = True
+    weights: WeightReader | None
+
+    def reader(self) -> WeightReader:
+        if self.weights is None:
+            kind = type(self).__name__
+            raise RuntimeError(
+                f"kaedit.fusion.{kind} reads the weights, and none were bound: the runner "
+                "must call kaedit.fusion.bind_weights(fusion, edits) before each step")
+        return self.weights
 
 
 def check_scope(fusion: object, scope: str, valid: tuple[str, ...] = SCOPES) -> None:
@@ -247,6 +300,61 @@ def lookahead(pending: torch.Tensor, delta: torch.Tensor, step: int, k: int,
 def wise_ft_offset(edited: torch.Tensor, alpha: float) -> torch.Tensor:
     """Served − working weights for WiSE-FT: (1−α)W₀ + α(W₀ + E) − (W₀ + E) = (α − 1)E."""
     return (alpha - 1.0) * edited
+
+
+def relative_change(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """|Δ| / |W| entrywise, in float32 (RECT's criterion). An entry of W that is 0 counts as
+    an infinite relative change if Δ moves it, as none (0) if Δ does not."""
+    rel = delta.float().abs() / weight.to(delta.device, torch.float32).abs()
+    return torch.nan_to_num(rel, nan=0.0, posinf=math.inf)
+
+
+def rect(delta: torch.Tensor, weight: torch.Tensor, k: float) -> torch.Tensor:
+    """RECT (Gu et al. 2024, eq. 4-5): keep the entries of ``delta`` with the largest
+    relative change |Δ|/|W| (:func:`relative_change`), zero the rest.
+
+    As the reference (JasonForJoy/Model-Editing-Hurt ``easyeditor/models/rome/rome_main.py``
+    l. 26-33, ``set_min_to_zero``) the ``int(n·(1 − k))`` entries with the smallest relative
+    change are zeroed, so n − int(n·(1 − k)) of the n entries are kept (ties broken
+    arbitrarily). ``weight`` has ``delta``'s shape: the weight the step edits."""
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"RECT fraction k={k} must be in (0, 1]")
+    if weight.shape != delta.shape:
+        raise ValueError(f"rect: weight shape {tuple(weight.shape)} != delta shape "
+                         f"{tuple(delta.shape)}")
+    n = delta.numel()
+    n_keep = n - int(n * (1.0 - k))
+    flat = delta.reshape(-1)
+    idx = relative_change(delta, weight).reshape(-1).topk(n_keep, sorted=False).indices
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx]
+    return out.view_as(delta)
+
+
+def restrain_spectrum(edit: torch.Tensor, sigma0: float, log_base: float = math.e) -> torch.Tensor:
+    """PRUNE's restraint F of an accumulated edit ΔW (Ma et al. 2025, eq. 8 with F = log):
+    ΔW = U diag(σ) Vᵀ, every σᵢ > σ0 becomes σ0 + log_b(σᵢ / σ0), the others stay.
+
+    mjy1111/PRUNE ``easyeditor/editors/bi_editor_loadw.py`` l. 56-61 (``func_log``:
+    σ ← log σ + σ0 − log σ0, b = e) and l. 63-68 (``func_logn``, b = 2, 1.5, 1.2). Each
+    restrained σ stays above σ0 and grows only logarithmically beyond it. If no σ exceeds σ0
+    (checked first by ‖ΔW‖_F ≤ σ0, as ‖ΔW‖₂ ≤ ‖ΔW‖_F), ``edit`` is returned unchanged (a
+    copy); otherwise the SVD and the product are computed in float64 and the result is
+    cast back to ``edit``'s dtype."""
+    if not (math.isfinite(log_base) and log_base > 1.0):
+        raise ValueError(f"PRUNE log_base={log_base} must be a finite number > 1")
+    if not (math.isfinite(sigma0) and sigma0 > 0.0):
+        raise ValueError(f"PRUNE sigma0={sigma0} must be a finite number > 0")
+    if float(edit.detach().double().norm()) <= sigma0:
+        return edit.clone()
+    u, s, vh = torch.linalg.svd(edit.detach().double(), full_matrices=False)
+    s = torch.where(s > sigma0, sigma0 + torch.log(s / sigma0) / math.log(log_base), s)
+    return ((u * s) @ vh).to(edit.dtype)  # U diag(σ̂) Vᵀ
+
+
+def spectral_norm(weight: torch.Tensor) -> float:
+    """σ_max(W): the largest singular value, in float64."""
+    return float(torch.linalg.matrix_norm(weight.detach().double(), ord=2))
 
 
 def _zeros_like_cpu(d: torch.Tensor) -> torch.Tensor:
@@ -402,3 +510,82 @@ class WiseFT(StepScoped):
         if self.alpha == 1.0:
             return {}
         return {n: wise_ft_offset(e, self.alpha) for n, e in state.group("edited").items()}
+
+
+# --------------------------------------------------------- stabilisers reading the weights
+@dataclass(frozen=True)
+class Rect(ReadsWeights, Stateless):
+    """RECT (Gu et al. 2024, "Model Editing Harms General Abilities of Large Language
+    Models: Regularization to the Rescue"): each edited weight keeps the ``k`` fraction of
+    its Δ entries with the largest relative change |Δ|/|W| (:func:`rect`); W is the weight
+    the step edits, W_{t−1} (the reference's ``w``, the parameter as it stands when the
+    update is added: ``rome_main.py`` l. 64, 77; SasyaTitech/NAS
+    ``baselines/memit/memit_rect_main.py`` l. 71, 81)."""
+
+    #: Fraction of entries kept: the reference code zeroes 80 % (``set_min_to_zero(...,
+    #: 0.8)``, rome_main.py l. 79), i.e. k = 0.2; SasyaTitech/NAS's MEMIT_rect keeps 40 %.
+    k: float = 0.2
+    #: "step" or "layer" (module docstring); the reference applies it after the method.
+    scope: str = "step"
+    #: Bound by the runner (:func:`bind_weights`), never set in a config.
+    weights: WeightReader | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.k <= 1.0:
+            raise ValueError(f"fusion.k={self.k} must be in (0, 1]")
+        check_scope(self, self.scope)
+
+    def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
+        reader = self.reader()
+        return {n: rect(d, reader.current(n), self.k) for n, d in deltas.items()}
+
+
+@dataclass(frozen=True)
+class Prune(ReadsWeights, StepScoped):
+    """PRUNE (Ma et al., ICLR 2025, "Perturbation-Restrained Sequential Model Editing").
+
+    The method edits the unrestrained weights θ_t = W₀ + E_t, E_t = Σ_{s≤t} Δ_s, as PRUNE's
+    code does (``edit_save.py`` stores each sequential edit unrestrained); the served and
+    evaluated weights are W₀ + F(E_t), F = :func:`restrain_spectrum` with σ0 = σ_max(W₀) of
+    the weight (``bi_editor_loadw.py`` l. 109-170: ``delta = w − w_origin``, its singular
+    values restrained, ``w = w_origin + delta1``). The state is t, E_t (``edited``) and
+    σ_max(W₀) (``sigma0``, taken from W₀ when a weight is first edited); the served offset
+    is F(E_t) − E_t."""
+
+    #: Base b of the logarithm: e is the reference's ``--reduce_type=log``; 1.2, 1.5 and 2
+    #: its ``log1_2``, ``log1_5``, ``log2``.
+    log_base: float = math.e
+    #: Only "step": the state is carried per step.
+    scope: str = "step"
+    #: Bound by the runner (:func:`bind_weights`), never set in a config.
+    weights: WeightReader | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_scope(self, self.scope, ("step",))
+        if not (isinstance(self.log_base, (int, float)) and math.isfinite(self.log_base)
+                and self.log_base > 1.0):
+            raise ValueError(f"fusion.log_base={self.log_base} must be a finite number > 1 "
+                             "(e = 2.718281828459045 is PRUNE's default)")
+
+    def init_state(self) -> FusionState:
+        return FusionState()
+
+    def step(self, state: FusionState, deltas: Deltas,
+             generator: torch.Generator) -> tuple[FusionState, Deltas]:
+        edited, sigma0 = state.group("edited"), state.group("sigma0")
+        for name, delta in deltas.items():
+            if name not in sigma0:  # first edit of this weight: σ_max(W₀), kept in the state
+                sigma0[name] = torch.tensor([spectral_norm(self.reader().unedited(name))],
+                                            dtype=torch.float64)
+            edited[name] = edited.get(name, _zeros_like_cpu(delta)) + delta.detach().cpu().float()
+        return FusionState(state.steps + 1, {"edited": edited, "sigma0": sigma0}), {
+            n: d.clone() for n, d in deltas.items()}
+
+    def served_offset(self, state: FusionState) -> Deltas:
+        sigma0, out = state.group("sigma0"), {}
+        for name, e in state.group("edited").items():
+            restrained = restrain_spectrum(e, float(sigma0[name]), self.log_base)
+            if not torch.equal(restrained, e):
+                out[name] = restrained - e
+        return out
+

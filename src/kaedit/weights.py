@@ -113,6 +113,23 @@ class EditedWeights:
         when each weight is first edited, not every step."""
         return frobenius(self.total), math.sqrt(self._base_sq)
 
+    @torch.no_grad()
+    def unedited(self, name: str) -> torch.Tensor:
+        """W₀ of parameter ``name`` in float32 on its device: the copy taken at its first
+        edit, or the parameter itself (a copy) while it has not been edited
+        (:class:`kaedit.fusion.WeightReader`)."""
+        if name in self.base:
+            return self.base[name].float()
+        return parameters(self.model, [name])[name].detach().float().clone()
+
+    @torch.no_grad()
+    def current(self, name: str) -> torch.Tensor:
+        """The working weight W₀ + total of ``name`` in float32 on its device, as :meth:`add`
+        last set it (before its rounding to the parameter's dtype); W₀ if never edited."""
+        if name in self.base:
+            return self.base[name].float() + self.total[name].to(self.base[name].device)
+        return self.unedited(name)
+
     def load(self, total: Deltas) -> None:
         """Re-apply a saved ``total`` to an unedited model (resume)."""
         self.add(total)

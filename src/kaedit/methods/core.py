@@ -12,10 +12,14 @@
   token are computed once and cached (``TargetConfig.fast``), and requests are taken in
   chunks under a memory budget (``TargetConfig.chunk_tokens``).
 * :func:`solve_update` -- the closed form Δ = R Kᵀ (λC + c·K Kᵀ)⁻¹ (paper eq. 2 and 4).
+* :func:`nas_scale` / :func:`apply_nas` -- Norm-Anchor Scaling of the value vectors
+  (``TargetConfig.nas_anchor``, arXiv 2602.02543), applied by :func:`optimize_targets`;
+  :func:`nas_anchor` computes the anchor on the unedited model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -236,6 +240,16 @@ class TargetConfig:
     #: by length so that short rows (e.g. the KL rows, one column on the fast path) are
     #: not padded to the longest; 1 = one padded batch.
     length_groups: int = 4
+    #: NAS (Norm-Anchor Scaling, arXiv 2602.02543; SasyaTitech/NAS): the anchor, the mean
+    #: ‖v*‖ of the unedited model (:func:`nas_anchor`, ``python -m kaedit.nas_anchor``);
+    #: None: NAS off. With it, each solved value vector v* (the MLP output target, see
+    #: :func:`apply_nas`) is rescaled to this norm, or dropped (v* = v0, no edit) when its
+    #: norm exceeds ``nas_skip_factor`` times it (:func:`nas_scale`).
+    nas_anchor: float | None = None
+    #: NAS: a v* with ‖v*‖ > this · ``nas_anchor`` is not edited (v* = v0). 2 in the
+    #: reference's MEMIT, AlphaEdit, ENCORE, LyapLock and NAS ``compute_z.py``; 5 in its
+    #: ROME ``compute_v.py`` (conf/method/rome.yaml).
+    nas_skip_factor: float = 2.0
 
     def __post_init__(self) -> None:
         from kaedit.errors import ConfigError
@@ -256,6 +270,14 @@ class TargetConfig:
                 f"target.most_probable_steps={self.most_probable_steps} must be >= 1")
         if int(self.length_groups) < 1:
             raise ConfigError(f"target.length_groups={self.length_groups} must be >= 1")
+        if self.nas_anchor is not None and not (
+                isinstance(self.nas_anchor, (int, float)) and 0.0 < self.nas_anchor < math.inf):
+            raise ConfigError(f"target.nas_anchor={self.nas_anchor!r} must be a finite number "
+                              "> 0 (the unedited model's mean ‖v*‖), or null (NAS off)")
+        if not (isinstance(self.nas_skip_factor, (int, float))
+                and 1.0 <= self.nas_skip_factor <= math.inf):
+            raise ConfigError(f"target.nas_skip_factor={self.nas_skip_factor!r} must be in "
+                              "[1, inf]")
 
 
 @dataclass(frozen=True)
@@ -432,8 +454,103 @@ def optimize_targets(
                                            for rs in rows[sl] for r in rs], modules, cfg)
         for sl in request_chunks(rows, cfg)
     ]
-    return {m: (torch.cat([p[m][0] for p in parts]), torch.cat([p[m][1] for p in parts]))
-            for m in modules}
+    out = {m: (torch.cat([p[m][0] for p in parts]), torch.cat([p[m][1] for p in parts]))
+           for m in modules}
+    if cfg.nas_anchor is not None:
+        out = apply_nas(lm, requests, out, cfg.nas_anchor, cfg.nas_skip_factor)
+    return out
+
+
+# ------------------------------------------------------------------------------ NAS
+def nas_scale(v_star: torch.Tensor, v0: torch.Tensor, anchor: float,
+              skip_factor: float) -> torch.Tensor:
+    """Norm-Anchor Scaling of value vectors ``v_star`` ``[n, d]`` (one per row).
+
+    SasyaTitech/NAS ``NAS/compute_z.py`` l. 219-229 (the same in its
+    ``baselines/memit/compute_z.py`` l. 211-222): a row with ‖v*‖ > ``skip_factor`` ·
+    ``anchor`` is replaced by its ``v0`` (the MLP output before the edit: that request is
+    not edited); every other row is rescaled to norm ``anchor`` (``util/vstar_stats.py``
+    l. 35-42, ``scale_vector_to_norm``). A zero row stays zero."""
+    norm = v_star.norm(dim=1, keepdim=True)  # [n, 1]
+    tiny = torch.finfo(v_star.dtype).tiny
+    scaled = torch.where(norm > 0, v_star * (anchor / norm.clamp_min(tiny)), v_star)
+    return torch.where(norm > skip_factor * anchor, v0, scaled)
+
+
+def nas_v0(lm: LoadedModel, module: str, requests: Sequence[EditRequest],
+           init: torch.Tensor) -> torch.Tensor | None:
+    """v0 ``[n, d]`` of a target at ``module``: the MLP output of the model as it is (before
+    this step's edit) at the last subject token of the plain prompt. At an MLP output the
+    target's own ``init``; at a block's output (MEMIT's, AlphaEdit's z) the MLP output of
+    that block, so that v* = v0 + δ (the
+    reference's ``res_pre_mlp = target_init − v0``, ``v_star = delta + v0``,
+    NAS/compute_z.py l. 202-216). None for any other module (PMET's attention output)."""
+    layer = lm.spec.layer_of(module)
+    if layer is None:
+        return None
+    mlp = lm.spec.module("mlp_out", layer)
+    if module == mlp:
+        return init
+    if module == lm.spec.module("layer", layer):
+        return hidden_at_subject(lm, mlp, requests)
+    return None
+
+
+def apply_nas(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    anchor: float,
+    skip_factor: float,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`optimize_targets`'s ``{module: (init, delta)}`` with NAS applied to every value
+    vector v* = v0 + δ (:func:`nas_v0`): δ becomes nas_scale(v*) − v0 (:func:`nas_scale`),
+    so the target init + δ is the reference's ``res_pre_mlp + v_star``. Other modules
+    (attention outputs) are unchanged."""
+    out = {}
+    for module, (init, delta) in targets.items():
+        v0 = nas_v0(lm, module, requests, init)
+        if v0 is not None:
+            v0 = v0.to(delta.dtype)
+            delta = nas_scale(v0 + delta, v0, anchor, skip_factor) - v0
+        out[module] = (init, delta)
+    return out
+
+
+def upper_trimmed_mean(values: torch.Tensor, upper_quantile: float = 0.95) -> float:
+    """Mean of ``values`` without the largest ``floor((1 − q)·n)`` of them, in float64
+    (SasyaTitech/NAS ``util/vstar_stats.py`` l. 358-374, ``_upper_trimmed_mean``)."""
+    if not 0.0 < upper_quantile <= 1.0:
+        raise ValueError(f"upper_quantile={upper_quantile} must be in (0, 1]")
+    v = values.detach().double().flatten().sort().values
+    drop = math.floor((1.0 - upper_quantile) * v.numel())
+    kept = v[: v.numel() - drop]
+    if kept.numel() == 0:
+        raise ValueError("upper_trimmed_mean: no values left")
+    return float(kept.mean())
+
+
+def nas_anchor(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    layer: int,
+    cfg: TargetConfig,
+    upper_quantile: float = 0.95,
+) -> float:
+    """NAS's anchor: the mean ‖v*‖ over ``requests`` on the model as it is (call it on the
+    unedited model), the largest 5 % left out.
+
+    As SasyaTitech/NAS ``util/vstar_stats.py`` (l. 206-352: ``nas_restart`` = 1000
+    CounterFact rewrites drawn with seed 0; ``_compute_vstar_norms_batched`` l. 419-612): δ
+    is optimised at the output of block ``layer`` on the bare prompts (no context
+    templates), v* = v0 + δ with v0 the unedited MLP output there, and the upper 5 % of
+    the norms are dropped before the mean. Targets are optimised with ``cfg`` (NAS off)."""
+    module = lm.spec.module("layer", layer)
+    plain = replace(cfg, nas_anchor=None)
+    init, delta = optimize_targets(lm, requests, ["{}"], [module], plain)[module]
+    v0 = nas_v0(lm, module, requests, init)
+    assert v0 is not None  # a block's output always has one
+    return upper_trimmed_mean((v0 + delta).norm(dim=1), upper_quantile)
 
 
 def first_block(lm: LoadedModel, modules: Sequence[str]) -> int:
