@@ -28,7 +28,7 @@ from conftest import (
     gamma,
     load_tiny,
 )
-from kaedit.data import load_requests
+from kaedit.data import from_config, load_requests
 from kaedit.errors import ConfigError
 from kaedit.evaluate import CounterFactEval, Scorer
 from kaedit.experiment import compose as compose_config
@@ -306,7 +306,7 @@ def test_training_split_is_disjoint_from_the_default_runs(compose: Compose) -> N
     tcfg = compose_config(name="train_mend")
     tc = TrainConfig(**OmegaConf.to_container(tcfg.train, resolve=True))
     run = compose(["method=mend"])
-    n = 2180  # CounterFact in ../shared/data (conf/dataset/counterfact.yaml)
+    n = len(from_config(run.dataset, cache_dir=str(run.cache_dir)))  # the run's records
     val, trained = split(n, tc.records, tc.val_records)
     assert val.stop == trained.start and trained.stop == n and len(val) == tc.val_records
     schedule = Schedule(**OmegaConf.to_container(run.schedule, resolve=True))
@@ -317,8 +317,8 @@ def test_training_split_is_disjoint_from_the_default_runs(compose: Compose) -> N
     assert str(run.method.checkpoint) == str(tcfg.output).replace(
         str(tcfg.cache_dir), str(run.cache_dir)
     )
-    with pytest.raises(ConfigError, match=r"train\.records=3000.*2180"):
-        split(n, 3000, 10)
+    with pytest.raises(ConfigError, match=rf"train\.records={n + 1}.*{n}"):
+        split(n, n + 1, 10)
     with pytest.raises(ConfigError, match=re.escape("train.val_records=10 must be less")):
         split(n, 10, 10)
     with pytest.raises(ConfigError, match=re.escape("train.batch_size=0")):
