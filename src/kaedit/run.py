@@ -1,4 +1,6 @@
-"""``python -m kaedit.run [overrides]``: the only Hydra entry point.
+"""``python -m kaedit.run [overrides]``: the editing runs' Hydra entry point (the other
+two, ``python -m kaedit.trace`` and ``python -m kaedit.train_mend``, compose their own
+``conf/trace.yaml`` and ``conf/train_mend.yaml``).
 
 Composes ``conf/config.yaml`` with the command-line overrides and calls
 :func:`kaedit.experiment.run`. Bad input (dataset, schedule, model path, a config value),
