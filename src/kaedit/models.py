@@ -43,6 +43,10 @@ MODULE_KINDS = ("layer", "attn_out", "mlp_in", "mlp_out", "embed", "ln_f", "lm_h
 #: token embeddings inside the model's forward (GPT-2's ``transformer.wpe``); rotary models
 #: (Llama, GPT-NeoX, GPT-J) have none.
 OPTIONAL_KINDS = ("pos_embed",)
+#: Per-layer kinds a model may lack: ``mlp_gate``, the gate projection of a gated MLP
+#: (Llama, Mistral, Qwen: ``down(act(gate(x)) * up(x))``; UltraEdit's Llama-3 setting edits
+#: it). Checked by the method that edits it, not by :meth:`ModelSpec.check`.
+OPTIONAL_LAYER_KINDS = ("mlp_gate",)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class ModelSpec:
     transposed: tuple[str, ...] = ()
     #: Absolute position embedding module (:data:`OPTIONAL_KINDS`), or "" if the model has none.
     pos_embed: str = ""
+    #: Gate projection of a gated MLP (:data:`OPTIONAL_LAYER_KINDS`), or "" if none.
+    mlp_gate: str = ""
 
     @classmethod
     def from_config(cls, name: str, modules: Mapping[str, str], n_layers: int,
@@ -81,13 +87,14 @@ class ModelSpec:
                 f"model config {name!r} lacks module templates {missing}; "
                 f"expected all of {list(MODULE_KINDS)}"
             )
-        bad = [k for k in transposed if k not in MODULE_KINDS]
+        bad = [k for k in transposed if k not in (*MODULE_KINDS, *OPTIONAL_LAYER_KINDS)]
         if bad:
             raise ModelLoadError(f"model.transposed of {name!r} names {bad}, not module kinds "
                                  f"{list(MODULE_KINDS)}")
         return cls(name=name, n_layers=n_layers, transposed=tuple(str(k) for k in transposed),
                    **{k: str(modules[k]) for k in MODULE_KINDS},
-                   **{k: str(modules[k]) for k in OPTIONAL_KINDS if modules.get(k)})
+                   **{k: str(modules[k]) for k in (*OPTIONAL_KINDS, *OPTIONAL_LAYER_KINDS)
+                      if modules.get(k)})
 
     @property
     def layers_path(self) -> str:
