@@ -14,11 +14,13 @@ from kaedit.fusion import (
     FusionState,
     FusionStrategy,
     Lookahead,
+    MatchedNoise,
     RunningAverage,
     TopK,
     WiseFT,
     drop_rescale,
     lookahead,
+    matched_noise,
     running_average,
     top_k,
     wise_ft_offset,
@@ -63,6 +65,50 @@ def test_drop_rescale_p_zero_is_a_copy() -> None:
     out = DropRescale(0.0)({"w": delta}, gen(0))["w"]
     assert torch.equal(out, delta)
     assert out.data_ptr() != delta.data_ptr()
+
+
+@pytest.mark.parametrize("p", [0.27, 0.5, 0.8])
+def test_matched_noise_has_drs_mean_and_variance_and_drops_nothing(p: float) -> None:
+    """Issue 28's control: every entry kept, noise √(p/(1−p))·Δ ⊙ Z with the generator's
+    own normal draws, so per entry the mean is Δ and the variance p/(1−p)·Δ², DR's."""
+    delta = torch.randn(1000, N // 1000, generator=gen(5))
+    out = MatchedNoise(p)({"w": delta}, gen(0))["w"]
+    c, expect = math.sqrt(p / (1 - p)), torch.randn(delta.shape, generator=gen(0))
+    noise = c * delta * expect  # the generator's own draws, scaled
+    # Δ + c·Δ·z is two products and a sum in float32: each entry within 3 roundings (u) of
+    # |Δ| + |c·Δ·z| of the exact value, on either side (a wrong scale or draw is off by
+    # far more).
+    bound = 6 * torch.finfo(torch.float32).eps / 2 * (delta.abs() + noise.abs())
+    assert ((out - (delta + noise)).abs() <= bound).all()
+    assert not (out == 0).any() and not (out == delta).all()
+    # The draws are N(0, 1): their mean and variance within 5 standard errors of N draws.
+    assert abs(expect.mean().item()) < 5 / math.sqrt(N)
+    assert abs(expect.var().item() - 1) < 5 * math.sqrt(2 / N)
+    # Against DR with the same p, on the same Δ: the same per-entry E[Δ̂] and Var[Δ̂], so
+    # the mean square of (Δ̂ − Δ)/Δ over N entries agrees within 5 standard errors.
+    # Relative standard errors of that mean: X = c²z², Var X / (E X)² = 2; for DR,
+    # X = (m/(1−p) − 1)², E X = p/(1−p), E X² = p⁴/(1−p)³ + p.
+    dr = DropRescale(p)({"w": delta}, gen(1))["w"]
+    ex = p / (1 - p)
+    dr_rel_sd = math.sqrt(p**4 / (1 - p) ** 3 + p - ex**2) / ex
+    for fused, rel_sd in ((out, math.sqrt(2)), (dr, dr_rel_sd)):
+        rel = ((fused - delta) / delta).square().mean().item()
+        assert rel == pytest.approx(ex, rel=5 * rel_sd / math.sqrt(N))
+
+
+def test_matched_noise_seeded_p_zero_and_bad_p() -> None:
+    deltas = {"a": torch.randn(16, 8), "b": torch.randn(8, 16)}
+    one, two = MatchedNoise(0.5)(deltas, gen(3)), MatchedNoise(0.5)(dict(reversed(
+        deltas.items())), gen(3))
+    assert all(torch.equal(one[n], two[n]) for n in deltas)  # dict order does not matter
+    assert not torch.equal(MatchedNoise(0.5)(deltas, gen(4))["a"], one["a"])
+    zero = matched_noise(deltas["a"], 0.0, gen(0))
+    assert torch.equal(zero, deltas["a"]) and zero.data_ptr() != deltas["a"].data_ptr()
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"p={p}"):
+            MatchedNoise(p)
+        with pytest.raises(ValueError, match=rf"p={p}"):
+            matched_noise(torch.ones(3), p, gen(0))
 
 
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5])

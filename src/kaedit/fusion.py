@@ -10,6 +10,9 @@ Stateless strategies (``fusion(deltas, generator) -> increment``), W_t = W_{t−
 * :class:`Add` -- vanilla: W ← W + Δ.
 * :class:`TopK` -- keep the k% largest-magnitude entries of each Δ ("TR", paper §3.2).
 * :class:`DropRescale` -- DR, paper eq. 5: M ~ Bernoulli(p), Δ̂ = (1 − M) ⊙ Δ / (1 − p).
+* :class:`MatchedNoise` -- DR's noise without its sparsity (a control, issue 28):
+  Δ̂ = Δ + √(p/(1 − p)) · Δ ⊙ Z, Z ~ N(0, 1) entrywise: zero-mean noise with DR's mean
+  and per-entry variance p/(1 − p)·Δᵢⱼ², every entry kept.
 
 Stateful strategies (the model-fusion baselines of paper §6.1, Fig. 5) carry a
 :class:`FusionState` from step to step. The runner owns it: it passes it to
@@ -269,6 +272,21 @@ def drop_rescale(delta: torch.Tensor, p: float, generator: torch.Generator) -> t
     return delta * keep.to(delta.device, delta.dtype) / (1.0 - p)
 
 
+def matched_noise(delta: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """DR's first two moments without its sparsity: Δ + √(p/(1−p)) · Δ ⊙ Z, Z ~ N(0, 1).
+
+    Entrywise, drop-and-rescale's Δ̂ᵢⱼ = mᵢⱼΔᵢⱼ/(1 − p) with mᵢⱼ ~ Bernoulli(1 − p) has mean
+    Δᵢⱼ and variance p/(1 − p)·Δᵢⱼ²; this has the same mean and variance, and no entry is
+    zeroed. If it harms a run as much as DR at the same p, the harm is DR's noise, not its
+    sparsity (issue 28's control). ``p`` = 0: Δ unchanged."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"noise level p={p} must be in [0, 1)")
+    if p == 0.0:
+        return delta.clone()
+    z = torch.randn(delta.shape, generator=generator, device=generator.device)
+    return delta + math.sqrt(p / (1.0 - p)) * delta * z.to(delta.device, delta.dtype)
+
+
 def running_average(mean: torch.Tensor, delta: torch.Tensor,
                     n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold the (n+1)-th delta into the mean of the first ``n``.
@@ -405,6 +423,24 @@ class DropRescale(Stateless):
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
         # sorted: the mask of each tensor must not depend on dict insertion order
         return {n: drop_rescale(deltas[n], self.p, generator) for n in sorted(deltas)}
+
+
+@dataclass(frozen=True)
+class MatchedNoise(Stateless):
+    """:func:`matched_noise`: DR's per-entry mean and variance at drop rate ``p``, as
+    Gaussian noise on every entry (a control for :class:`DropRescale`, same scopes)."""
+
+    #: The DR drop rate whose variance the noise matches (p/(1 − p)·Δᵢⱼ² per entry).
+    p: float = 0.8
+    scope: str = "step"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p < 1.0:
+            raise ValueError(f"fusion.p={self.p} must be in [0, 1)")
+        check_scope(self, self.scope)
+
+    def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
+        return {n: matched_noise(deltas[n], self.p, generator) for n in sorted(deltas)}
 
 
 class StepScoped:
