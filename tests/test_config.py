@@ -25,9 +25,12 @@ from kaedit.schedule import Schedule
 #: (``hparams: ${method}_${model}``, ``method_fusion: ${method}_${fusion}``): each file is
 #: tested with its own pair (test_specialisation_composes_for_its_pair), not on its own.
 SPECIALISATIONS = {"hparams": "model", "method_fusion": "fusion"}
+#: Parts that model configs include (``- /model_base/llama_modules@modules``), not choices:
+#: every model config that uses one is composed below.
+PARTS = {"model_base"}
 # conf/hydra/ holds Hydra's own groups (hydra/launcher), tested in test_experiments.py
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"
-                and p.name not in SPECIALISATIONS)
+                and p.name not in SPECIALISATIONS and p.name not in PARTS)
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 #: Arguments the runner passes to every tracker on top of its config keys.
 RUNNER_KWARGS = {
@@ -57,6 +60,19 @@ def bind(path: str, node: Mapping[str, Any]) -> None:
         inspect.signature(target).bind(**kwargs)
     except TypeError as exc:
         raise TypeError(f"{path} ({node['_target_']}): {exc}") from None
+
+
+def test_model_parts_are_shared_and_each_is_used() -> None:
+    """The shared blocks of conf/model_base/ replace copies: each is used by two or more
+    model configs, and no model config repeats one of them in full."""
+    for part in sorted((CONF / "model_base").glob("*.yaml")):
+        users = [f.stem for f in sorted((CONF / "model").glob("*.yaml"))
+                 if f"/model_base/{part.stem}@" in f.read_text()]
+        assert len(users) >= 2, (part.stem, users)
+        body = [ln for ln in part.read_text().splitlines() if ln and not ln.startswith("#")]
+        for f in sorted((CONF / "model").glob("*.yaml")):
+            text = f.read_text()
+            assert not all(f"  {ln}" in text for ln in body), (f.stem, part.stem)
 
 
 def test_every_group_has_options() -> None:
