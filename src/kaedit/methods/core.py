@@ -11,7 +11,8 @@
   early stopping (MEMIT eq. 16 / PMET / AdaPLE eq. 25); positions before the subject
   token are computed once and cached (``TargetConfig.fast``), and requests are taken in
   chunks under a memory budget (``TargetConfig.chunk_tokens``).
-* :func:`solve_update` -- the closed form Δ = R Kᵀ (λC + c·K Kᵀ)⁻¹ (paper eq. 2 and 4).
+* :func:`solve_update` -- the closed form Δ = R Kᵀ (λC + c·K Kᵀ)⁻¹ (paper eq. 2 and 4),
+  optionally with ENCORE's μI and earlier edits' K_p K_pᵀ in the inverse.
 * :func:`nas_scale` / :func:`apply_nas` -- Norm-Anchor Scaling of the value vectors
   (``TargetConfig.nas_anchor``, arXiv 2602.02543), applied by :func:`optimize_targets`;
   :func:`nas_anchor` computes the anchor on the unedited model.
@@ -811,14 +812,26 @@ def solve_update(
     cov: torch.Tensor,
     lam: float,
     kk_coef: float = 1.0,
+    ridge: float = 0.0,
+    prev_kk: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Δ = R Kᵀ (λC + c·K Kᵀ)⁻¹ in float64 (paper eq. 2 with c=1; eq. 4 with c=2).
+    """Δ = R Kᵀ (λC + μI + K_p K_pᵀ + c·K Kᵀ)⁻¹ in float64 (paper eq. 2 with c=1; eq. 4
+    with c=2; μ = ``ridge`` and K_p K_pᵀ = ``prev_kk`` are 0 unless given).
 
     ``resid`` R ``[d_out, n]``, ``keys`` K ``[d_in, n]``, ``cov`` C ``[d_in, d_in]``;
     returns Δ ``[d_out, d_in]`` (the orientation of ``nn.Linear.weight``). Solved as
     A X = K with A symmetric, then Δ = R Xᵀ, never forming an inverse.
+
+    With ``ridge`` and ``prev_kk`` (ENCORE, :mod:`kaedit.methods.encore`) Δ minimises
+    ‖ΔK − R‖² + λ tr(ΔCΔᵀ) + μ‖Δ‖²_F + ‖ΔK_p‖² (c = 1): a Frobenius-norm penalty on the
+    update and the keys K_p of earlier edits kept where they are.
     """
     K = keys.double()
-    A = lam * cov.double() + kk_coef * (K @ K.T)  # [d_in, d_in]
+    A = lam * cov.double()  # [d_in, d_in]
+    if ridge:
+        A.diagonal().add_(ridge)
+    if prev_kk is not None:
+        A = A + prev_kk.to(device=A.device, dtype=torch.float64)
+    A = A + kk_coef * (K @ K.T)
     X = torch.linalg.solve(A, K)  # [d_in, n] = A⁻¹ K
     return (resid.double() @ X.T).float()
