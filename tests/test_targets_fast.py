@@ -16,19 +16,26 @@ from kaedit.errors import ConfigError
 from kaedit.hooks import count_hooks, edit_outputs
 from kaedit.methods.base import EditContext
 from kaedit.methods.core import (
+    BlockStart,
     TargetConfig,
     _chunk_cost,
     _Prefix,
     _request_rows,
+    compute_keys,
     first_block,
+    hidden_at_subject,
+    key_encodings,
     length_groups,
     optimize_targets,
+    plain_encodings,
     request_chunks,
+    spread_residual,
 )
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
 from kaedit.stats import CovarianceStore
 from kaedit.tokens import TeacherForced, block_inputs, encode, final_hidden, pad
+from kaedit.weights import applied
 
 # Subjects at the start, in the middle and at the end of prompts of different lengths;
 # "X" at the start of "{} is a" leaves that KL row an empty prefix.
@@ -326,3 +333,72 @@ def test_most_probable_early_stopping_waits_for_the_argmax(lm: LoadedModel) -> N
     assert torch.equal(out[modules[0]][1], ref[modules[0]][1])
     with pytest.raises(ConfigError, match="most_probable_steps=0"):
         TargetConfig(most_probable_steps=0)
+
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_keys_from_a_cached_block_input_equal_the_full_forward(lm: LoadedModel,
+                                                               start: int) -> None:
+    """Issue 30: MEMIT's layer loop reads keys and hidden states at blocks ``start`` and
+    up with the earlier layers' updates in place; the input of block ``start``, which those
+    updates cannot change, is computed once (:class:`BlockStart`). The keys and outputs
+    are those of running every block, with an update in place above ``start``."""
+    dev = lm.device
+    key_in = BlockStart.build(lm, key_encodings(lm, REQUESTS, TEMPLATES), start)
+    plain_in = BlockStart.build(lm, plain_encodings(lm, REQUESTS), start)
+    name = lm.spec.weight("mlp_out", start)
+    weight = lm.model.get_parameter(name)
+    update = {name: 0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+              .to(dev, weight.dtype)}
+    top = lm.spec.module("layer", lm.spec.n_layers - 1)
+    for in_place in ({}, update):
+        with applied(lm.model, in_place):
+            for layer in range(start, lm.spec.n_layers):
+                full = compute_keys(lm, layer, REQUESTS, TEMPLATES)
+                cached = compute_keys(lm, layer, REQUESTS, TEMPLATES, prepared=key_in)
+                # the same blocks on the same inputs; only differently shaped products
+                # may round differently: FORWARD_REL of the keys' scale
+                assert_close_to_scale(cached, full, rel=FORWARD_REL, msg=f"keys {layer}")
+            assert_close_to_scale(hidden_at_subject(lm, top, REQUESTS, prepared=plain_in),
+                                  hidden_at_subject(lm, top, REQUESTS), rel=FORWARD_REL,
+                                  msg="hidden")
+    assert count_hooks(lm.model) == 0
+    # the update in place changes the keys above it: the cache did not freeze them
+    with applied(lm.model, update):
+        moved = compute_keys(lm, start + 1, REQUESTS, TEMPLATES, prepared=key_in)
+    assert not torch.allclose(moved, compute_keys(lm, start + 1, REQUESTS, TEMPLATES,
+                                                  prepared=key_in), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="below the cached block"):
+        key_in.at(lm, lm.spec.module("mlp_out", start - 1), want_input=True)
+
+
+def test_spread_residual_reads_keys_from_the_lowest_edited_block(lm: LoadedModel,
+                                                                 ctx: EditContext) -> None:
+    """The layer loop with the cached block input gives the deltas of the plain one."""
+    layers = [1, 2]
+    z_module = lm.spec.module("layer", layers[-1])
+    z = hidden_at_subject(lm, z_module, REQUESTS) + 0.5
+    covs = ctx.stats.get(lm, layers)
+
+    def solve(layer, resid, keys, weight):
+        from kaedit.methods.core import solve_update
+        return solve_update(resid, keys, covs[layer], 10.0)
+
+    got = spread_residual(lm, REQUESTS, TEMPLATES, layers, z, z_module, solve)
+    # the same loop with every key and hidden state computed from the embeddings
+    want, in_place, kappa = {}, {}, {}
+    for i, layer in enumerate(layers):
+        name = lm.spec.weight("mlp_out", layer)
+        with applied(lm.model, in_place):
+            keys = compute_keys(lm, layer, REQUESTS, TEMPLATES)
+            cur = hidden_at_subject(lm, z_module, REQUESTS)
+        resid = (z - cur).T / (len(layers) - i)
+        want[name] = lm.spec.to_param("mlp_out", solve(layer, resid, keys, None).float())
+        in_place[name] = want[name]
+        k = keys.double()
+        kappa[name] = float(torch.linalg.cond(10.0 * covs[layer].double() + k @ k.T))
+    for name in want:
+        # Keys and residuals agree to FORWARD_REL of their scale (test above); Δ = R Kᵀ A⁻¹
+        # with A = λC + KKᵀ moves by at most ~(2 + 2κ(A)) times that (R and K once each,
+        # K twice more inside A); the second layer also inherits the first's: twice again.
+        rel = 4 * (2 + 2 * max(kappa.values())) * FORWARD_REL
+        assert_close_to_scale(got[name], want[name], rel=rel, msg=name)
