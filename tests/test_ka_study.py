@@ -7,6 +7,7 @@ into summary.csv, copies and figures."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import Compose, assert_close_to_scale, csv_approx, load_tiny, memit_crashes_at_call
+from conftest import (
+    Compose,
+    assert_close_to_scale,
+    csv_approx,
+    csv_rel,
+    load_tiny,
+    memit_crashes_at_call,
+)
 from kaedit import experiment, ka_study
+from kaedit.analyze import retained_aged, retention_by_age
 from kaedit.evaluate import CounterFactEval, Scorer, aggregate
 from kaedit.experiment import Evaluation
 from kaedit.records import EditRequest
@@ -255,7 +264,19 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"seen_efficacy.png", "seen_generalization.png", "seen_specificity.png",
             "seen_score.png", "fixed_specificity.png", "first_batch.png", "perplexity.png",
-            "compare.png", "drop_rate.png"} == figures
+            "compare.png", "drop_rate.png", "retained_by_age.png"} == figures
+    # the attenuation column under its new name; retention by age of every run
+    assert "ka_drop" not in table and "batch_minus_seen_efficacy" in table
+    by_age = pd.read_csv(out / "retention_by_age.csv")
+    assert by_age["run"].unique().tolist() == table["run"].tolist()
+    assert (by_age["no_own_step"] == 0).all()  # every step evaluated: all have their own row
+    for run in study_runs:
+        expected = retention_by_age(pd.read_csv(run / "retention.csv"))
+        got = by_age[by_age["run"] == run.name].drop(columns="run").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=csv_rel())
+        row = table[table["run"] == run.name].iloc[0]
+        assert row["retained_aged"] == csv_approx(retained_aged(expected)["retained_aged"])
+        assert row["retained_aged_n"] == retained_aged(expected)["retained_aged_n"] > 0
     assert json.loads((out / "memit-add" / "summary.json").read_text())["edits_done"] == 8
 
 
@@ -286,8 +307,14 @@ def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path:
             # paired*.csv: %.6g of the mean of the same retention.csv values
             assert row["mean_a"] == csv_approx(100 * a[row["metric"]].mean())
             assert row["mean_b"] == csv_approx(100 * b[row["metric"]].mean())
-            assert 0 <= row["p_sign"] <= 1
+            assert 0 <= row["p_sign"] <= row["p_holm"] <= 1
     assert pd.read_csv(out / "paired_methods.csv")["fusion"].eq("add").all()
+    # p_holm: one family over the three files (in the order written), beside p_sign
+    files = [pd.read_csv(out / f) for f in ("paired.csv", "paired_methods.csv", "paired_p.csv")]
+    assert all(list(t.columns[-2:]) == ["p_sign", "p_holm"] for t in files)
+    raw = np.concatenate([t["p_sign"] for t in files])
+    np.testing.assert_allclose(np.concatenate([t["p_holm"] for t in files]),
+                               ka_study.holm(raw), rtol=csv_rel(roundings=2))
     p_pairs = pd.read_csv(out / "paired_p.csv")
     assert (p_pairs["p_a"] == 0.8).all() and (p_pairs["p_b"] == 0.5).all()
 
@@ -400,3 +427,105 @@ def test_publish_rejects_a_directory_without_a_run(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     assert ka_study.main(["publish", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no metrics.csv" in capsys.readouterr().err
+
+
+def test_holm_adjusts_a_worked_example() -> None:
+    """By hand: m = 4, sorted 0.005, 0.01, 0.03, 0.04 → 4·0.005 = 0.02, 3·0.01 = 0.03,
+    2·0.03 = 0.06, 1·0.04 = 0.04 → running maximum 0.02, 0.03, 0.06, 0.06 (the last
+    raised to keep the order), given back in the input order; NaN is not counted."""
+    p = [0.01, 0.04, math.nan, 0.03, 0.005]
+    got = ka_study.holm(p)
+    np.testing.assert_allclose(got, [0.03, 0.06, math.nan, 0.06, 0.02])
+    # capped at 1: 2·0.6 = 1.2 → 1, and the running maximum keeps the larger one at 1
+    np.testing.assert_allclose(ka_study.holm([0.6, 0.7]), [1.0, 1.0])
+    assert ka_study.holm([]).shape == (0,)
+
+
+def test_holm_is_monotone_at_least_raw_and_at_most_one() -> None:
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.uniform(0, 1, 200), rng.uniform(0, 1e-4, 20), [1.0, 1.0, 0.0]])
+    adj = ka_study.holm(p)
+    order = np.argsort(p, kind="stable")
+    assert (np.diff(adj[order]) >= 0).all()  # the same order as the raw p-values
+    assert (adj >= p).all() and (adj <= 1).all()
+    # the smallest is multiplied by m (Bonferroni), the largest never below its raw value
+    assert adj[order[0]] == pytest.approx(min(1.0, len(p) * p[order[0]]))
+
+
+def test_adjust_family_spans_every_table() -> None:
+    a = pd.DataFrame({"x": [1, 2], "p_sign": [0.01, 0.04], "n": [5, 5]})
+    b = pd.DataFrame({"x": [3, 4], "p_sign": [0.03, 0.005], "n": [5, 5]})
+    ka_study.adjust_family({"a": a, "b": b})
+    assert list(a.columns) == ["x", "p_sign", "p_holm", "n"]
+    np.testing.assert_allclose([*a["p_holm"], *b["p_holm"]], [0.03, 0.06, 0.06, 0.02])
+
+
+# ------------------------------------------------------------- retention by age (B)
+def retention_rows(rows: Sequence[tuple[int, str, int, float]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["step", "case_id", "step_made", "efficacy"])
+
+
+def test_retention_by_age_by_hand() -> None:
+    """Edits a, b, c made at step 1 (b fails at once), d, e at step 2, f at step 3; g, made
+    at step 2, is tracked only at step 3 (no own-step row). By hand:
+
+    * step 2, age 1 (made 1): tracked a b c; b failed at once; n = 2 (a, c), kept 1 (a);
+    * step 3, age 1 (made 2): tracked d e g; g has no own row; n = 2 (d, e), kept 1 (d);
+    * step 3, age 2 (made 1): tracked a b c; n = 2 (a, c), kept 0 (b's 1 does not count:
+      it failed at its own step);
+    * retained_aged at step 3: (1 + 0) / (2 + 2) = 25 %, 4 edits, 1 left out."""
+    rows = retention_rows([
+        (0, "a", 0, 0), (0, "b", 0, 1),  # the unedited model: not an edit yet
+        (1, "a", 1, 1), (1, "b", 1, 0), (1, "c", 1, 1),
+        (2, "a", 1, 1), (2, "b", 1, 1), (2, "c", 1, 0), (2, "d", 2, 1), (2, "e", 2, 1),
+        (3, "a", 1, 0), (3, "b", 1, 1), (3, "c", 1, 0), (3, "d", 2, 1), (3, "e", 2, 0),
+        (3, "f", 3, 1), (3, "g", 2, 1)])
+    table = retention_by_age(rows)
+    assert table[["step", "age", "step_made"]].values.tolist() == [[2, 1, 1], [3, 1, 2],
+                                                                    [3, 2, 1]]
+    assert table["tracked"].tolist() == [3, 3, 3]
+    assert table["no_own_step"].tolist() == [0, 1, 0]
+    assert table["failed_own_step"].tolist() == [1, 0, 1]
+    assert table["n"].tolist() == [2, 2, 2]
+    assert table["kept"].tolist() == [1, 1, 0]
+    assert table["retained"].tolist() == [50.0, 50.0, 0.0]
+    assert retained_aged(table) == {"retained_aged": 25.0, "retained_aged_n": 4,
+                                    "retained_aged_no_own_step": 1}
+
+
+def test_retention_by_age_counts_only_whole_successes_and_empty_is_nan() -> None:
+    # zsRE-like values: 0.5 at its own step is not a success; nothing learnt: NaN, not 0
+    table = retention_by_age(retention_rows([(1, "a", 1, 0.5), (2, "a", 1, 1.0)]))
+    assert table[["failed_own_step", "n", "kept"]].values.tolist() == [[1, 0, 0]]
+    assert np.isnan(table["retained"].item())
+    assert np.isnan(retained_aged(table)["retained_aged"])
+    only_new = retention_by_age(retention_rows([(0, "a", 0, 1.0), (1, "a", 1, 1.0)]))
+    assert only_new.empty and np.isnan(retained_aged(only_new)["retained_aged"])
+
+
+@pytest.mark.parametrize(("eval_every", "missing"), [(1, False), (2, True)])
+def test_every_sampled_edit_has_its_own_step_row_when_every_step_is_evaluated(
+        eval_every: int, missing: bool) -> None:
+    """The seen sample (the first N of one seeded order among the edits made so far) with
+    the first batch in full: an edit tracked at step t was tracked at its own step, so
+    with every step evaluated no edit is left out; evaluated every other step, the edits
+    of the skipped steps (and the first batch's) have no own-step row."""
+    planned = [EditRequest(case_id=str(i), subject="s", prompt="{} p", target_new="n")
+               for i in range(60)]
+    ev = Evaluation(Recording(), scorer=None, planned=planned, sample=7, seed=3,
+                    first_batch=range(4))
+    made_at = [i // 4 + 1 for i in range(60)]  # 15 steps of 4
+    rows = [(step, str(i), made_at[i] if i < 4 * step else 0, 1.0)
+            for step in range(16) if step % eval_every == 0 or step == 15
+            for i in ev.tracked_indices(4 * step)]
+    table = retention_by_age(retention_rows(rows))
+    assert (table["no_own_step"].sum() > 0) == missing
+    assert (table["tracked"] == table["no_own_step"] + table["n"]).all()  # all 1.0
+
+
+def test_read_summary_reads_old_files(tmp_path: Path) -> None:
+    pd.DataFrame({"run": ["x"], "ka_drop": [9.8]}).to_csv(tmp_path / "old.csv", index=False)
+    assert ka_study.read_summary(tmp_path / "old.csv")["batch_minus_seen_efficacy"].item() == 9.8
+    new = pd.DataFrame({"run": ["x"], "batch_minus_seen_efficacy": [1.0]})
+    new.to_csv(tmp_path / "new.csv", index=False)
+    pd.testing.assert_frame_equal(ka_study.read_summary(tmp_path / "new.csv"), new)

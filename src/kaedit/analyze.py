@@ -136,6 +136,65 @@ def retention_matrix(retention: pd.DataFrame, metric: str = "efficacy") -> pd.Da
                             aggfunc="mean") * 100
 
 
+#: Columns of :func:`retention_by_age`, after the step, age and step made.
+BY_AGE = ("tracked", "no_own_step", "failed_own_step", "n", "kept", "retained")
+
+
+def retention_by_age(retention: pd.DataFrame, metric: str = "efficacy") -> pd.DataFrame:
+    """Per-edit retention of the edits that succeeded at their own step, by age.
+
+    For each evaluated step t and each batch made at step s < t (age a = t − s ≥ 1), over
+    the edits of that batch that ``retention.csv`` tracked at t:
+
+    * ``tracked`` -- how many there are;
+    * ``no_own_step`` -- of those, how many have no row at their own step (t = s): their
+      step was not evaluated (``schedule.eval_every`` > 1) or they were not tracked then.
+      With the seen sample (the first N of one seeded order among the edits made so far)
+      and every step evaluated this is 0: an edit's rank in the order among the edits made
+      by s is at most its rank among those made by t, so an edit in the sample at t was
+      in it at s; the first batch in full is tracked from step 1 on;
+    * ``failed_own_step`` -- of the rest, how many did not succeed at their own step;
+    * ``n`` -- the others: those that succeeded at their own step (``metric`` = 1, the
+      whole value: CounterFact's 0/1 efficacy, zsRE's every answer token);
+    * ``kept`` -- of those ``n``, how many still succeed at t; ``retained`` = 100·kept / n
+      (NaN when n = 0).
+
+    Unlike the batch's efficacy minus the seen sample's (``batch_minus_seen_efficacy``),
+    this leaves out the newest, unaged batch and the edits that never took: it is the
+    share of learnt edits that later edits have not undone. An edit undone entirely falls
+    back to what the model preferred before it, which is the new object for some (the
+    unedited SmolLM2 prefers it on about a third of CounterFact's rewrite prompts), so
+    total forgetting still reads above 0."""
+    made = retention.loc[retention["step_made"] > 0, ["step", "case_id", "step_made", metric]]
+    own = made[made["step"] == made["step_made"]]
+    own = own[["case_id", "step_made", metric]].rename(columns={metric: "own"})
+    later = made[made["step"] > made["step_made"]].merge(
+        own, on=["case_id", "step_made"], how="left", validate="many_to_one")
+    later["age"] = later["step"] - later["step_made"]
+    took = later["own"] >= 1.0
+    later = later.assign(no_own_step=later["own"].isna(),
+                         failed_own_step=later["own"].notna() & ~took,
+                         n=took, kept=took & (later[metric] >= 1.0))
+    keys = ["step", "age", "step_made"]
+    table = later.groupby(keys)[["no_own_step", "failed_own_step", "n", "kept"]].sum()
+    table.insert(0, "tracked", later.groupby(keys).size())
+    table = table.astype(int).reset_index()
+    table["retained"] = 100.0 * table["kept"] / table["n"].where(table["n"] > 0)
+    return table[[*keys, *BY_AGE]].sort_values(["step", "age"], ignore_index=True)
+
+
+def retained_aged(by_age: pd.DataFrame) -> dict[str, float]:
+    """At the last evaluated step of :func:`retention_by_age`'s table, over every age ≥ 1:
+    ``retained_aged`` = 100·Σ kept / Σ n (NaN when Σ n = 0), ``retained_aged_n`` = Σ n and
+    ``retained_aged_no_own_step`` = Σ no_own_step (the tracked edits left out)."""
+    if by_age.empty:
+        return {"retained_aged": np.nan, "retained_aged_n": 0, "retained_aged_no_own_step": 0}
+    last = by_age[by_age["step"] == by_age["step"].max()]
+    n, kept = int(last["n"].sum()), int(last["kept"].sum())
+    return {"retained_aged": 100.0 * kept / n if n else np.nan, "retained_aged_n": n,
+            "retained_aged_no_own_step": int(last["no_own_step"].sum())}
+
+
 def plot_retention(run: Run, out: Path, metric: str = "efficacy") -> Path | None:
     if run.retention is None or metric not in run.retention or not (
             run.retention["step_made"] > 0).any():

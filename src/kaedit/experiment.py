@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kaedit import checkpoint
+from kaedit import checkpoint, wild
 from kaedit.checkpoint import RunState
 from kaedit.errors import ConfigError
 from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate, check_tokenisation
@@ -106,6 +106,8 @@ class Evaluation:
         self.sample = sample or len(planned)
         self.first_batch = sorted(first_batch)
         self.fixed = sorted(order[: len(planned) if fixed is None else int(fixed)])
+        #: WILD evaluation (:mod:`kaedit.wild`), set by the runner when ``wild.every`` ≠ 0.
+        self.wild: wild.WildEval | None = None
 
     def seen_indices(self, n_done: int) -> list[int]:
         pool = [i for i in self.order if i < n_done] if n_done else self.order
@@ -145,6 +147,24 @@ class Evaluation:
             row.update({f"fixed/{m}": fixed[f"fixed/{m}"] for m in FIXED
                         if f"fixed/{m}" in fixed})
         return row, tracked, pick(tracked)
+
+    def wild_scores(self, batch: Sequence[int], n_done: int) -> tuple[dict, dict]:
+        """WILD scores (:attr:`wild`) of the batch and the tracked edits, each request
+        once: ``wild/batch/*`` and ``wild/seen/*`` for the metrics row, and the tracked
+        edits' values (:meth:`tracked_indices` order) as ``wild_<metric>`` for
+        ``retention.csv``."""
+        assert self.wild is not None
+        tracked = self.tracked_indices(n_done)
+        scored = sorted(set(batch) | set(tracked))
+        values = self.wild([self.planned[i] for i in scored])
+        at = {i: k for k, i in enumerate(scored)}
+
+        def pick(idx: Sequence[int]) -> dict:
+            return {k: v[[at[i] for i in idx]] for k, v in values.items()}
+
+        row = {**wild.aggregate(pick(batch), "wild/batch"),
+               **wild.aggregate(pick(self.seen_indices(n_done)), "wild/seen")}
+        return row, {f"wild_{k}": v for k, v in pick(tracked).items()}
 
 
 @dataclass
@@ -366,6 +386,14 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
                                                    schedule.generation_at(step, n_steps))
             if perplexity is not None and perplexity.due(step, n_steps):
                 row["general/perplexity"] = perplexity(lm)
+            if evaluation.wild is None:  # WILD (kaedit.wild): answers of the unedited model
+                evaluation.wild = wild.start(cfg.get("wild"), lm, run_dir, step, evaluation,
+                                             schedule, batches)
+            if evaluation.wild is not None and evaluation.wild.due(step, n_steps):
+                t_wild = time.perf_counter()
+                more, per_edit = evaluation.wild_scores(batch, n_done)
+                row.update({**more, "time/wild_s": time.perf_counter() - t_wild})
+                per_tracked.update(per_edit)
         t_eval = time.perf_counter() - t0
         state.eval_s += t_eval
         row = {"step": step, "edits_done": n_done, **extra, **row,

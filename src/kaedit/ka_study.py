@@ -5,7 +5,13 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
 
 * ``summary.csv`` -- one row per run: :func:`kaedit.sweep.job_result`'s row (status, final
   ``seen/*``, first-batch efficacy ``retention/first_batch``, edits, steps, wall time of
-  the last segment, attenuation) with the run's method, fusion, drop rate ``p``, scope
+  the last segment, attenuation: ``unedited_efficacy``, ``immediate_efficacy`` and
+  ``batch_minus_seen_efficacy``, the mean immediate batch efficacy minus the last seen
+  efficacy, called ``ka_drop`` before issue 27) and
+  ``retained_aged`` (the share of the tracked edits that succeeded at their own step and
+  still succeed at the last step, over every age ≥ 1; ``retained_aged_n`` of them,
+  ``retained_aged_no_own_step`` left out for want of an own-step row:
+  :func:`kaedit.analyze.retention_by_age`), with the run's method, fusion, drop rate ``p``, scope
   and batch size from its ``config.yaml``, the values at the start (step 0, the unedited
   model) and at the end (the last logged value) of fluency, consistency, WikiText-2
   perplexity and the fixed set's specificity, ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
@@ -24,12 +30,22 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   tracked at their last common step (every tracked edit, and the first batch alone): the
   mean of each metric in either run, how many records each run scored higher, and the
   two-sided exact sign test's p-value over those records (McNemar's test for efficacy,
-  which is 0/1 per record). With one seed and one order of edits per row, a difference of
-  a few points between two rows is within what chance gives; this says which are not;
+  which is 0/1 per record), and ``p_holm``, that p-value Holm-adjusted (:func:`holm`)
+  over the family of every comparison this ``publish`` call writes to ``paired.csv``,
+  ``paired_methods.csv`` and ``paired_p.csv`` together. With one seed and one order of
+  edits per row, a difference of a few points between two rows is within what chance
+  gives; this says which are not. Every record of a run shares its one trajectory (one
+  order of edits, one seed and so one set of drop masks): the p-values cover the choice
+  of records, not of seeds;
 * ``paired_methods.csv`` -- the same, each run against the baseline method (``memit``) of
   the same config but for the method: which method holds its edits better, per fusion;
 * ``paired_p.csv`` -- the same, each drop-and-rescale run against the one at p = 0.8 of
   the same config but for ``fusion.p`` (the paper's Fig. 6 sweep);
+* ``retention_by_age.csv`` -- per run, evaluated step and age (steps since the edit):
+  of the tracked edits of that age, how many succeeded at their own step (``n``), how many
+  of those still succeed (``kept``) and ``retained`` = 100·kept / n
+  (:func:`kaedit.analyze.retention_by_age`); ``figures/retained_by_age.png`` draws it at
+  each run's last step;
 * ``figures/`` -- one plot per metric with a line per run (:func:`kaedit.analyze.plot_metric`):
   ``seen_efficacy.png``, ``seen_generalization.png``, ``seen_specificity.png``,
   ``seen_score.png``, ``fixed_specificity.png``, ``first_batch.png``, and
@@ -55,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from kaedit.errors import EXIT_BAD_INPUT, ConfigError
@@ -98,6 +115,13 @@ COMPARED = {
                          "--method-baseline", "fusion"),
     "p": Comparison("p", "fusion.p", "paired_p.csv", 0.8, "--p-baseline", "method", float),
 }
+#: Old names of ``summary.csv`` columns: ``ka_drop`` (before issue 27) is
+#: ``batch_minus_seen_efficacy``, the mean immediate batch efficacy minus the last seen
+#: efficacy (the newest batch included, and floored by the unedited model's success rate),
+#: not a drop of any one edit's; :func:`read_summary` reads either.
+RENAMED = {"ka_drop": "batch_minus_seen_efficacy"}
+#: Per-edit retention by age of every run (:func:`kaedit.analyze.retention_by_age`).
+BY_AGE_FILE = "retention_by_age.csv"
 #: Files copied from each run directory (all small: rows per step, not per token).
 COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.json",
           "config.yaml")
@@ -113,6 +137,13 @@ FIGURES = (
     ("retention/first_batch", "first_batch.png", "efficacy of the first batch's edits", False),
     ("general/perplexity", "perplexity.png", "WikiText-2 perplexity (log scale)", True),
 )
+
+
+def read_summary(path: str | Path) -> pd.DataFrame:
+    """A ``summary.csv`` written by :func:`publish`, old ones (before issue 27) with their
+    columns renamed as now (:data:`RENAMED`)."""
+    table = pd.read_csv(path)
+    return table.rename(columns={k: v for k, v in RENAMED.items() if v not in table})
 
 
 def start_end(metrics: pd.DataFrame, column: str) -> tuple[float, float]:
@@ -143,9 +174,19 @@ def drift_norm_end(run: Run) -> float:
     return frobenius(saved.deltas)
 
 
+def by_age(run: Run) -> pd.DataFrame:
+    """:func:`kaedit.analyze.retention_by_age` of the run's efficacy (empty without
+    ``retention.csv``)."""
+    from kaedit.analyze import BY_AGE, retention_by_age
+
+    if run.retention is None or "efficacy" not in run.retention:
+        return pd.DataFrame(columns=["step", "age", "step_made", *BY_AGE])
+    return retention_by_age(run.retention, "efficacy")
+
+
 def run_row(run: Run) -> dict[str, Any]:
     """One row of ``summary.csv`` (see the module docstring) for a loaded run."""
-    from kaedit.analyze import _class_name
+    from kaedit.analyze import _class_name, retained_aged
     from kaedit.sweep import job_result
 
     cfg, metrics = run.config, run.metrics
@@ -165,6 +206,7 @@ def run_row(run: Run) -> dict[str, Any]:
     result = job_result(run.path)  # kaedit.sweep: the table every -m sweep ends with
     result.pop("job"), result.pop("overrides")
     row.update(result)
+    row.update(retained_aged(by_age(run)))
     for name, column in START_END.items():
         row[f"{name}_start"], row[f"{name}_end"] = start_end(metrics, column)
     # update sizes (kaedit.experiment.update_sizes; NaN for runs that did not log them):
@@ -205,6 +247,33 @@ def compare_records(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, 
         "a_higher": a_higher,
         "p_sign": binomtest(b_higher, differing).pvalue if differing else 1.0,
     }
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm–Bonferroni step-down adjusted p-values (Holm 1979, *Scand. J. Statist.* 6:65–70),
+    in the given order. With the m p-values sorted ascending, p₍₁₎ ≤ … ≤ p₍ₘ₎, the i-th
+    becomes max over j ≤ i of min(1, (m − j + 1)·p₍ⱼ₎): monotone in p, never below the raw
+    value, at most 1; it controls the family-wise error rate under any dependence between
+    the tests. NaN stays NaN and is not counted in m. (Neither scipy nor this project's
+    other dependencies have it: scipy.stats.false_discovery_control is Benjamini–Hochberg;
+    statsmodels' multipletests(method="holm") computes the same.)"""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok], kind="stable")]  # ascending; ties keep their order
+    scaled = (len(order) - np.arange(len(order))) * p[order]  # (m − j + 1)·p₍ⱼ₎
+    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return out
+
+
+def adjust_family(tables: Mapping[str, pd.DataFrame]) -> None:
+    """Adds ``p_holm`` beside ``p_sign`` in every table, in place: :func:`holm` over the
+    family of every comparison in all of ``tables`` together (one ``publish`` call's
+    paired files), so a p_holm below α holds at α family-wise across all of them."""
+    adjusted = iter(holm([p for t in tables.values() for p in t["p_sign"]]))
+    for table in tables.values():
+        table.insert(table.columns.get_loc("p_sign") + 1, "p_holm",
+                     [next(adjusted) for _ in range(len(table))])
 
 
 def without(config: dict[str, Any], node: str) -> dict[str, Any]:
@@ -344,6 +413,34 @@ def plot_drop_rate(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
     return _save(fig, path)
 
 
+def plot_retained_by_age(runs: Sequence[Run], ages: Sequence[pd.DataFrame],
+                         path: Path) -> Path | None:
+    """At each run's last evaluated step, the share (x100) of the edits that succeeded at
+    their own step and still succeed, against their age (steps since the edit), a line per
+    run (None: no run has an aged edit)."""
+    from kaedit.analyze import _pyplot, _save, run_labels
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for table, label in zip(ages, run_labels(runs), strict=True):
+        last = table[table["step"] == table["step"].max()] if len(table) else table
+        if len(last):
+            ax.plot(last["age"], last["retained"], marker="o", ms=3, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("age (steps since the edit) at the last step")
+    ax.set_ylabel("still succeeding, of those that succeeded at once (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title("retention of learnt edits by age", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def publish(run_dirs: Sequence[str | Path], out: str | Path,
             baselines: Mapping[str, Any] | None = None) -> list[Path]:
     """Write ``summary.csv``, the paired files, the copies and the figures into ``out``;
@@ -363,10 +460,18 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / SUMMARY, index=False, float_format="%.6g")
     written = [out / SUMMARY]
-    for compared, baseline in chosen.items():
-        written.append(out / COMPARED[compared].file)
-        paired(runs, rows, baseline, compared).to_csv(written[-1], index=False,
-                                                      float_format="%.6g")
+    tables = {COMPARED[compared].file: paired(runs, rows, baseline, compared)
+              for compared, baseline in chosen.items()}
+    adjust_family(tables)  # p_holm: one family, every comparison of this call
+    for file, table in tables.items():
+        written.append(out / file)
+        table.to_csv(written[-1], index=False, float_format="%.6g")
+    ages = [by_age(run) for run in runs]
+    table = pd.concat([t.assign(run=run.name) for t, run in zip(ages, runs, strict=True)],
+                      ignore_index=True)
+    table.insert(0, "run", table.pop("run"))
+    written.append(out / BY_AGE_FILE)
+    table.to_csv(written[-1], index=False, float_format="%.6g")
     for run in runs:
         dest = out / run.name
         dest.mkdir(exist_ok=True)
@@ -379,7 +484,9 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
     written += [p for column, name, title, log in FIGURES
                 if (p := plot_metric(runs, column, figures / name, title, log))]
     written.append(plot_comparison(runs, figures))
-    written += [p for p in (plot_drop_rate(runs, rows, figures / "drop_rate.png"),) if p]
+    written += [p for p in (plot_drop_rate(runs, rows, figures / "drop_rate.png"),
+                            plot_retained_by_age(runs, ages, figures / "retained_by_age.png"))
+                if p]
     return written
 
 
@@ -406,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     for p in written:
         print(p)
-    print(pd.read_csv(Path(args.out) / SUMMARY).to_string(index=False))
+    print(read_summary(Path(args.out) / SUMMARY).to_string(index=False))
     for c in COMPARED.values():
         pairs = pd.read_csv(Path(args.out) / c.file)
         if len(pairs):

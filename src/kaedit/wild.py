@@ -1,0 +1,278 @@
+"""WILD evaluation: answers generated the way a user would get them, scored as text.
+
+After "The Mirage of Model Editing: Revisiting Evaluation in the Wild" (Yang et al., ACL
+2025; code: WanliYoung/Revisit-Editing-Evaluation, also EasyEdit's
+``evaluation_type="WILD"``). Where the teacher-forced scores (:mod:`kaedit.evaluate`)
+feed the target to the model and read its token probabilities, WILD lets the model answer:
+
+* **context** -- the prompt alone ("question-only", the reference's default
+  ``context_type``: ``easyeditor/evaluate/evaluate_utils.py``, ``test_prediction_acc_real``,
+  lines 104-115), tokenised as the scorer tokenises prompts;
+* **decoding** -- greedy, at most ``max_new_tokens`` (50) new tokens, stopped at the first
+  new token whose text contains a stop string (``"."`` or a newline) or that is an
+  end-of-text token (lines 119-128: ``generate(max_new_tokens=50, stop_strings=[".", "\\n",
+  eos], do_sample=False)``; transformers' ``StopStringCriteria`` fires on the token that
+  completes a stop string, which for one-character stop strings is the first token that
+  contains it). The answer is the new tokens up to and including that token;
+* **efficacy** / **generalization** -- exact match of the answer with the target (the new
+  object; zsRE: the answer) after SQuAD's normalisation (lower case, punctuation and the
+  articles a/an/the removed, whitespace collapsed: lines 18-35, ``normalize_answer`` and
+  ``exact_match_score``), on the rewrite prompt and on each paraphrase (mean per edit),
+  and beside it SQuAD's token F1 on the same normalised words (:func:`token_f1`; the
+  reference has exact match or an LLM judge, not F1);
+* **locality** -- the share of an edit's neighbourhood prompts whose answer (its token
+  ids) is the one the **unedited** model gave (``easyeditor/editors/editor.py`` lines
+  294-300: the pre-edit outputs of every request, before any edit; lines 352-353:
+  ``float(post_output == pre_output)``). The unedited answers are generated once per run,
+  before the first edit (:meth:`WildEval.make_references`).
+
+The differences from the reference are listed in docs/evaluation.md ("WILD").
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kaedit.models import LoadedModel
+from kaedit.records import EditRequest
+from kaedit.tokens import chunks, pad, prompt_ids
+
+#: Per-request values of :meth:`WildEval.__call__` (exact match, token F1, unchanged share).
+METRICS = ("efficacy", "efficacy_f1", "generalization", "generalization_f1", "locality")
+#: The three whose harmonic mean is ``score`` (as efficacy, generalization, specificity
+#: are for the teacher-forced scores).
+HEADLINE = ("efficacy", "generalization", "locality")
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation, as the reference applies it (``evaluate_utils.py`` lines
+    18-32): lower case, ASCII punctuation removed, the articles a/an/the removed,
+    whitespace collapsed to single spaces."""
+    text = text.lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, target: str) -> float:
+    """1.0 when both normalise to the same text (reference lines 34-35), else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(target))
+
+
+def token_f1(prediction: str, target: str) -> float:
+    """SQuAD's token F1: the harmonic mean of precision and recall of the normalised
+    words the answer shares with the target (each word counted as often as both have
+    it); when either has no word, 1.0 if both have none, else 0.0."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(target).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+class _StopRule:
+    """``StoppingCriteria`` for ``generate``: a row is done once its newest token is a
+    stop token (:meth:`WildEval.is_stop`). Checked on the last column only: the prompt's
+    own tokens never stop it (the criterion runs after each generated token)."""
+
+    def __init__(self, wild: WildEval) -> None:
+        self.wild = wild
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        last = input_ids[:, -1].tolist()
+        return torch.tensor([self.wild.is_stop(t) for t in last], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+@dataclass
+class WildEval:
+    """A run's WILD evaluation (``cfg.wild``): generation, scoring and the unedited
+    model's neighbourhood answers (``references``: prompt → answer token ids, JSON-able)."""
+
+    #: The run's model; the runner passes it (``cfg.wild`` holds only the settings).
+    lm: LoadedModel | None = None
+    #: 0: never; k: step 0, every k-th step and the last step; None: step 0 and the last.
+    every: int | None = 0
+    max_new_tokens: int = 50
+    batch_size: int = 32
+    #: A new token whose text contains one of these ends the answer (with it).
+    stop_strings: Sequence[str] = (".", "\n")
+    references: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    _ids: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _stop: dict[int, bool] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.lm is None:
+            raise ValueError("WildEval needs the run's model: WildEval(lm=..., **cfg.wild)")
+        if self.every is not None and int(self.every) < 0:
+            raise ValueError(f"wild.every={self.every} must be >= 0 (0 = never, null = step 0 "
+                             "and the last step)")
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"wild.max_new_tokens={self.max_new_tokens} must be >= 1")
+        self.stop_strings = tuple(str(s) for s in self.stop_strings)
+
+    def due(self, step: int, n_steps: int) -> bool:
+        """Whether evaluated step ``step`` also runs WILD (as ``perplexity.every``)."""
+        if self.every is None:
+            return step in (0, n_steps)
+        every = int(self.every)
+        return every > 0 and (step == 0 or step == n_steps or step % every == 0)
+
+    def _eos(self) -> set[int]:
+        eos = getattr(self.lm.model.generation_config, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        return {int(t) for t in [*eos, self.lm.tokenizer.eos_token_id] if t is not None}
+
+    def is_stop(self, token: int) -> bool:
+        """Whether ``token`` ends an answer: an end-of-text token, or a token whose text
+        contains a stop string (cached per token id)."""
+        if token not in self._stop:
+            text = self.lm.tokenizer.decode([token])
+            self._stop[token] = (token in self._eos()
+                                 or any(s in text for s in self.stop_strings))
+        return self._stop[token]
+
+    def cut(self, new: Sequence[int]) -> tuple[int, ...]:
+        """The answer in ``new`` (generated ids): up to and including the first stop token,
+        or all of it when none (the length cap)."""
+        end = next((k + 1 for k, t in enumerate(new) if self.is_stop(t)), len(new))
+        return tuple(new[:end])
+
+    def text(self, answer: Sequence[int]) -> str:
+        """The answer as text: special tokens dropped, one trailing stop string removed
+        (reference lines 139-143; the normalisation drops punctuation anyway)."""
+        out = self.lm.tokenizer.decode(list(answer), skip_special_tokens=True)
+        for s in self.stop_strings:
+            if out.endswith(s):
+                out = out[: -len(s)]
+        return out
+
+    def _prompt(self, text: str) -> tuple[int, ...]:
+        if text not in self._ids:
+            self._ids[text] = prompt_ids(self.lm.tokenizer, text)
+        return self._ids[text]
+
+    @torch.inference_mode()
+    def answers(self, prompts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        """Greedy answers (new token ids, :meth:`cut`) of each distinct prompt: batches of
+        ``batch_size`` prompts sorted by length, left-padded, with the KV cache."""
+        from transformers import StoppingCriteriaList
+
+        distinct = list(dict.fromkeys(prompts))
+        ids = [self._prompt(p) for p in distinct]
+        order = sorted(range(len(distinct)), key=lambda i: len(ids[i]))
+        tok, out = self.lm.tokenizer, {}
+        for sl in chunks(len(order), int(self.batch_size)):
+            rows = order[sl]
+            inp, mask = pad([ids[r] for r in rows], tok.pad_token_id, self.lm.device, left=True)
+            gen = self.lm.model.generate(  # [batch, width + new ≤ max_new_tokens]
+                input_ids=inp, attention_mask=mask, do_sample=False, num_beams=1,
+                max_new_tokens=int(self.max_new_tokens), pad_token_id=tok.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([_StopRule(self)]))
+            for b, r in enumerate(rows):
+                out[distinct[r]] = self.cut(gen[b, inp.shape[1]:].tolist())
+        return out
+
+    def make_references(self, requests: Sequence[EditRequest]) -> dict[str, tuple[int, ...]]:
+        """The answers of the model as it is now (unedited: call before the first edit) to
+        the neighbourhood prompts of ``requests`` that have none yet."""
+        todo = [p for r in requests for p in r.neighborhood_prompts if p not in self.references]
+        self.references.update(self.answers(todo))
+        return self.references
+
+    def __call__(self, requests: Sequence[EditRequest]) -> dict[str, np.ndarray]:
+        """Per request (:data:`METRICS`): exact match and token F1 of the rewrite prompt's
+        answer (efficacy) and the paraphrases' (generalization, mean over them), and the
+        share of neighbourhood prompts answered as the unedited model did (locality). NaN
+        where a request has no such prompts."""
+        missing = [p for r in requests for p in r.neighborhood_prompts
+                   if p not in self.references]
+        if missing:
+            raise RuntimeError(f"no unedited-model WILD answer for {len(missing)} neighbourhood "
+                               f"prompts, e.g. {missing[0]!r}: make_references must run "
+                               "before any edit")
+        said = self.answers([p for r in requests for p in (r.rewrite_prompt,
+                                                           *r.paraphrase_prompts,
+                                                           *r.neighborhood_prompts)])
+        out: dict[str, list[float]] = {m: [] for m in METRICS}
+        for r in requests:
+            rewrite = self.text(said[r.rewrite_prompt])
+            para = [self.text(said[p]) for p in r.paraphrase_prompts]
+            out["efficacy"].append(exact_match(rewrite, r.target_new))
+            out["efficacy_f1"].append(token_f1(rewrite, r.target_new))
+            out["generalization"].append(_mean([exact_match(a, r.target_new) for a in para]))
+            out["generalization_f1"].append(_mean([token_f1(a, r.target_new) for a in para]))
+            out["locality"].append(_mean([float(said[p] == tuple(self.references[p]))
+                                          for p in r.neighborhood_prompts]))
+        return {m: np.array(v, dtype=float) for m, v in out.items()}
+
+
+def aggregate(per_request: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    """Means over requests x100, keys ``{prefix}/{metric}``, and ``{prefix}/score``, the
+    harmonic mean of :data:`HEADLINE`."""
+    from kaedit.evaluate import harmonic_mean
+
+    out = {f"{prefix}/{k}": float(np.nanmean(v) * 100) if np.isfinite(v).any() else np.nan
+           for k, v in per_request.items()}
+    out[f"{prefix}/score"] = harmonic_mean([out.get(f"{prefix}/{m}", np.nan) for m in HEADLINE])
+    return out
+
+
+#: The unedited model's neighbourhood answers, in the run directory (read on resume).
+REFERENCES = "wild_references.json"
+
+
+def due_indices(wild: WildEval, evaluation: Any, schedule: Any,
+                batches: Sequence[Sequence[int]]) -> list[int]:
+    """Planned edits that some WILD step will score: its batch and the tracked edits
+    (``evaluation``: :class:`kaedit.experiment.Evaluation`; ``schedule``:
+    :class:`kaedit.schedule.Schedule`)."""
+    n_steps, ends = len(batches), [0, *itertools.accumulate(len(b) for b in batches)]
+    due: set[int] = set()
+    for step in range(n_steps + 1):
+        if schedule.evaluate_at(step, n_steps) and wild.due(step, n_steps):
+            first = max(step, 1)  # step 0 scores the first batch as its batch
+            due.update(range(ends[first - 1], ends[first]))
+            due.update(evaluation.tracked_indices(ends[step]))
+    return sorted(due)
+
+
+def start(node: Any, lm: LoadedModel, run_dir: Path, step: int, evaluation: Any,
+          schedule: Any, batches: Sequence[Sequence[int]]) -> WildEval | None:
+    """The run's :class:`WildEval` from ``cfg.wild`` (None when ``every`` is 0), with the
+    unedited model's answers: at step 0, before any edit, generated for the neighbourhood
+    prompts of every edit a WILD step will score (:func:`due_indices`) and saved as
+    :data:`REFERENCES`; on a resumed run (first evaluation after step 0), read from it."""
+    from kaedit.setup import build
+    from kaedit.tracking import atomic_write
+
+    if node is None or node.get("every", 0) == 0:
+        return None
+    wild: WildEval = build(node, _partial_=True)(lm=lm)  # lm: not a config
+    path = Path(run_dir) / REFERENCES
+    if step > 0:
+        wild.references = {p: tuple(ids) for p, ids in json.loads(path.read_text()).items()}
+        return wild
+    due = due_indices(wild, evaluation, schedule, batches)
+    wild.make_references([evaluation.planned[i] for i in due])
+    atomic_write(path, json.dumps({p: list(ids) for p, ids in wild.references.items()}) + "\n")
+    return wild

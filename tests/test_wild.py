@@ -1,0 +1,230 @@
+"""WILD evaluation (kaedit.wild, issue 27): SQuAD normalisation, exact match and token F1 by
+hand; the stop rule; batched greedy answers against a one-sequence forward; locality as
+unchanged answers; and the runner's wild/* and wild_* columns on a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import FORWARD_REL, Compose, load_tiny, memit_crashes_at_call
+from kaedit import experiment, wild
+from kaedit.models import LoadedModel
+from kaedit.records import EditRequest
+from kaedit.wild import WildEval, exact_match, normalize_answer, token_f1
+
+
+# ------------------------------------------------------------------ text scores by hand
+@pytest.mark.parametrize(("text", "expected"), [
+    ("The Eiffel Tower.", "eiffel tower"),
+    ("  an  Apple, a day!\n", "apple day"),
+    ("Theatre", "theatre"),  # "the" only as a word
+    ("U.S.A", "usa"),
+    ("", ""),
+])
+def test_normalize_answer(text: str, expected: str) -> None:
+    assert normalize_answer(text) == expected
+
+
+def test_exact_match_and_token_f1_by_hand() -> None:
+    assert exact_match(" French.", "French") == 1.0
+    assert exact_match("the French language", "French") == 0.0
+    # "french language" vs "french": 1 shared word, precision 1/2, recall 1/1 → F1 2/3
+    assert token_f1("the French language", "French") == pytest.approx(2 / 3)
+    # "new york city" vs "york new": 2 shared, precision 2/3, recall 1 → 0.8
+    assert token_f1("New York City", "York, New") == pytest.approx(0.8)
+    # repeated words count as often as both have them: "paris paris" vs "paris": P 1/2, R 1
+    assert token_f1("Paris Paris", "Paris") == pytest.approx(2 / 3)
+    assert token_f1("Berlin", "Paris") == 0.0
+    assert token_f1("the", "") == 1.0 and token_f1("x", "the") == 0.0  # no words left
+
+
+# --------------------------------------------------------------------- the stop rule
+@pytest.fixture
+def tiny(compose: Compose) -> LoadedModel:
+    return load_tiny(compose, "tiny_llama")
+
+
+def ids(lm: LoadedModel, text: str) -> list[int]:
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_answers_stop_at_the_first_token_with_a_stop_string(tiny: LoadedModel) -> None:
+    w = WildEval(tiny, max_new_tokens=8)
+    dot, newline, a = ids(tiny, ".")[0], ids(tiny, "\n")[0], ids(tiny, "a")[0]
+    eos = tiny.tokenizer.eos_token_id
+    assert w.is_stop(dot) and w.is_stop(newline) and w.is_stop(eos) and not w.is_stop(a)
+    assert w.cut([a, a, dot, a, newline]) == (a, a, dot)  # the stop token kept, as generated
+    assert w.cut([a, newline, dot]) == (a, newline)
+    assert w.cut([a] * 8) == (a,) * 8  # the length cap
+    assert w.text([a, a, dot]) == "aa" and w.text([a, eos]) == "a"
+    with pytest.raises(ValueError, match=r"wild.every=-1"):
+        WildEval(tiny, every=-1)
+    with pytest.raises(ValueError, match="needs the run's model"):
+        WildEval(every=1)
+
+
+PROMPTS = ["The Eiffel Tower is in", "A", "Danielle Darrieux's mother tongue is",
+           "Toyota was founded in", "A"]
+
+
+@pytest.mark.parametrize("batch_size", [2, 32])
+def test_batched_answers_are_greedy_and_stop_as_the_rule_says(tiny: LoadedModel,
+                                                              batch_size: int) -> None:
+    # a random byte-level model rarely says "." or a newline: also stop on a character one
+    # of its uncut answers has inside, so that some answers stop early and some run to the cap
+    uncut = WildEval(tiny, max_new_tokens=12, stop_strings=(".", "\n")).answers(PROMPTS)
+    inside = next(c for a in uncut.values() for t in a[1:6]
+                  if len(c := tiny.tokenizer.decode([t])) == 1 and c.isprintable())
+    w = WildEval(tiny, max_new_tokens=12, batch_size=batch_size,
+                 stop_strings=(".", "\n", inside))
+    said = w.answers(PROMPTS)
+    assert set(said) == set(PROMPTS)  # each distinct prompt once
+    stops = 0
+    for prompt, answer in said.items():
+        assert 1 <= len(answer) <= 12
+        # stopped at the first stop token, or ran to the cap without one
+        assert not any(w.is_stop(t) for t in answer[:-1])
+        stops += w.is_stop(answer[-1])
+        if not w.is_stop(answer[-1]):
+            assert len(answer) == 12
+        # greedy: each new token is the argmax of a one-sequence forward, up to the
+        # rounding of a padded, cached, batched forward (FORWARD_REL of the logits' scale)
+        p = tiny.tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            logits = tiny.model(torch.tensor([[*p, *answer]])).logits[0, len(p) - 1:-1]
+        chosen = logits.gather(1, torch.tensor(answer)[:, None])[:, 0]
+        scale = float(logits.abs().max())
+        assert (logits.max(-1).values - chosen <= 2 * FORWARD_REL * scale).all(), prompt
+    assert stops >= 1
+
+
+# ------------------------------------------------------------------- scoring and locality
+class Scripted(WildEval):
+    """Answers from a table of texts (the generation itself is tested above)."""
+
+    def __init__(self, lm: LoadedModel, table: Mapping[str, str]) -> None:
+        super().__init__(lm)
+        self.table = table
+
+    def answers(self, prompts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        return {p: tuple(ids(self.lm, self.table[p])) for p in prompts}
+
+
+def test_scores_of_scripted_answers(tiny: LoadedModel) -> None:
+    reqs = [EditRequest("1", "Paris", "{} is in", "Italy", target_true="France",
+                        paraphrase_prompts=("Where is Paris?", "Paris, the city in"),
+                        neighborhood_prompts=("Lyon is in", "Nice is in")),
+            EditRequest("2", "Toyota", "{} was founded in", "New Japan", target_true="Japan")]
+    before = {"Lyon is in": " France.", "Nice is in": " France."}
+    after = {"Paris is in": " Italy.", "Where is Paris?": " It is in Italy.",
+             "Paris, the city in": " italy", "Lyon is in": " France.", "Nice is in": " Italy.",
+             "Toyota was founded in": " Japan."}
+    w = Scripted(tiny, before)
+    w.make_references(reqs)
+    assert set(w.references) == {"Lyon is in", "Nice is in"}
+    w.table = after
+    out = w(reqs)
+    np.testing.assert_array_equal(out["efficacy"], [1.0, 0.0])
+    # "Japan" vs "New Japan": precision 1, recall 1/2 → 2/3
+    np.testing.assert_allclose(out["efficacy_f1"], [1.0, 2 / 3])
+    # " It is in Italy." is not an exact match; its F1: 1 shared of 4 words, recall 1 → 0.4
+    np.testing.assert_array_equal(out["generalization"][:1], [0.5])
+    np.testing.assert_allclose(out["generalization_f1"][:1], [(0.4 + 1.0) / 2])
+    assert math.isnan(out["generalization"][1]) and math.isnan(out["locality"][1])
+    np.testing.assert_array_equal(out["locality"][:1], [0.5])  # Nice changed, Lyon did not
+    row = wild.aggregate(out, "wild/seen")
+    assert row["wild/seen/efficacy"] == pytest.approx(50.0)
+    assert row["wild/seen/locality"] == pytest.approx(50.0)
+    assert row["wild/seen/score"] == pytest.approx(3 / (1 / 50 + 1 / 50 + 1 / 50))
+    with pytest.raises(RuntimeError, match="make_references must run before any edit"):
+        w([EditRequest("3", "X", "{} is", "Y", neighborhood_prompts=("Never seen",))])
+
+
+def test_locality_is_one_on_the_unedited_model_and_falls_when_answers_change(
+        tiny: LoadedModel) -> None:
+    reqs = [EditRequest(str(i), "s", "{} is", "x",
+                        neighborhood_prompts=(PROMPTS[i], PROMPTS[i + 1]))
+            for i in range(3)]
+    w = WildEval(tiny, max_new_tokens=6, batch_size=2)
+    w.make_references(reqs)
+    assert (w(reqs)["locality"] == 1.0).all()  # the same model, other batches
+    with torch.no_grad():  # argmax becomes argmin: every first token changes
+        tiny.model.get_output_embeddings().weight.neg_()
+    assert (w(reqs)["locality"] == 0.0).all()
+
+
+def test_due_follows_every() -> None:
+    class Stub(WildEval):
+        def __post_init__(self) -> None:
+            pass
+
+    assert [Stub(every=None).due(s, 4) for s in range(5)] == [True, False, False, False, True]
+    assert [Stub(every=2).due(s, 5) for s in range(6)] == [True, False, True, False, True, True]
+    assert not any(Stub(every=0).due(s, 4) for s in range(5))
+
+
+# ------------------------------------------------------------------------- the runner
+def test_runner_logs_wild_columns_on_due_steps(compose: Compose, tiny_run_overrides: list[str],
+                                               tmp_path: Path) -> None:
+    cfg = compose([*tiny_run_overrides, "wild.every=null", "wild.max_new_tokens=4",
+                   "schedule.retention_sample=2", "schedule.generation_every=0"])
+    experiment.run(cfg, run_dir=str(tmp_path))
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    retention = pd.read_csv(tmp_path / "retention.csv")
+    due = metrics.dropna(subset=["wild/seen/efficacy"])
+    assert due["step"].tolist() == [0, 2]  # the unedited and the final model
+    for prefix in ("wild/batch", "wild/seen"):
+        assert {f"{prefix}/{m}" for m in (*wild.METRICS, "score")} <= set(metrics)
+    # at step 0 the model is the one whose answers are the references
+    assert due.iloc[0]["wild/seen/locality"] == 100.0
+    assert due.iloc[0]["wild/batch/locality"] == 100.0
+    per_edit = retention.dropna(subset=["wild_efficacy"])
+    assert sorted(per_edit["step"].unique()) == [0, 2]
+    assert (per_edit.loc[per_edit["step"] == 0, "wild_locality"] == 1.0).all()
+    # wild/seen is the mean of the tracked (here: seen) edits' values, x100
+    last = per_edit[per_edit["step"] == 2]
+    assert due.iloc[1]["wild/seen/locality"] == pytest.approx(
+        100 * last["wild_locality"].mean(), rel=1e-5)
+    refs = json.loads((tmp_path / wild.REFERENCES).read_text())
+    assert refs and all(isinstance(v, list) and v for v in refs.values())
+    assert "time/wild_s" in metrics and metrics["time/wild_s"].notna().sum() == 2
+
+
+def test_resumed_run_reads_the_unedited_answers(compose: Compose,
+                                                tiny_run_overrides: list[str],
+                                                tmp_path: Path) -> None:
+    """Killed while computing step 2, resumed: step 2's locality compares with the
+    answers saved at step 0 (not regenerated by the edited model): the same rows as the
+    uninterrupted run."""
+    overrides = [*tiny_run_overrides, "wild.every=null", "wild.max_new_tokens=4",
+                 "schedule.retention_sample=2", "schedule.generation_every=0"]
+    experiment.run(compose(overrides), run_dir=str(tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    with memit_crashes_at_call(2), pytest.raises(RuntimeError, match="simulated crash"):
+        experiment.run(compose(overrides), run_dir=str(cut))
+    experiment.run(compose([*overrides, f"resume={cut}"]))
+
+    def wild_columns(path: Path) -> pd.DataFrame:
+        df = pd.read_csv(path)
+        return df[[c for c in df.columns if c.startswith("wild")]]
+
+    for name in ("metrics.csv", "retention.csv"):
+        pd.testing.assert_frame_equal(wild_columns(cut / name),
+                                      wild_columns(tmp_path / "whole" / name))
+
+
+def test_wild_is_off_by_default(compose: Compose, tiny_run_overrides: list[str],
+                                tmp_path: Path) -> None:
+    cfg = compose([*tiny_run_overrides, "schedule.generation_every=0", "schedule.n_edits=3"])
+    assert cfg.wild.every == 0
+    experiment.run(cfg, run_dir=str(tmp_path))
+    assert not any(c.startswith("wild") for c in pd.read_csv(tmp_path / "metrics.csv"))
+    assert not (tmp_path / wild.REFERENCES).exists()
