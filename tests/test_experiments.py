@@ -428,7 +428,7 @@ def test_reproduce_results_table_and_figures(tmp_path: Path) -> None:
                    "dr-p0.0/retention.png"):
         assert (tmp_path / "figures" / figure).is_file(), figure
     table = pd.read_csv(tmp_path / "results.csv")
-    assert table.set_index("run").loc["dr-p0.8", "ka_drop"] == -5.0
+    assert table.set_index("run").loc["dr-p0.8", "batch_minus_seen_efficacy"] == -5.0
 
 
 def test_reproduce_rejects_unknown_runs_and_checks_shared_settings(

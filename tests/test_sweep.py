@@ -101,10 +101,11 @@ def test_two_job_sweep_leaves_results_and_figure_logged_in_its_group(
         assert f"fusion.p={row['fusion.p']}" in row["overrides"].split()
         metrics = pd.read_csv(job / "metrics.csv")  # one edited step: its batch/efficacy
         # computed from metrics.csv's 6-digit values, printed again with %.6g: the same
-        # digits for the one edited step; ka_drop is a difference of two such values,
-        # printed with %.6g once more
+        # digits for the one edited step; batch_minus_seen_efficacy is a difference of two
+        # such values, printed with %.6g once more
         assert row["immediate_efficacy"] == pytest.approx(metrics["batch/efficacy"].iloc[1])
-        assert row["ka_drop"] == csv_approx(row["immediate_efficacy"] - row["seen/efficacy"])
+        assert row["batch_minus_seen_efficacy"] == csv_approx(
+            row["immediate_efficacy"] - row["seen/efficacy"])
     assert "cache_dir" not in table and "dataset.path" not in table  # in `overrides` only
     assert (sweep_dir / "compare.png").stat().st_size > 0
 

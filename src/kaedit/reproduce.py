@@ -10,7 +10,8 @@ every edit re-checked after every step) and writes, under ``--out``
 * ``results.md`` -- both tables, the settings, the command and the wall times;
   ``results.csv`` -- :mod:`kaedit.sweep`'s table (the one every ``-m`` sweep ends with:
   ``runs/`` is laid out as a sweep directory), one row per run: its overrides, status,
-  final seen metrics, first-batch retention, wall time, immediate efficacy and KA drop;
+  final seen metrics, first-batch retention, wall time, immediate efficacy and
+  batch − seen efficacy;
 * ``figures/`` -- ``drop_rate.png`` (final metrics against p, Fig. 6),
   ``drop_rate_curves.png`` and ``fusion_curves.png`` (the edits made so far against the
   number of edits, one line per run: Fig. 6 and Fig. 5 as curves, via
@@ -154,12 +155,12 @@ METRICS = ("efficacy", "generalization", "specificity", "score")
 def run_results(row: dict[str, Any]) -> dict[str, Any]:
     """A run's row of :func:`kaedit.sweep.results_table` (the sweep table every ``-m``
     sweep ends with) in the terms of the tables here: final metrics of all edits (the
-    seen sample is every edit at this scale), immediate efficacy, KA drop and the
+    seen sample is every edit at this scale), immediate efficacy, batch − seen efficacy and the
     efficacy of the step-1 edits after the last step."""
     return {**{m: float(row[f"seen/{m}"]) for m in METRICS},
             "unedited_efficacy": float(row["unedited_efficacy"]),
             "immediate_efficacy": float(row["immediate_efficacy"]),
-            "ka_drop": float(row["ka_drop"]),
+            "batch_minus_seen_efficacy": float(row["batch_minus_seen_efficacy"]),
             "first_batch_at_end": float(row["retention/first_batch"])}
 
 
@@ -169,11 +170,11 @@ def _fmt(v: float) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], first: str) -> str:
     head = (f"| {first} | efficacy | generalization | specificity | score | "
-            "immediate efficacy | KA drop | step-1 edits at end |")
+            "immediate efficacy | batch − seen efficacy | step-1 edits at end |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(f"| {r['label']} | " + " | ".join(
-            _fmt(r[k]) for k in (*METRICS, "immediate_efficacy", "ka_drop",
+            _fmt(r[k]) for k in (*METRICS, "immediate_efficacy", "batch_minus_seen_efficacy",
                                  "first_batch_at_end")) + " |")
     return "\n".join(lines)
 
@@ -187,7 +188,8 @@ def plot_drop_rate(rows: list[dict[str, Any]], path: Path) -> Path:
     ps = [r["p"] for r in rows]
     for m in METRICS:
         ax.plot(ps, [r[m] for r in rows], marker="o", ms=4, label=m)
-    ax.plot(ps, [r["ka_drop"] for r in rows], marker="x", ls="--", label="KA drop (efficacy)")
+    ax.plot(ps, [r["batch_minus_seen_efficacy"] for r in rows], marker="x", ls="--",
+            label="batch − seen efficacy")
     ax.set_xlabel("drop rate p")
     ax.set_ylabel("after the last step (x100)")
     ax.grid(alpha=0.3)
@@ -244,7 +246,8 @@ def write_results(out: Path, plan: Sequence[PlannedRun], timings: dict[str, floa
     columns = ("Columns: efficacy, generalization, specificity and score (their harmonic "
                "mean) of all edits after the last step, on the weights the fusion serves; "
                "immediate efficacy = mean over steps of the efficacy of the batch just "
-               "applied; KA drop = immediate efficacy − final efficacy; step-1 edits at end "
+               "applied; batch − seen efficacy = immediate efficacy − final efficacy; "
+               "step-1 edits at end "
                "= efficacy of the first batch after the last step.")
     lines += [columns, ""]
     if sweep:

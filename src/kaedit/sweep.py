@@ -94,17 +94,21 @@ def job_result(job_dir: Path) -> dict[str, Any]:
 def attenuation(metrics: pd.DataFrame) -> dict[str, float]:
     """How much of the edits' immediate success is lost (knowledge attenuation):
     ``immediate_efficacy`` = mean of ``batch/efficacy`` over the edited steps (each batch
-    scored right after it was applied), ``ka_drop`` = that − the last seen efficacy;
-    ``unedited_efficacy`` = seen efficacy at step 0."""
+    scored right after it was applied), ``batch_minus_seen_efficacy`` = that − the last
+    seen efficacy (``ka_drop`` before issue 27: it includes the newest, unaged batch and is
+    floored by the unedited model's success rate, so it is not any edit's loss; per-edit
+    retention by age is :func:`kaedit.analyze.retention_by_age`); ``unedited_efficacy`` =
+    seen efficacy at step 0."""
     nan = math.nan
     if "seen/efficacy" not in metrics or metrics.empty:
-        return {"unedited_efficacy": nan, "immediate_efficacy": nan, "ka_drop": nan}
+        return {"unedited_efficacy": nan, "immediate_efficacy": nan,
+                "batch_minus_seen_efficacy": nan}
     edited = metrics[metrics["step"] > 0]
     immediate = (float(edited["batch/efficacy"].mean())
                  if len(edited) and "batch/efficacy" in edited else nan)
     return {"unedited_efficacy": float(metrics["seen/efficacy"].iloc[0]),
             "immediate_efficacy": immediate,
-            "ka_drop": immediate - float(metrics["seen/efficacy"].iloc[-1])}
+            "batch_minus_seen_efficacy": immediate - float(metrics["seen/efficacy"].iloc[-1])}
 
 
 def results_table(sweep_dir: Path) -> pd.DataFrame:
