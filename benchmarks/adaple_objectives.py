@@ -24,7 +24,7 @@ from kaedit.data import load_requests
 from kaedit.evaluate import CounterFactEval, Scorer, aggregate
 from kaedit.experiment import step_generator
 from kaedit.methods.base import EditContext
-from kaedit.methods.core import context_templates
+from kaedit.methods.templates import context_templates
 from kaedit.setup import build, build_model, build_stats, compose, resolve_data_root
 from kaedit.weights import apply_deltas, restore, snapshot
 

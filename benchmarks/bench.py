@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kaedit.setup import build, build_model, build_stats, compose, resolve_data_root
+from kaedit.setup import build_session, build_stats, compose
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("targets", "keys", "solve", "fusion", "eval")
@@ -74,10 +74,12 @@ def peak_memory_mb() -> float:
 
 
 def phase_statistics(overrides: list[str]) -> dict[str, Any]:
-    cfg = compose(overrides)
-    resolve_data_root(cfg)
+    # the model and the run's perplexity; no method: its prepare would load the statistics
+    session = build_session(compose(overrides), plan=False, templates=False,
+                            method=False)
+    cfg, lm = session.cfg, session.lm
     layers = [int(x) for x in cfg.method.layers]
-    lm = build_model(cfg, layers)
+    lm.spec.check(lm.model, layers)
     t0 = time.perf_counter()
     cold_store = build_stats(cfg)
     cold_store.get(lm, layers)  # empty cache directory: computed from the corpus
@@ -87,7 +89,7 @@ def phase_statistics(overrides: list[str]) -> dict[str, Any]:
     warm_store.get(lm, layers)  # a new store, as a new run would make: read back
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
-    perplexity = build(cfg.perplexity)(lm)  # tokenising included, as a run's first use
+    perplexity = session.perplexity(lm)  # tokenising included, as a run's first use
     ppl_s = time.perf_counter() - t0
     return {"layers": layers, "n_tokens": int(cfg.stats.n_tokens), "cold_s": cold,
             "warm_s": warm, "warm_fraction": warm / cold,
@@ -134,16 +136,12 @@ def phase_memory(overrides: list[str], n: int, steps: int) -> dict[str, Any]:
     """Peak memory of one MEMIT target optimisation of ``n`` requests (this process)."""
     from dataclasses import replace
 
-    from kaedit import data
-    from kaedit.experiment import build, resolve_data_root
-    from kaedit.methods.core import TargetConfig, context_templates, optimize_targets
-    from kaedit.models import load_model
+    from kaedit.methods.targets import TargetConfig, optimize_targets
 
-    cfg = compose(overrides)
-    resolve_data_root(cfg)
-    lm = load_model(cfg.model, lambda: build(cfg.model.load))
-    requests = data.from_config(cfg.dataset, cache_dir=str(cfg.cache_dir))[:n]
-    templates = context_templates(lm, [tuple(x) for x in cfg.templates.specs], seed=cfg.seed)
+    # records, model and context templates; no method (its prepare loads the statistics)
+    session = build_session(compose(overrides), method=False)
+    cfg, lm, templates = session.cfg, session.lm, session.templates
+    requests = session.records[:n]
     target = replace(TargetConfig(**cfg.method.target), steps=steps, early_stop_loss=-1.0)
     module = lm.spec.module("layer", int(cfg.method.layers[-1]))
     before = peak_memory_mb()

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from kaedit import data
-from kaedit.methods.core import TargetConfig, context_templates, optimize_targets
+from kaedit.methods.targets import TargetConfig, optimize_targets
+from kaedit.methods.templates import context_templates
 from kaedit.setup import build_model, compose, resolve_data_root
 
 VARIANTS = {
@@ -78,20 +79,20 @@ class _count_running:
         self.steps = steps
 
     def __enter__(self) -> None:
-        import kaedit.methods.core as core
+        import kaedit.methods.targets as targets
 
-        self._orig = core.F.kl_div
+        self._orig = targets.F.kl_div
 
         def kl_div(inp, *a, **k):
             self.steps.append(int(inp.shape[0]))
             return self._orig(inp, *a, **k)
 
-        core.F.kl_div = kl_div
+        targets.F.kl_div = kl_div
 
     def __exit__(self, *exc) -> None:
-        import kaedit.methods.core as core
+        import kaedit.methods.targets as targets
 
-        core.F.kl_div = self._orig
+        targets.F.kl_div = self._orig
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, Compose
 from kaedit.fusion import FusionStrategy
 from kaedit.methods.base import EditMethod
-from kaedit.methods.core import TargetConfig
+from kaedit.methods.targets import TargetConfig
 from kaedit.schedule import Schedule
 
 #: Specialisations, composed by conf/config.yaml for a pair of choices
@@ -181,7 +181,7 @@ def test_adaple_defaults_to_algorithm1_with_layer_scoped_drop_rescale(compose: C
 def test_layer_scope_for_a_stateful_fusion_is_a_config_error(compose: Compose,
                                                              fusion: str) -> None:
     from kaedit.errors import ConfigError
-    from kaedit.experiment import build
+    from kaedit.setup import build
 
     with pytest.raises(ConfigError, match=r"fusion.scope='layer'.*valid: \['step'\]"):
         build(compose([f"fusion={fusion}", "fusion.scope=layer"]).fusion)

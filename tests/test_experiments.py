@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from conftest import REPO, U32, Compose, csv_approx, csv_rel, memit_crashes_at_call
 from kaedit import experiment
 from kaedit.experiment import compose as compose_config
-from kaedit.methods.core import TargetConfig
+from kaedit.methods.targets import TargetConfig
 from kaedit.schedule import Schedule
 from kaedit.sweep import job_dirs
 from test_config import bind, targets

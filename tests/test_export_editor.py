@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import Compose, load_tiny
-from kaedit import experiment
+from kaedit import experiment, setup
 from kaedit.errors import ConfigError
 from kaedit.export import export
 from kaedit.models import LoadedModel
@@ -28,8 +28,8 @@ def tiny_run(compose: Compose, tiny_run_overrides: list[str], tmp_path: Path,
 
     def _run(*overrides: str) -> tuple[Path, LoadedModel]:
         loaded: list[LoadedModel] = []
-        real = experiment.build_model
-        monkeypatch.setattr(experiment, "build_model",
+        real = setup.build_model  # build_session's
+        monkeypatch.setattr(setup, "build_model",
                             lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
         run_dir = tmp_path / "run"
         experiment.run(compose([*tiny_run_overrides, *overrides]), run_dir=str(run_dir))
@@ -141,6 +141,35 @@ def test_editor_runs_the_runner_step(compose: Compose, tiny_run_overrides: list[
     total = load_file(str(run_dir / "deltas.safetensors"))
     for n, d in total.items():
         assert torch.equal(ed._weights.total[n], d), n
+
+
+def test_an_editor_step_and_a_run_step_make_the_same_deltas(
+        compose: Compose, tiny_run_overrides: list[str], tmp_path: Path) -> None:
+    """Editor and ``kaedit.run`` build one session (``kaedit.setup.build_session``) and
+    step through one ``edit_step``: the same requests in the same steps give bit-identical
+    deltas, drop-and-rescale's per-step masks inside the layer loop included."""
+    from safetensors.torch import load_file
+
+    from kaedit import Editor
+
+    overrides = [*tiny_run_overrides, "fusion=drop_rescale", "fusion.scope=layer",
+                 "schedule.n_edits=4", "schedule.batch_size=2"]
+    run_dir = tmp_path / "run"
+    experiment.run(compose([*overrides, "save_step_deltas=true", "save_deltas=true"]),
+                   run_dir=str(run_dir))
+    cfg = compose(overrides)
+    records = setup.build_records(cfg)
+    ed = Editor(cfg)
+    for step, batch in enumerate(setup.build_schedule(cfg).batches(len(records)), start=1):
+        assert ed.edit([records[i] for i in batch])["applied"]
+        # after step 1 the sum of applied deltas is step 1's fused deltas; at the end the
+        # run's total (drop-and-rescale serves no offset)
+        name = f"deltas/step-{step:04d}-fused.safetensors" if step == 1 else "deltas.safetensors"
+        want = load_file(str(run_dir / name))
+        assert ed._weights.total.keys() == want.keys()
+        for n, d in want.items():
+            assert torch.equal(ed._weights.total[n], d), (step, n)
+    assert step == 2
 
 
 def test_import_kaedit_is_light() -> None:

@@ -8,7 +8,7 @@ drop-and-rescale's masks included.
 
 History: on an H200 (2026-11-26) the per-method tests passed and the whole-run tests
 failed (relative errors 0.07-0.44) because the templates were sampled with the device's
-RNG; they are now drawn from a seeded CPU generator (``methods.core.context_templates``).
+RNG; they are now drawn from a seeded CPU generator (``methods.templates.context_templates``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from conftest import Compose
 from kaedit import experiment
 from kaedit.methods.base import EditContext
-from kaedit.methods.core import context_templates
+from kaedit.methods.templates import context_templates
 from kaedit.models import load_model
 from kaedit.records import EditRequest
 

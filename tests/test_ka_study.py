@@ -29,7 +29,7 @@ from conftest import (
 from kaedit import experiment, ka_study
 from kaedit.analyze import retained_aged, retention_by_age
 from kaedit.evaluate import CounterFactEval, Scorer, aggregate
-from kaedit.experiment import Evaluation
+from kaedit.evaluation import Evaluation
 from kaedit.records import EditRequest
 from kaedit.schedule import Schedule, ScheduleError
 from kaedit.setup import build_records
@@ -278,6 +278,32 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
         assert row["retained_aged"] == csv_approx(retained_aged(expected)["retained_aged"])
         assert row["retained_aged_n"] == retained_aged(expected)["retained_aged_n"] > 0
     assert json.loads((out / "memit-add" / "summary.json").read_text())["edits_done"] == 8
+
+
+def test_a_published_copy_publishes_again_to_the_same_summary(study_runs: list[Path],
+                                                               tmp_path: Path) -> None:
+    """The copies in ``<out>/<run>/`` are enough to publish again (new columns on old
+    results): the same status, steps, override columns and metrics. What only a
+    checkpoint holds (``drift_norm_end`` of runs that did not log it) is not copied."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(first)]) == 0
+    copies = [first / run.name for run in study_runs]
+    for run, copy in zip(study_runs, copies, strict=True):  # runs made without Hydra have
+        for name in ("resume.json", ".hydra/overrides.yaml"):  # no .hydra/: copied if there
+            assert (copy / name).is_file() == (run / name).is_file(), name
+    assert all((c / "resume.json").is_file() for c in copies)
+    assert ka_study.main(["publish", *map(str, copies), "--out", str(second)]) == 0
+    a, b = (pd.read_csv(d / "summary.csv") for d in (first, second))
+    assert (b["status"] == "done").all()
+    drop = ["time_s", "machine"]  # time_s sums the copies' metrics: the same; machine too
+    pd.testing.assert_frame_equal(a.drop(columns=drop), b.drop(columns=drop))
+    for f in ("paired.csv", "retention_by_age.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(first / f), pd.read_csv(second / f))
+    # copies published before resume.json was copied: a summary.json is a finished run
+    for c in copies:
+        (c / "resume.json").unlink()
+    assert ka_study.main(["publish", *map(str, copies), "--out", str(tmp_path / "third")]) == 0
+    assert (pd.read_csv(tmp_path / "third" / "summary.csv")["status"] == "done").all()
 
 
 def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path: Path,

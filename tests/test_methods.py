@@ -20,15 +20,10 @@ from conftest import (
 from kaedit.evaluate import Scorer
 from kaedit.hooks import count_hooks, edit_outputs, trace
 from kaedit.methods.base import EditContext
-from kaedit.methods.core import (
-    TargetConfig,
-    Templates,
-    compute_keys,
-    context_templates,
-    hidden_at_subject,
-    optimize_targets,
-    solve_update,
-)
+from kaedit.methods.keys import compute_keys, hidden_at_subject
+from kaedit.methods.solve import solve_update
+from kaedit.methods.targets import TargetConfig, optimize_targets
+from kaedit.methods.templates import Templates, context_templates
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
 from kaedit.stats import CovarianceStore
@@ -82,9 +77,9 @@ def test_memit_deltas_shape_and_model_untouched(
 def test_memit_failing_midway_restores_the_model(
     compose: Compose, lm: LoadedModel, ctx: EditContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kaedit.methods.core as core_module  # MEMIT's layer loop lives there
+    import kaedit.methods.solve as solve_module  # MEMIT's layer loop lives there
 
-    real, calls = core_module.compute_keys, []
+    real, calls = solve_module.compute_keys, []
 
     def fail_at_second_layer(*args, **kwargs):
         calls.append(1)
@@ -92,7 +87,7 @@ def test_memit_failing_midway_restores_the_model(
             raise RuntimeError("keys failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(core_module, "compute_keys", fail_at_second_layer)
+    monkeypatch.setattr(solve_module, "compute_keys", fail_at_second_layer)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     with pytest.raises(RuntimeError, match="keys failed"):
         memit(compose, lm).compute_deltas(ctx, REQUESTS)

@@ -82,7 +82,7 @@ def test_gpt2_conv1d_rome_update_is_exact_at_the_key(compose: Compose, tiny_corp
     c_proj is [64, 32] here)."""
     from kaedit.editor import Editor
     from kaedit.hooks import get_module
-    from kaedit.methods.core import TargetConfig
+    from kaedit.methods.targets import TargetConfig
 
     cfg = tiny_config(compose, "gpt2xl", tiny_corpus, "rome", "method.target.steps=5")
     ed = Editor(cfg)

@@ -29,8 +29,10 @@ from kaedit.hooks import count_hooks
 from kaedit.methods import objectives
 from kaedit.methods.adaple import OBJECTIVES, AdaPLE
 from kaedit.methods.base import EditContext, EditMethod
-from kaedit.methods.core import compute_keys, context_templates, hidden_at_subject, solve_update
+from kaedit.methods.keys import compute_keys, hidden_at_subject
 from kaedit.methods.pmet import PMET, spread_mlp_target
+from kaedit.methods.solve import solve_update
+from kaedit.methods.templates import context_templates
 from kaedit.models import LoadedModel, load_model
 from kaedit.weights import applied
 

@@ -132,7 +132,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_csv_rows_are_appended_widened_and_cut_back_to_the_checkpoint(tmp_path):
-    from kaedit.tracking import CsvRows
+    from kaedit.files import CsvRows
 
     path = tmp_path / "metrics.csv"
     rows = CsvRows(path)

@@ -29,10 +29,11 @@ from kaedit.experiment import compose as compose_config
 from kaedit.hooks import count_hooks, get_module
 from kaedit.methods.alphaedit import AlphaEdit
 from kaedit.methods.base import EditContext, EditMethod
-from kaedit.methods.core import compute_keys, context_templates
 from kaedit.methods.ft import FT, _TeacherForced
+from kaedit.methods.keys import compute_keys
 from kaedit.methods.projections import nullspace_projector, rank_one_update, solve_projected
 from kaedit.methods.rome import ROME
+from kaedit.methods.templates import context_templates
 from kaedit.models import LoadedModel, load_model
 from kaedit.records import EditRequest
 from kaedit.weights import applied, parameters

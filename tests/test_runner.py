@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import Compose, csv_approx, load_tiny
-from kaedit import analyze, experiment
+from kaedit import analyze, experiment, setup
 from kaedit.data import DatasetError
 from kaedit.models import LoadedModel
 from kaedit.schedule import ScheduleError
@@ -41,13 +41,13 @@ def run(compose: Compose, tiny_run_overrides: list[str], tmp_path: Path):
 def edited_model(monkeypatch: pytest.MonkeyPatch) -> list[LoadedModel]:
     """Collects the model the runner loads, to compare its weights after the run."""
     loaded: list[LoadedModel] = []
-    real_build_model = experiment.build_model
+    real_build_model = setup.build_model  # build_session's
 
     def spy(*args, **kwargs) -> LoadedModel:
         loaded.append(real_build_model(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(experiment, "build_model", spy)
+    monkeypatch.setattr(setup, "build_model", spy)
     return loaded
 
 

@@ -20,7 +20,8 @@ from kaedit.experiment import compose as compose_config
 from kaedit.experiment import resolve_data_root, run
 from kaedit.hooks import count_hooks
 from kaedit.methods.base import EditContext
-from kaedit.methods.core import TargetConfig, context_templates, optimize_targets
+from kaedit.methods.targets import TargetConfig, optimize_targets
+from kaedit.methods.templates import context_templates
 from kaedit.models import load_model
 from kaedit.weights import applied
 
@@ -114,7 +115,7 @@ def _argmax_everywhere(lm, request, templates, module, delta) -> bool:
     """With ``delta`` added at the subject token of ``module``, is the new object the argmax
     at every target token of every prefixed prompt?"""
     from kaedit.hooks import edit_outputs
-    from kaedit.methods.core import _request_rows
+    from kaedit.methods.targets import _request_rows
     from kaedit.tokens import final_hidden, lm_head, pad
 
     rows = [r for r in _request_rows(lm.tokenizer, 0, request, templates, TargetConfig())

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import U32, U64, Compose, assert_within, gamma, load_tiny, memit_crashes_at_call
-from kaedit import checkpoint, experiment
+from kaedit import checkpoint, experiment, setup
 from kaedit.checkpoint import RunState
 from kaedit.errors import ConfigError
 from kaedit.fusion import (
@@ -29,13 +29,9 @@ from kaedit.fusion import (
     restrain_spectrum,
     spectral_norm,
 )
-from kaedit.methods.core import (
-    TargetConfig,
-    hidden_at_subject,
-    nas_scale,
-    optimize_targets,
-    upper_trimmed_mean,
-)
+from kaedit.methods.keys import hidden_at_subject
+from kaedit.methods.nas import nas_scale, upper_trimmed_mean
+from kaedit.methods.targets import TargetConfig, optimize_targets
 from kaedit.records import EditRequest
 from kaedit.weights import EditedWeights
 
@@ -127,8 +123,8 @@ def test_bad_values_are_one_config_error(compose: Compose, overrides: list[str],
                                          message: str) -> None:
     cfg = compose(overrides)
     with pytest.raises(ConfigError, match=message):
-        experiment.build(cfg.fusion)
-        experiment.build(cfg.method, _convert_="all")
+        setup.build(cfg.fusion)
+        setup.build(cfg.method, _convert_="all")
 
 
 # ---------------------------------------------------------------------------------- PRUNE
@@ -321,12 +317,12 @@ def test_optimize_targets_with_nas_anchors_the_value_vectors(compose: Compose,
 
 def test_rome_reads_its_own_nas_skip_factor(compose: Compose) -> None:
     cfg = compose(["method=rome", "++model.edit.target.nas_anchor=3.5"])
-    method = experiment.build(cfg.method, _convert_="all")
+    method = setup.build(cfg.method, _convert_="all")
     assert (method.target.nas_anchor, method.target.nas_skip_factor) == (3.5, 5.0)
-    memit = experiment.build(compose(["method=memit", "++method.target.nas_anchor=3.5"]).method,
+    memit = setup.build(compose(["method=memit", "++method.target.nas_anchor=3.5"]).method,
                              _convert_="all")
     assert (memit.target.nas_anchor, memit.target.nas_skip_factor) == (3.5, 2.0)
-    assert experiment.build(compose([]).method, _convert_="all").target.nas_anchor is None
+    assert setup.build(compose([]).method, _convert_="all").target.nas_anchor is None
 
 
 # ---------------------------------------------------------------------- runs of the recipe

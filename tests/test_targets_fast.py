@@ -15,21 +15,23 @@ from conftest import FORWARD_REL, Compose, assert_close_to_scale
 from kaedit.errors import ConfigError
 from kaedit.hooks import count_hooks, edit_outputs
 from kaedit.methods.base import EditContext
-from kaedit.methods.core import (
+from kaedit.methods.keys import (
     BlockStart,
-    TargetConfig,
-    _chunk_cost,
-    _Prefix,
-    _request_rows,
     compute_keys,
     first_block,
     hidden_at_subject,
     key_encodings,
+    plain_encodings,
+)
+from kaedit.methods.solve import spread_residual
+from kaedit.methods.targets import (
+    TargetConfig,
+    _chunk_cost,
+    _Prefix,
+    _request_rows,
     length_groups,
     optimize_targets,
-    plain_encodings,
     request_chunks,
-    spread_residual,
 )
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
@@ -380,7 +382,7 @@ def test_spread_residual_reads_keys_from_the_lowest_edited_block(lm: LoadedModel
     covs = ctx.stats.get(lm, layers)
 
     def solve(layer, resid, keys, weight):
-        from kaedit.methods.core import solve_update
+        from kaedit.methods.solve import solve_update
         return solve_update(resid, keys, covs[layer], 10.0)
 
     got = spread_residual(lm, REQUESTS, TEMPLATES, layers, z, z_module, solve)

@@ -84,7 +84,8 @@ def load_run(path: str | Path) -> Run:
     return Run(path, pd.read_csv(path / "metrics.csv"), retention, config)
 
 
-def _class_name(node: Any) -> str:
+def class_name(node: Any) -> str:
+    """The class a config node's ``_target_`` names (``DropRescale``), or ``?``."""
     target = node.get("_target_", "?") if isinstance(node, dict) else "?"
     return str(target).rsplit(".", 1)[-1]
 
@@ -93,11 +94,12 @@ def run_label(config: dict[str, Any]) -> str:
     """``METHOD / Fusion(param=value)``, e.g. ``MEMIT / DropRescale(p=0.8)``."""
     fusion = config.get("fusion") or {}
     params = ", ".join(f"{k}={v}" for k, v in fusion.items() if not str(k).startswith("_"))
-    return f"{_class_name(config.get('method'))} / {_class_name(fusion)}" + (
+    return f"{class_name(config.get('method'))} / {class_name(fusion)}" + (
         f"({params})" if params else "")
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +116,7 @@ CURVE_TITLES = {"fixed/specificity": "fixed specificity",
 def plot_scaling(run: Run, out: Path) -> Path:
     """Fig. 2: ``seen/*`` of the five metrics against ``edits_done`` (x100 as logged), and
     the fixed set's specificity and first-batch efficacy where logged."""
-    plt = _pyplot()
+    plt = pyplot()
     present = [(f"seen/{m}", m) for m in FIVE if f"seen/{m}" in run.metrics]
     present += [(c, CURVE_TITLES[c]) for c in CURVE_TITLES if c in run.metrics]
     fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3), squeeze=False)
@@ -126,7 +128,7 @@ def plot_scaling(run: Run, out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run.label} ({run.name})", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out / "scaling.png")
+    return save_figure(fig, out / "scaling.png")
 
 
 def retention_matrix(retention: pd.DataFrame, metric: str = "efficacy") -> pd.DataFrame:
@@ -199,7 +201,7 @@ def plot_retention(run: Run, out: Path, metric: str = "efficacy") -> Path | None
     if run.retention is None or metric not in run.retention or not (
             run.retention["step_made"] > 0).any():
         return None
-    plt = _pyplot()
+    plt = pyplot()
     mat = retention_matrix(run.retention, metric)
     fig, ax = plt.subplots(figsize=(5, 4))
     im = ax.imshow(np.ma.masked_invalid(mat.to_numpy(float)), vmin=0, vmax=100,
@@ -211,7 +213,7 @@ def plot_retention(run: Run, out: Path, metric: str = "efficacy") -> Path | None
     ax.set_title(f"{metric} of earlier edits\n{run.label}", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    return _save(fig, out / "retention.png")
+    return save_figure(fig, out / "retention.png")
 
 
 def step_delta_files(folder: Path, fused: bool) -> list[Path]:
@@ -241,8 +243,8 @@ def plot_delta_similarity(run: Run, out: Path, max_steps: int = 20) -> Path | No
     pre, post = (step_delta_files(folder, fused)[:max_steps] for fused in (False, True))
     if len(pre) < 2:
         return None
-    plt = _pyplot()
-    panels = [("before fusion", pre), (f"after {_class_name(run.config.get('fusion'))}", post)]
+    plt = pyplot()
+    panels = [("before fusion", pre), (f"after {class_name(run.config.get('fusion'))}", post)]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, (title, files) in zip(axes, panels, strict=True):
         if len(files) < 2:
@@ -258,7 +260,7 @@ def plot_delta_similarity(run: Run, out: Path, max_steps: int = 20) -> Path | No
         ax.set_title(f"{title}\nmean off-diagonal cos {off.mean():.3f}", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.8)
     fig.suptitle(run.label, fontsize=9)
-    return _save(fig, out / "delta_similarity.png")
+    return save_figure(fig, out / "delta_similarity.png")
 
 
 def run_labels(runs: Sequence[Run]) -> list[str]:
@@ -284,7 +286,7 @@ def draw_curves(ax, runs: Sequence[Run], labels: Sequence[str], column: str) -> 
 
 def plot_comparison(runs: Sequence[Run], out: Path) -> Path:
     """Fig. 5-7: seen efficacy / generalization / specificity vs edits, a line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = run_labels(runs)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, m in zip(axes, HEADLINE, strict=True):
@@ -292,7 +294,7 @@ def plot_comparison(runs: Sequence[Run], out: Path) -> Path:
         ax.set_title(m)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, out / "compare.png")
+    return save_figure(fig, out / "compare.png")
 
 
 #: Curves :func:`plot_metric` draws beside ``compare.png`` when a run logged them.
@@ -308,7 +310,7 @@ def plot_metric(runs: Sequence[Run], column: str, path: Path, title: str = "",
     """One logged ``column`` against edits, a line per run (None: no run logged it);
     ``log``: a logarithmic y axis (perplexity, which spans orders of magnitude when a
     model collapses)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     if not draw_curves(ax, runs, run_labels(runs), column):
         plt.close(fig)
@@ -319,10 +321,11 @@ def plot_metric(runs: Sequence[Run], column: str, path: Path, title: str = "",
     ax.set_ylabel(column)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` to ``path`` (folders made) at 120 dpi and close it."""
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -440,7 +443,7 @@ def topk_performance(run_dir: str | Path, ks: Sequence[float]) -> pd.DataFrame:
 
 
 def plot_topk(table: pd.DataFrame, out: Path, title: str = "") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in (*HEADLINE, "score"):
         ax.plot(table["k"] * 100, table[m], marker="o", ms=3, label=m)
@@ -449,7 +452,7 @@ def plot_topk(table: pd.DataFrame, out: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    return _save(fig, out / "topk.png")
+    return save_figure(fig, out / "topk.png")
 
 
 def topk_main(argv: Sequence[str]) -> int:

@@ -37,8 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kaedit.errors import ConfigError
+from kaedit.files import atomic_write
 from kaedit.records import Deltas
-from kaedit.tracking import atomic_write
 
 CKPT_DIR = "checkpoint"
 POINTER = "latest.json"

@@ -7,8 +7,8 @@
     ed.save("edited-model")   # a Hugging Face folder (kaedit.export.save_model)
     ed.reset()                # back to the unedited weights
 
-The parts are built by :mod:`kaedit.setup` from the same composed config as
-``python -m kaedit.run`` (model, statistics cache, method, fusion, evaluator), and each
+The parts are built by :func:`kaedit.setup.build_session` from the same composed config
+as ``python -m kaedit.run`` (model, statistics cache, method, fusion, evaluator), and each
 :meth:`Editor.edit` is one step of the recipe, :func:`kaedit.experiment.edit_step`
 (compute Δ → fuse → guard → apply), with the step's generator drawn as the runner draws
 it. ``ed.model`` holds W₀ + the sum of applied deltas; evaluation and saving use the
@@ -23,7 +23,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -77,35 +76,15 @@ class Editor:
     """Sequential editing of one model, step by step, as ``python -m kaedit.run`` does."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        from kaedit.evaluate import Scorer
-        from kaedit.experiment import effective_config
-        from kaedit.fusion import FusionStrategy
-        from kaedit.methods.base import EditContext
-        from kaedit.methods.core import context_templates
-        from kaedit.setup import build, build_model, build_stats
-        from kaedit.weights import EditedWeights
+        from kaedit.setup import build_session
 
-        self.cfg = cfg = effective_config(cfg)
-        self.seed = int(cfg.seed)
-        self.fusion = build(cfg.fusion)
-        if not isinstance(self.fusion, FusionStrategy):
-            raise ConfigError(f"fusion._target_={cfg.fusion._target_!r} is not a fusion strategy")
-        if cfg.guard.on_fault not in ("skip", "stop"):
-            raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of "
-                              "['skip', 'stop']")
-        self.evaluator = build(cfg.dataset.evaluator)
-        self.lm = build_model(cfg)
-        torch.manual_seed(self.seed)  # as the runner, before building the method
-        self.method = build(cfg.method, _convert_="all")
-        self.lm.spec.check(self.lm.model, [int(x) for x in self.method.layers])
-        self.stats = build_stats(cfg)
-        templates = context_templates(self.lm, [tuple(s) for s in cfg.templates.specs],
-                                      seed=self.seed)
-        self.ctx = EditContext(lm=self.lm, stats=self.stats, templates=templates)
-        self.method.prepare(self.ctx)
-        self.scorer = Scorer(self.lm, int(cfg.eval_batch_size))
+        # the runner's session without its plan (records, schedule, run evaluation)
+        self.session = s = build_session(cfg, plan=False)
+        self.cfg, self.seed, self.lm, self.stats = s.cfg, s.seed, s.lm, s.stats
+        self.method, self.ctx, self.fusion = s.method, s.ctx, s.fusion
+        self.evaluator, self.scorer = s.evaluator, s.scorer
         self._initial_method_state = self.method.state_dict()
-        self._weights = EditedWeights(self.lm.model)
+        self._weights = s.edits
         self.fusion_state = self.fusion.init_state()
         #: Steps made (each :meth:`edit` call is one), and the requests applied so far.
         self.step = 0
@@ -180,7 +159,7 @@ class Editor:
         from kaedit.weights import EditedWeights, restore
 
         restore(self.lm.model, self._weights.base)
-        self._weights = EditedWeights(self.lm.model)
+        self.session.edits = self._weights = EditedWeights(self.lm.model)
         self.fusion_state = self.fusion.init_state()
         self.method.load_state_dict(self._initial_method_state)
         self.step, self.requests, self.faults = 0, [], []

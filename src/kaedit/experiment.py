@@ -1,8 +1,10 @@
 """The sequential-edit recipe, top to bottom (paper §2.3).
 
-Build the parts in order (data, schedule, model, statistics, method, fusion, evaluation,
-trackers), evaluate the unedited model (step 0), then for each step t: compute Δ on
-M_{t-1} → fuse → check → apply → evaluate → log → checkpoint. Everything the run owns
+Build the session (:func:`kaedit.setup.build_session`: data, schedule, model, statistics,
+method, fusion, evaluation, in that order), restore the state to continue from (resume),
+write the run's files and build its trackers, evaluate the unedited model (step 0), then
+for each step t: compute Δ on M_{t-1} → fuse → check → apply (:func:`edit_step`) →
+evaluate → log → checkpoint (:func:`run`). Everything the run owns
 (statistics, tokenisation caches, random generators, the fusion's state) is created here;
 nothing is module-level. A fusion may serve other weights than the method edits
 (Lookahead's slow weights, WiSE-FT's interpolation): evaluations and ``save_deltas`` see
@@ -19,19 +21,16 @@ tracker states, row counts), not the history.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
 import platform
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -39,27 +38,21 @@ from tqdm.auto import tqdm
 from kaedit import checkpoint, wild
 from kaedit.checkpoint import RunState
 from kaedit.errors import ConfigError
-from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate, check_tokenisation
+from kaedit.evaluation import generation_indices
+from kaedit.files import CsvRows, atomic_write
 from kaedit.fusion import FusionState, FusionStrategy, bind_weights
 from kaedit.methods.base import EditContext, EditMethod
-from kaedit.methods.core import context_templates
 from kaedit.models import LoadedModel
-from kaedit.perplexity import Perplexity
 from kaedit.records import Deltas, EditRequest
-from kaedit.schedule import Schedule
-from kaedit.setup import (  # noqa: F401 - compose, resolve_data_root: kaedit.experiment's API
-    build,
-    build_model,
-    build_records,
-    build_schedule,
-    build_stats,
+from kaedit.setup import (  # noqa: F401 - compose, resolve_data_root: re-exported
+    Session,
+    build_session,
     build_trackers,
     compose,
+    effective_config,
     resolve_data_root,
-    resolve_from_trace,
 )
-from kaedit.stats import CovarianceStore
-from kaedit.tracking import CsvRows, atomic_write, progress_line
+from kaedit.tracking import Tracker, Trackers, progress_line
 from kaedit.weights import EditedWeights, delta_problem, difference, frobenius
 
 log = logging.getLogger(__name__)
@@ -75,96 +68,6 @@ RETENTION_BY_BATCH = "retention_by_batch.csv"
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator for step ``step``'s randomness (drop masks): a pure function of both."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
-
-
-#: What ``fixed/*`` logs of the fixed neighbourhood set (:class:`Evaluation`).
-FIXED = ("specificity", "specificity_mag")
-
-
-class Evaluation:
-    """Scores this step's batch and a stable sample of all edits so far; on generation
-    steps also their text metrics (``texts``).
-
-    ``first_batch``: the planned edits (indices) re-checked in full at every evaluation
-    beside the sample (``schedule.first_batch_in_full``), so first-batch retention is
-    exact. ``fixed``: how many planned edits (the first of the seeded order, chosen before
-    any edit; None = all) whose neighbourhood prompts are scored at every evaluation as
-    ``fixed/specificity``: one set of prompts from step 0 to the end, where
-    ``seen/specificity`` scores the neighbourhoods of a growing set. Both are scored by the
-    same evaluator call path as ``seen`` (without text metrics); each request once."""
-
-    def __init__(self, evaluator: Evaluator, scorer: Scorer, planned: Sequence[EditRequest],
-                 sample: int | None, seed: int, texts: TextMetrics | None = None,
-                 first_batch: Sequence[int] = (), fixed: int | None = 0) -> None:
-        self.evaluator, self.scorer, self.texts = evaluator, scorer, texts
-        # A fixed random order of the planned edits: seen/* at step t takes the first
-        # `sample` of those already made, so the same edits are followed across steps.
-        order = list(range(len(planned)))
-        random.Random(seed).shuffle(order)
-        self.order = order
-        self.planned = planned
-        self.sample = sample or len(planned)
-        self.first_batch = sorted(first_batch)
-        self.fixed = sorted(order[: len(planned) if fixed is None else int(fixed)])
-        #: WILD evaluation (:mod:`kaedit.wild`), set by the runner when ``wild.every`` ≠ 0.
-        self.wild: wild.WildEval | None = None
-
-    def seen_indices(self, n_done: int) -> list[int]:
-        pool = [i for i in self.order if i < n_done] if n_done else self.order
-        return sorted(pool[: self.sample])
-
-    def tracked_indices(self, n_done: int) -> list[int]:
-        """The edits whose values go to ``retention.csv``: the sample and the first batch."""
-        return sorted(set(self.seen_indices(n_done)) | set(self.first_batch))
-
-    def indices(self, batch: Sequence[int], n_done: int) -> list[int]:
-        """The planned edits an evaluation scores with text metrics: the batch and ``seen``."""
-        return sorted(set(batch) | set(self.seen_indices(n_done)))
-
-    def __call__(self, batch: Sequence[int], n_done: int,
-                 generate: bool = False) -> tuple[dict, list[int], dict]:
-        """``batch``: indices into the planned edits. Each request is scored once. Returns
-        the aggregated row, the tracked edits (:meth:`tracked_indices`) and their values."""
-        seen, tracked = self.seen_indices(n_done), self.tracked_indices(n_done)
-        both = self.indices(batch, n_done)
-        rest = sorted((set(tracked) | set(self.fixed)) - set(both))
-        values = self.evaluator(self.scorer, [self.planned[i] for i in both],
-                                texts=self.texts if generate else None)
-        if rest:  # the first batch and the fixed set: scored alike, without text metrics
-            more = self.evaluator(self.scorer, [self.planned[i] for i in rest])
-            values = {k: np.concatenate([values.get(k, np.full(len(both), np.nan)),
-                                         more.get(k, np.full(len(rest), np.nan))])
-                      for k in dict.fromkeys([*values, *more])}
-        at = {i: k for k, i in enumerate([*both, *rest])}
-
-        def pick(idx: Sequence[int]) -> dict:
-            rows = [at[i] for i in idx]
-            return {k: v[rows] for k, v in values.items()}
-
-        row = {**aggregate(pick(batch), "batch"), **aggregate(pick(seen), "seen")}
-        if self.fixed:
-            fixed = aggregate(pick(self.fixed), "fixed")
-            row.update({f"fixed/{m}": fixed[f"fixed/{m}"] for m in FIXED
-                        if f"fixed/{m}" in fixed})
-        return row, tracked, pick(tracked)
-
-    def wild_scores(self, batch: Sequence[int], n_done: int) -> tuple[dict, dict]:
-        """WILD scores (:attr:`wild`) of the batch and the tracked edits, each request
-        once: ``wild/batch/*`` and ``wild/seen/*`` for the metrics row, and the tracked
-        edits' values (:meth:`tracked_indices` order) as ``wild_<metric>`` for
-        ``retention.csv``."""
-        assert self.wild is not None
-        tracked = self.tracked_indices(n_done)
-        scored = sorted(set(batch) | set(tracked))
-        values = self.wild([self.planned[i] for i in scored])
-        at = {i: k for k, i in enumerate(scored)}
-
-        def pick(idx: Sequence[int]) -> dict:
-            return {k: v[[at[i] for i in idx]] for k, v in values.items()}
-
-        row = {**wild.aggregate(pick(batch), "wild/batch"),
-               **wild.aggregate(pick(self.seen_indices(n_done)), "wild/seen")}
-        return row, {f"wild_{k}": v for k, v in pick(tracked).items()}
 
 
 @dataclass
@@ -242,18 +145,6 @@ def update_sizes(done: StepDone, edits: EditedWeights) -> dict[str, float]:
             "update/total_rel": total / base if base else 0.0}
 
 
-def generation_indices(schedule: Schedule, batches: Sequence[range],
-                       evaluation: Evaluation) -> list[int]:
-    """Planned edits that some generation step will evaluate (its batch and ``seen``)."""
-    n_steps, ends = len(batches), [0, *itertools.accumulate(len(b) for b in batches)]
-    due: set[int] = set()
-    for step in range(n_steps + 1):
-        if schedule.generation_at(step, n_steps):
-            batch = range(ends[max(step, 1) - 1], ends[max(step, 1)])  # step 0: the first
-            due.update(evaluation.indices(batch, ends[step]))
-    return sorted(due)
-
-
 def save_step_deltas(folder: Path, step: int, deltas: Deltas, fused: Deltas) -> None:
     """``step-NNNN.safetensors`` (as computed) and ``step-NNNN-fused.safetensors``.
 
@@ -268,19 +159,13 @@ def save_step_deltas(folder: Path, step: int, deltas: Deltas, fused: Deltas) -> 
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
-    """Identifies what a run computes (not where it logs): resume only a matching run."""
+    """Identifies what a run computes (not where it logs): resume only a matching run.
+    ``paths`` is left out: it only supplies the defaults of the top-level ``data_root``,
+    ``cache_dir`` and ``outputs_root`` (conf/paths/default.yaml), which every config reads."""
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in ("resume", "run_dir", "logger", "hydra", "cache_dir", "tracking",
-                         "cluster")}
+                         "cluster", "paths")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def effective_config(cfg: DictConfig) -> DictConfig:
-    """A copy with ``data_root`` made absolute and ``method.layers=from_trace:`` read: the
-    config a run actually uses (and fingerprints)."""
-    cfg = cfg.copy()
-    resolve_data_root(cfg)
-    return resolve_from_trace(cfg)  # method.layers=from_trace:RUN_DIR (python -m kaedit.trace)
 
 
 def resume_dir(cfg: DictConfig, fingerprint: str) -> Path | None:
@@ -303,196 +188,225 @@ def resume_dir(cfg: DictConfig, fingerprint: str) -> Path | None:
     return path
 
 
-def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
-    """Run one sequential-editing experiment; returns the final metrics (``summary.json``)."""
-    cfg = effective_config(cfg)
-    seed = int(cfg.seed)
-    fingerprint = config_fingerprint(cfg)
+def run_directory(cfg: DictConfig, fingerprint: str,
+                  run_dir: str | None) -> tuple[Path, bool]:
+    """``(the run directory, whether the run resumes there)``; a resumed run must have been
+    made with the same config (``resume.json``'s fingerprint)."""
     resuming = resume_dir(cfg, fingerprint)
-    run_dir = resuming or Path(run_dir or cfg.get("run_dir") or "outputs/manual")
-    if resuming:
-        saved = json.loads((run_dir / "resume.json").read_text())
-        if saved.get("fingerprint") != fingerprint:
-            raise ConfigError(f"resume={str(run_dir)!r}: that run was made with a different "
-                              "config (compare its config.yaml); resume needs the same one")
-        log.info("resuming %s", run_dir)
+    if resuming is None:
+        return Path(run_dir or cfg.get("run_dir") or "outputs/manual"), False
+    saved = json.loads((resuming / "resume.json").read_text())
+    if saved.get("fingerprint") != fingerprint:
+        raise ConfigError(f"resume={str(resuming)!r}: that run was made with a different "
+                          "config (compare its config.yaml); resume needs the same one")
+    log.info("resuming %s", resuming)
+    return resuming, True
 
-    # ---- build phase: bad input raises ConfigError here, before anything is written ----
-    # 1. data and plan: fail on bad input before anything is loaded
-    records = build_records(cfg)
-    schedule = build_schedule(cfg)
-    batches = schedule.batches(len(records))
-    planned = [records[i] for r in batches for i in r]
-    evaluator: Evaluator = build(cfg.dataset.evaluator)
-    fusion: FusionStrategy = build(cfg.fusion)
-    if not isinstance(fusion, FusionStrategy):
-        raise ConfigError(f"fusion._target_={cfg.fusion._target_!r} is not a fusion strategy "
-                          "(kaedit.fusion: init_state, step, served_offset)")
-    if cfg.guard.on_fault not in ("skip", "stop"):
-        raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of ['skip', 'stop']")
 
-    # 2. model, statistics, method (all derived from the unedited model)
-    lm: LoadedModel = build_model(cfg)
-    check_tokenisation(lm.tokenizer, evaluator, planned)  # bad input: before any statistics
-    torch.manual_seed(seed)
-    method: EditMethod = build(cfg.method, _convert_="all")
-    lm.spec.check(lm.model, [int(x) for x in method.layers])  # the layers it declares
-    stats: CovarianceStore = build_stats(cfg)
-    templates = context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=seed)
-    ctx = EditContext(lm=lm, stats=stats, templates=templates)
-    method.prepare(ctx)
-    texts: TextMetrics = build(cfg.generation, _partial_=True)(lm=lm)  # lm: not a config
-    evaluation = Evaluation(evaluator, Scorer(lm, int(cfg.eval_batch_size)), planned,
-                            schedule.retention_sample, seed, texts,
-                            first_batch=range(len(batches[0])) if schedule.first_batch_in_full
-                            else (), fixed=schedule.fixed_sample)
-    edits = EditedWeights(lm.model)
-    # WikiText-2 perplexity on the steps perplexity.every picks (0: never)
-    perplexity: Perplexity | None = build(cfg.perplexity) if cfg.get("perplexity") else None
+def resume_state(session: Session, run_dir: Path, resuming: bool) -> tuple[RunState,
+                                                                          FusionState]:
+    """The run state and fusion state to continue from: a fresh run's, or the checkpoint's
+    (whose deltas, method state and random generators are restored into ``session``)."""
+    if not resuming:
+        return RunState(), session.fusion.init_state()
+    ckpt = checkpoint.load(run_dir)
+    session.edits.load(ckpt.deltas)
+    session.method.load_state_dict(ckpt.method_state)
+    fusion_state = (FusionState.from_flat(ckpt.fusion_state) if ckpt.fusion_state
+                    else session.fusion.init_state())
+    ckpt.restore_rng()
+    return ckpt.state, fusion_state
 
-    # 3. state to continue from (resume), outputs and trackers
-    state = RunState()
-    fusion_state = fusion.init_state()
-    if resuming:
-        ckpt = checkpoint.load(run_dir)
-        edits.load(ckpt.deltas)
-        method.load_state_dict(ckpt.method_state)
-        if ckpt.fusion_state:
-            fusion_state = FusionState.from_flat(ckpt.fusion_state)
-        ckpt.restore_rng()
-        state = ckpt.state
+
+def write_run_files(session: Session, run_dir: Path, fingerprint: str, resuming: bool) -> None:
+    """``config.yaml``, ``resume.json`` and (text metrics with fallback references) the
+    unedited model's reference texts, generated once before the first edit for every
+    request a generation step will evaluate (read back on resume)."""
+    texts = session.texts
     run_dir.mkdir(parents=True, exist_ok=True)
     if texts.needs_references:
-        # Consistency's fallback reference text comes from the unedited model: generate it
-        # once, before the first edit, for every request a generation step will evaluate.
         if resuming:
             texts.references = json.loads((run_dir / REFERENCES).read_text())
         else:
-            due = [planned[i] for i in generation_indices(schedule, batches, evaluation)]
-            texts.references = texts.make_references(due)
+            due = generation_indices(session.schedule, session.batches, session.evaluation)
+            texts.references = texts.make_references([session.planned[i] for i in due])
             atomic_write(run_dir / REFERENCES, json.dumps(texts.references) + "\n")
-    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(session.cfg, resolve=True))
     atomic_write(run_dir / "resume.json", json.dumps({"fingerprint": fingerprint}) + "\n")
-    trackers, named = build_trackers(cfg, run_dir, state.trackers)
-    retention = CsvRows(run_dir / RETENTION, keep=state.retention_rows)
-    n_steps = len(batches)
-    made_at = [s for s, r in enumerate(batches, start=1) for _ in r]  # per planned edit
-    t_start, elapsed_before = time.perf_counter(), state.elapsed_s
 
-    def evaluate(step: int, batch: Sequence[int], n_done: int, extra: Mapping) -> dict:
-        t0, pairs0 = time.perf_counter(), evaluation.scorer.pairs_scored
-        with edits.serving(fusion.served_offset(fusion_state)):
-            row, tracked, per_tracked = evaluation(batch, n_done,
-                                                   schedule.generation_at(step, n_steps))
-            if perplexity is not None and perplexity.due(step, n_steps):
-                row["general/perplexity"] = perplexity(lm)
-            if evaluation.wild is None:  # WILD (kaedit.wild): answers of the unedited model
-                evaluation.wild = wild.start(cfg.get("wild"), lm, run_dir, step, evaluation,
-                                             schedule, batches)
-            if evaluation.wild is not None and evaluation.wild.due(step, n_steps):
-                t_wild = time.perf_counter()
-                more, per_edit = evaluation.wild_scores(batch, n_done)
-                row.update({**more, "time/wild_s": time.perf_counter() - t_wild})
-                per_tracked.update(per_edit)
-        t_eval = time.perf_counter() - t0
-        state.eval_s += t_eval
-        row = {"step": step, "edits_done": n_done, **extra, **row,
-               "time/eval_s": t_eval,
-               "eval/prompts": evaluation.scorer.pairs_scored - pairs0}
-        # first-batch retention: efficacy (x100) of the step-1 edits tracked (the seen
-        # sample's, or all of them with schedule.first_batch_in_full)
-        first = [j for j, i in enumerate(tracked) if i < n_done and made_at[i] == 1]
-        if first and "efficacy" in per_tracked:
-            row["retention/first_batch"] = 100.0 * float(per_tracked["efficacy"][first].mean())
-        trackers.log(row, step)
-        retention.append({"step": step, "case_id": planned[i].case_id,
+
+@dataclass
+class Outputs:
+    """Where a run's results go: its directory, its trackers (by name: their states are
+    checkpointed) and ``retention.csv``; and its clock (``elapsed_before``: the seconds of
+    the segments before a resume)."""
+
+    run_dir: Path
+    trackers: Trackers
+    named: dict[str, Tracker]
+    retention: CsvRows
+    t_start: float
+    elapsed_before: float
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+
+def evaluate(session: Session, out: Outputs, state: RunState, fusion_state: FusionState,
+             step: int, batch: Sequence[int], n_done: int, extra: Mapping) -> dict:
+    """Evaluate the served weights after step ``step`` (``batch``: the step's planned
+    edits; ``n_done``: edits made so far), log the metrics row and the tracked edits'
+    ``retention.csv`` rows; returns the row."""
+    evaluation, schedule, n_steps = session.evaluation, session.schedule, len(session.batches)
+    t0, pairs0 = time.perf_counter(), evaluation.scorer.pairs_scored
+    with session.edits.serving(session.fusion.served_offset(fusion_state)):
+        row, tracked, per_tracked = evaluation(batch, n_done,
+                                               schedule.generation_at(step, n_steps))
+        if session.perplexity is not None and session.perplexity.due(step, n_steps):
+            row["general/perplexity"] = session.perplexity(session.lm)
+        if evaluation.wild is None:  # WILD (kaedit.wild): answers of the unedited model
+            evaluation.wild = wild.start(session.wild, out.run_dir, step, evaluation,
+                                         schedule, session.batches)
+        if evaluation.wild is not None and evaluation.wild.due(step, n_steps):
+            t_wild = time.perf_counter()
+            more, per_edit = evaluation.wild_scores(batch, n_done)
+            row.update({**more, "time/wild_s": time.perf_counter() - t_wild})
+            per_tracked.update(per_edit)
+    t_eval = time.perf_counter() - t0
+    state.eval_s += t_eval
+    row = {"step": step, "edits_done": n_done, **extra, **row, "time/eval_s": t_eval,
+           "eval/prompts": evaluation.scorer.pairs_scored - pairs0}
+    made_at = [s for s, r in enumerate(session.batches, start=1) for _ in r]  # per edit
+    # first-batch retention: efficacy (x100) of the step-1 edits tracked (the seen
+    # sample's, or all of them with schedule.first_batch_in_full)
+    first = [j for j, i in enumerate(tracked) if i < n_done and made_at[i] == 1]
+    if first and "efficacy" in per_tracked:
+        row["retention/first_batch"] = 100.0 * float(per_tracked["efficacy"][first].mean())
+    out.trackers.log(row, step)
+    out.retention.append({"step": step, "case_id": session.planned[i].case_id,
                           "step_made": made_at[i] if i < n_done else 0,
                           **{k: float(v[j]) for k, v in per_tracked.items()}}
                          for j, i in enumerate(tracked))
-        return row
+    return row
+
+
+def step_columns(done: StepDone, edits: EditedWeights, n_edits: int, t0: float) -> dict:
+    """The step's own columns of its metrics row: applied, times, update sizes."""
+    extra = {"applied": int(done.problem is None), "time/compute_s": done.t_compute,
+             **{f"time/{k}_s": v for k, v in done.stages.items()},
+             "time/fusion_s": done.t_fuse, "time/step_s": time.perf_counter() - t0,
+             **update_sizes(done, edits)}
+    # seconds per edit by stage: comparable across batch sizes (the dashboard's)
+    extra.update({f"time/per_edit/{k[len('time/'):]}": v / n_edits
+                  for k, v in list(extra.items()) if k.startswith("time/")})
+    return extra
+
+
+def save_checkpoint(session: Session, out: Outputs, state: RunState,
+                    fusion_state: FusionState) -> None:
+    state.trackers = {n: t.state() for n, t in out.named.items()}
+    state.retention_rows = out.retention.n_rows
+    state.elapsed_s = out.elapsed()
+    checkpoint.save(out.run_dir, state, session.edits.total, session.method.state_dict(),
+                    fusion_state.flat())
+
+
+def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
+    """Run one sequential-editing experiment; returns the final metrics (``summary.json``)."""
+    cfg = effective_config(cfg)
+    fingerprint = config_fingerprint(cfg)
+    path, resuming = run_directory(cfg, fingerprint, run_dir)
+    # ---- build phase: bad input raises ConfigError here, before anything is written ----
+    s = build_session(cfg)
+    state, fusion_state = resume_state(s, path, resuming)
+    write_run_files(s, path, fingerprint, resuming)
+    trackers, named = build_trackers(s.cfg, path, state.trackers)
+    out = Outputs(path, trackers, named, CsvRows(path / RETENTION, keep=state.retention_rows),
+                  time.perf_counter(), state.elapsed_s)
+    n_steps, schedule, guard = len(s.batches), s.schedule, s.cfg.guard
 
     # ---- the loop: an error keeps its traceback; the last checkpoint stays resumable ----
     try:
         if state.step == 0:
-            state.last_row = evaluate(0, list(range(len(batches[0]))), 0, {})
+            state.last_row = evaluate(s, out, state, fusion_state, 0,
+                                      list(range(len(s.batches[0]))), 0, {})
         bar = tqdm(total=n_steps, initial=state.step, desc="editing", unit="step",
                    disable=None)
         t_loop, done_before = time.perf_counter(), state.step  # s/step: this segment's steps
         for step in range(state.step + 1, n_steps + 1):
-            batch = [records[i] for i in batches[step - 1]]
+            batch = [s.records[i] for i in s.batches[step - 1]]
             t0 = time.perf_counter()
-            done = edit_step(method, ctx, fusion, fusion_state, edits, batch, seed, step,
-                             cfg.guard.max_delta_norm)
-            fusion_state, problem = done.fusion_state, done.problem
-            if cfg.save_step_deltas:
-                save_step_deltas(run_dir / "deltas", step, done.deltas, done.fused)
-            if problem is not None:
-                log.warning("step %d not applied: %s", step, problem)
-                state.faults.append({"step": step, "reason": problem})
-                if cfg.guard.on_fault == "stop":
-                    raise FloatingPointError(f"step {step} not applied: {problem}")
+            done = edit_step(s.method, s.ctx, s.fusion, fusion_state, s.edits, batch, s.seed,
+                             step, guard.max_delta_norm)
+            fusion_state = done.fusion_state
+            if s.cfg.save_step_deltas:
+                save_step_deltas(path / "deltas", step, done.deltas, done.fused)
+            if done.problem is not None:
+                log.warning("step %d not applied: %s", step, done.problem)
+                state.faults.append({"step": step, "reason": done.problem})
+                if guard.on_fault == "stop":
+                    raise FloatingPointError(f"step {step} not applied: {done.problem}")
             state.n_done += len(batch)
-            n_done = state.n_done
-            extra = {"applied": int(problem is None), "time/compute_s": done.t_compute,
-                     **{f"time/{k}_s": v for k, v in done.stages.items()},
-                     "time/fusion_s": done.t_fuse, "time/step_s": time.perf_counter() - t0,
-                     **update_sizes(done, edits)}
-            # seconds per edit by stage: comparable across batch sizes (the dashboard's)
-            extra.update({f"time/per_edit/{k[len('time/'):]}": v / len(batch)
-                          for k, v in list(extra.items()) if k.startswith("time/")})
+            extra = step_columns(done, s.edits, len(batch), t0)
             if schedule.evaluate_at(step, n_steps):
-                state.last_row = evaluate(step, list(range(n_done - len(batch), n_done)),
-                                          n_done, extra)
-                bar.set_postfix(edits=n_done, eff=f"{state.last_row['seen/efficacy']:.1f}",
+                state.last_row = evaluate(s, out, state, fusion_state, step,
+                                          list(range(state.n_done - len(batch), state.n_done)),
+                                          state.n_done, extra)
+                bar.set_postfix(edits=state.n_done,
+                                eff=f"{state.last_row['seen/efficacy']:.1f}",
                                 spec=f"{state.last_row['seen/specificity']:.1f}")
             state.step = step
             if schedule.checkpoint_every and (step % schedule.checkpoint_every == 0
                                               or step == n_steps):
-                state.trackers = {n: t.state() for n, t in named.items()}
-                state.retention_rows = retention.n_rows
-                state.elapsed_s = elapsed_before + time.perf_counter() - t_start
-                checkpoint.save(run_dir, state, edits.total, method.state_dict(),
-                                fusion_state.flat())
+                save_checkpoint(s, out, state, fusion_state)
             bar.update(1)
-            log.info(progress_line(step, n_steps, n_done, state.last_row,
+            log.info(progress_line(step, n_steps, state.n_done, state.last_row,
                                    (time.perf_counter() - t_loop) / (step - done_before)))
         bar.close()
-
-        summary = dict(state.last_row)
-        wall = time.perf_counter() - t_start
-        elapsed = elapsed_before + wall
-        summary.update({
-            "steps": n_steps, "edits_done": state.n_done,
-            "steps_failed": len(state.faults), "faults": state.faults,
-            # wall_s: this segment (since the last resume); elapsed_s and eval_s: the whole
-            # run, every segment; eval_share: evaluation's share of it (issue 30)
-            "wall_s": wall, "elapsed_s": elapsed, "eval_s": state.eval_s,
-            "eval_share": state.eval_s / elapsed if elapsed > 0 else 0.0,
-            "stats_compute_s": stats.compute_seconds,
-            "machine": machine(lm),
-        })
-        if "seen/consistency" in summary:
-            summary.update(consistency_source=texts.source, generation_protocol=texts.protocol)
-        if cfg.save_deltas:
-            from safetensors.torch import save_file
-
-            served = fusion.served_offset(fusion_state)  # W_served − W₀ = total + offset
-            save_file({k: (v + served[k] if k in served else v).contiguous()
-                       for k, v in edits.total.items()}, str(run_dir / "deltas.safetensors"))
-        # Local files first (summary.json: the csv tracker comes first), then what W&B
-        # may refuse: a failure at W&B's end loses nothing of the run's ending.
-        trackers.summary(summary)
-        atomic_write(run_dir / "resume.json",
-                     json.dumps({"fingerprint": fingerprint, "done": True}) + "\n")
-        by_batch = retention_by_batch(retention.path)
-        by_batch.to_csv(run_dir / RETENTION_BY_BATCH, index=False, float_format="%.6g")
-        trackers.table("retention", retention.path)  # every row: a file artifact
-        trackers.table(Path(RETENTION_BY_BATCH).stem, run_dir / RETENTION_BY_BATCH)
-        if cfg.save_deltas:
-            trackers.files("deltas", [run_dir / "deltas.safetensors"])
-        return summary
+        return finish(s, out, state, fusion_state, fingerprint)
     finally:
         trackers.finish()
+
+
+def finish(session: Session, out: Outputs, state: RunState, fusion_state: FusionState,
+           fingerprint: str) -> dict[str, Any]:
+    """The run's end: ``summary.json`` (through the trackers), the final deltas
+    (``save_deltas``), ``resume.json`` marked done, ``retention_by_batch.csv`` and the
+    trackers' tables and files. Returns the summary."""
+    s, run_dir, trackers = session, out.run_dir, out.trackers
+    summary = dict(state.last_row)
+    wall = time.perf_counter() - out.t_start
+    elapsed = out.elapsed_before + wall
+    summary.update({
+        "steps": len(s.batches), "edits_done": state.n_done,
+        "steps_failed": len(state.faults), "faults": state.faults,
+        # wall_s: this segment (since the last resume); elapsed_s and eval_s: the whole
+        # run, every segment; eval_share: evaluation's share of it (issue 30)
+        "wall_s": wall, "elapsed_s": elapsed, "eval_s": state.eval_s,
+        "eval_share": state.eval_s / elapsed if elapsed > 0 else 0.0,
+        "stats_compute_s": s.stats.compute_seconds,
+        "machine": machine(s.lm),
+    })
+    if "seen/consistency" in summary:
+        summary.update(consistency_source=s.texts.source, generation_protocol=s.texts.protocol)
+    if s.cfg.save_deltas:
+        from safetensors.torch import save_file
+
+        served = s.fusion.served_offset(fusion_state)  # W_served − W₀ = total + offset
+        save_file({k: (v + served[k] if k in served else v).contiguous()
+                   for k, v in s.edits.total.items()}, str(run_dir / "deltas.safetensors"))
+    # Local files first (summary.json: the csv tracker comes first), then what W&B
+    # may refuse: a failure at W&B's end loses nothing of the run's ending.
+    trackers.summary(summary)
+    atomic_write(run_dir / "resume.json",
+                 json.dumps({"fingerprint": fingerprint, "done": True}) + "\n")
+    by_batch = retention_by_batch(out.retention.path)
+    by_batch.to_csv(run_dir / RETENTION_BY_BATCH, index=False, float_format="%.6g")
+    trackers.table("retention", out.retention.path)  # every row: a file artifact
+    trackers.table(Path(RETENTION_BY_BATCH).stem, run_dir / RETENTION_BY_BATCH)
+    if s.cfg.save_deltas:
+        trackers.files("deltas", [run_dir / "deltas.safetensors"])
+    return summary
 
 
 def machine(lm: LoadedModel) -> str:

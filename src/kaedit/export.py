@@ -4,10 +4,11 @@ Hugging Face folder.
 The folder (``model.safetensors``, ``config.json``, the tokenizer) loads with plain
 ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``, so lm-eval-harness, vLLM or
 llama.cpp's converter can use it. Its weights are the ones the run *serves* at the chosen
-checkpoint: W₀ (loaded through :mod:`kaedit.setup` from the run's own ``config.yaml``)
-plus the float32 sum of the applied deltas plus the fusion's served offset (Lookahead's
-slow weights, WiSE-FT's interpolation; nothing for the other fusions), computed exactly as
-the runner's :meth:`~kaedit.weights.EditedWeights.serving` does. Every other tensor is W₀.
+checkpoint: W₀ (loaded by :func:`kaedit.setup.build_session` from the run's own
+``config.yaml``) plus the float32 sum of the applied deltas plus the fusion's served
+offset (Lookahead's slow weights, WiSE-FT's interpolation; nothing for the other fusions),
+computed exactly as the runner's :meth:`~kaedit.weights.EditedWeights.serving` does.
+Every other tensor is W₀.
 
 Where the weights come from:
 
@@ -58,7 +59,7 @@ def _replay(cfg: DictConfig, run_dir: Path, step: int) -> Deltas:
     from safetensors.torch import load_file
 
     from kaedit.experiment import fuse_step
-    from kaedit.setup import build
+    from kaedit.setup import build_fusion
     from kaedit.weights import delta_problem
 
     files = [run_dir / "deltas" / f"step-{t:04d}.safetensors" for t in range(1, step + 1)]
@@ -67,7 +68,7 @@ def _replay(cfg: DictConfig, run_dir: Path, step: int) -> Deltas:
         raise ConfigError(f"--step {step}: the run has no checkpoint at that step and no "
                           f"saved step deltas {missing[:3]} to replay (run with "
                           "save_step_deltas=true to export any step)")
-    fusion = build(cfg.fusion)
+    fusion = build_fusion(cfg)
     state, total = fusion.init_state(), {}
     for t, f in enumerate(files, start=1):
         nxt, fused = fuse_step(fusion, state, load_file(str(f)), int(cfg.seed), t)
@@ -89,13 +90,13 @@ def served_deltas(run_dir: str | Path, step: int | None = None) -> tuple[DictCon
 
     from kaedit import checkpoint
     from kaedit.fusion import FusionState
-    from kaedit.setup import build
+    from kaedit.setup import build_fusion
 
     run_dir = Path(run_dir)
     cfg = _config(run_dir)
     ckpt = checkpoint.load(run_dir)
     if ckpt is not None and step in (None, ckpt.state.step):
-        fusion = build(cfg.fusion)
+        fusion = build_fusion(cfg)
         state = (FusionState.from_flat(ckpt.fusion_state) if ckpt.fusion_state
                  else fusion.init_state())
         return cfg, _served(ckpt.deltas, fusion.served_offset(state)), ckpt.state.step
@@ -144,16 +145,16 @@ def save_model(lm: LoadedModel, out: str | Path) -> Path:
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Export the weights ``run_dir`` serves at ``step`` (None: its latest) to ``out``."""
-    from kaedit.setup import build_model
-    from kaedit.weights import EditedWeights
+    from kaedit.setup import build_session
 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty directory")
     cfg, served, at = served_deltas(run_dir, step)
-    lm = build_model(cfg)
-    EditedWeights(lm.model).add(served)  # W₀ + (total + offset), as the runner serves it
-    save_model(lm, out)
+    # the run's session, model and fusion only (no records, templates or method)
+    session = build_session(cfg, plan=False, templates=False, method=False)
+    session.edits.add(served)  # W₀ + (total + offset), as the runner serves it
+    save_model(session.lm, out)
     log.info("exported %s at step %d (%d edited weights) to %s", run_dir, at, len(served), out)
     return out
 

@@ -49,7 +49,7 @@ Scope (``fusion.scope``), for the stateless strategies:
   keys and residual see (and compensate for) what was dropped. The runner hands the
   method a :class:`LayerFusion` through ``EditContext.layer_fusion``; the multi-layer
   methods (MEMIT, PMET, AdaPLE, AlphaEdit) apply it in
-  :func:`kaedit.methods.core.spread_residual` and return the undropped Δˡ, and the runner
+  :func:`kaedit.methods.solve.spread_residual` and return the undropped Δˡ, and the runner
   applies the same :class:`LayerFusion` to them (:meth:`LayerFusion.step`). Its
   randomness is a pure function of (run seed, step, weight name) (:func:`layer_generator`),
   so both calls draw the same mask and a resumed run draws the same masks again. Methods

@@ -123,8 +123,10 @@ RENAMED = {"ka_drop": "batch_minus_seen_efficacy"}
 #: Per-edit retention by age of every run (:func:`kaedit.analyze.retention_by_age`).
 BY_AGE_FILE = "retention_by_age.csv"
 #: Files copied from each run directory (all small: rows per step, not per token).
+#: With ``resume.json`` and Hydra's overrides a published copy publishes again as its run
+#: did (status, the override columns).
 COPIED = ("metrics.csv", "retention.csv", "retention_by_batch.csv", "summary.json",
-          "config.yaml")
+          "config.yaml", "resume.json", ".hydra/overrides.yaml", ".hydra/hydra.yaml")
 #: Logged columns reported at the start (step 0) and at the end (last logged value).
 START_END = {"fluency": "seen/fluency", "consistency": "seen/consistency",
              "perplexity": "general/perplexity", "fixed_specificity": "fixed/specificity"}
@@ -186,7 +188,7 @@ def by_age(run: Run) -> pd.DataFrame:
 
 def run_row(run: Run) -> dict[str, Any]:
     """One row of ``summary.csv`` (see the module docstring) for a loaded run."""
-    from kaedit.analyze import _class_name, retained_aged
+    from kaedit.analyze import class_name, retained_aged
     from kaedit.sweep import job_result
 
     cfg, metrics = run.config, run.metrics
@@ -195,8 +197,8 @@ def run_row(run: Run) -> dict[str, Any]:
     choices = (cfg.get("tracking") or {}).get("choices") or {}
     row: dict[str, Any] = {
         "run": run.name,
-        "method": choices.get("method") or _class_name(cfg.get("method")).lower(),
-        "fusion": choices.get("fusion") or _class_name(fusion).lower(),
+        "method": choices.get("method") or class_name(cfg.get("method")).lower(),
+        "fusion": choices.get("fusion") or class_name(fusion).lower(),
         "p": fusion.get("p", math.nan),
         "scope": fusion.get("scope"),
         "batch_size": schedule.get("batch_size"),
@@ -391,12 +393,12 @@ def plot_drop_rate(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
                    path: Path) -> Path | None:
     """The paper's Fig. 6: the end-of-run metrics (:data:`DROP_RATE_PANELS`) against the
     drop rate p, a line per :func:`drop_rate_groups` group (None: no group)."""
-    from kaedit.analyze import _pyplot, _save
+    from kaedit.analyze import pyplot, save_figure
 
     groups = drop_rate_groups(runs, rows)
     if not groups:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(DROP_RATE_PANELS), figsize=(14, 3.6))
     for ax, (column, title) in zip(axes, DROP_RATE_PANELS, strict=True):
         for label, points in groups:
@@ -410,7 +412,7 @@ def plot_drop_rate(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
     fig.suptitle(f"after {max(r['edits_done'] for _, g in groups for r in g):,} edits",
                  fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_retained_by_age(runs: Sequence[Run], ages: Sequence[pd.DataFrame],
@@ -418,9 +420,9 @@ def plot_retained_by_age(runs: Sequence[Run], ages: Sequence[pd.DataFrame],
     """At each run's last evaluated step, the share (x100) of the edits that succeeded at
     their own step and still succeed, against their age (steps since the edit), a line per
     run (None: no run has an aged edit)."""
-    from kaedit.analyze import _pyplot, _save, run_labels
+    from kaedit.analyze import pyplot, run_labels, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for table, label in zip(ages, run_labels(runs), strict=True):
@@ -438,7 +440,7 @@ def plot_retained_by_age(runs: Sequence[Run], ages: Sequence[pd.DataFrame],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def publish(run_dirs: Sequence[str | Path], out: str | Path,
@@ -477,6 +479,7 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
         dest.mkdir(exist_ok=True)
         for name in COPIED:
             if (run.path / name).is_file():
+                (dest / name).parent.mkdir(exist_ok=True)
                 shutil.copyfile(run.path / name, dest / name)
                 written.append(dest / name)
         written += [p for p in (plot_retention(run, dest),) if p]

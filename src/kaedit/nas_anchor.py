@@ -2,7 +2,7 @@
 
 Norm-Anchor Scaling (arXiv 2602.02543, ``method.target.nas_anchor``) rescales each solved
 value vector v* to the mean ‖v*‖ of the *unedited* model. This computes that mean on the
-model, method and dataset the same overrides compose (:func:`kaedit.methods.core.nas_anchor`:
+model, method and dataset the same overrides compose (:func:`kaedit.methods.targets.nas_anchor`:
 ``N`` requests of the dataset drawn with ``seed``, δ optimised at the method's last edit
 layer on bare prompts, the upper 5 % of the norms left out; SasyaTitech/NAS
 ``util/vstar_stats.py``: 1000 CounterFact rewrites, seed 0) and prints the override to add
@@ -28,7 +28,7 @@ def anchor_for(overrides: Sequence[str], n: int = 1000, seed: int = 0,
     """The anchor for the run ``overrides`` compose (see the module docstring)."""
     import torch
 
-    from kaedit.methods.core import TargetConfig, nas_anchor
+    from kaedit.methods.targets import TargetConfig, nas_anchor
     from kaedit.setup import build, build_model, build_records, compose
 
     if n < 1:

@@ -181,9 +181,9 @@ def markdown_table(rows: list[dict[str, Any]], first: str) -> str:
 
 def plot_drop_rate(rows: list[dict[str, Any]], path: Path) -> Path:
     """Fig. 6: final efficacy / generalization / specificity / score against p."""
-    from kaedit.analyze import _pyplot, _save
+    from kaedit.analyze import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ps = [r["p"] for r in rows]
     for m in METRICS:
@@ -194,7 +194,7 @@ def plot_drop_rate(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("after the last step (x100)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_results(out: Path, plan: Sequence[PlannedRun], timings: dict[str, float],
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from kaedit.errors import EXIT_BAD_INPUT, ConfigError
-    from kaedit.tracking import atomic_write
+    from kaedit.files import atomic_write
 
     names = [r.name for r in PLAN]
     wanted = args.runs.split(",") if args.runs else names

@@ -1,6 +1,6 @@
 """Seeded top-k sampling that gives the same draws on every device.
 
-Used for MEMIT's context templates (:func:`kaedit.methods.core.context_templates`) and for
+Used for MEMIT's context templates (:func:`kaedit.methods.templates.context_templates`) and for
 the generations behind fluency and consistency (:class:`kaedit.evaluate.Generator`).
 """
 

@@ -7,6 +7,10 @@ torchtune's ``config.instantiate`` builders and lightning-hydra-template's
 ``utils/instantiators.py``), so every one of them reports bad input the same way: as a
 :class:`~kaedit.errors.ConfigError` raised while building (see :mod:`kaedit.errors`).
 
+An editing session -- the recipe's, the notebook :class:`~kaedit.editor.Editor`'s,
+``kaedit.export``'s and the bench's -- is built in one place, :func:`build_session`, in the
+recipe's order and with its checks; each caller asks only for the parts it uses.
+
 ``from_trace:RUN_DIR`` layer values (written by ``python -m kaedit.trace``) are resolved
 here too, so the recipe never imports the tracing package.
 """
@@ -16,19 +20,29 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kaedit import data
 from kaedit.errors import ConfigError
+from kaedit.evaluate import Evaluator, Scorer, TextMetrics, check_tokenisation
+from kaedit.evaluation import Evaluation
+from kaedit.fusion import FusionStrategy
+from kaedit.methods.base import EditContext, EditMethod
+from kaedit.methods.templates import Templates, context_templates
 from kaedit.models import LoadedModel, load_model
 from kaedit.paths import CONF_DIR, REPO_ROOT
+from kaedit.perplexity import Perplexity
 from kaedit.records import EditRequest
 from kaedit.schedule import Schedule
 from kaedit.stats import CovarianceStore
 from kaedit.tracking import Tracker, Trackers
+from kaedit.weights import EditedWeights
+from kaedit.wild import WildEval
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +195,126 @@ def build_trackers(cfg: DictConfig, run_dir: Path,
         run_dir=str(run_dir), run_config=resolved, resume=resume.get(name))
         for name, node in (cfg.logger or {}).items()}
     return Trackers(named.values()), named
+
+
+# ----------------------------------------------------------------------------- session
+def effective_config(cfg: DictConfig) -> DictConfig:
+    """A copy with ``data_root`` made absolute and ``method.layers=from_trace:`` read: the
+    config a run actually uses (and fingerprints)."""
+    cfg = cfg.copy()
+    resolve_data_root(cfg)
+    return resolve_from_trace(cfg)  # method.layers=from_trace:RUN_DIR (python -m kaedit.trace)
+
+
+def build_fusion(cfg: DictConfig) -> FusionStrategy:
+    """``cfg.fusion``, checked to be a fusion strategy."""
+    fusion = build(cfg.fusion)
+    if not isinstance(fusion, FusionStrategy):
+        raise ConfigError(f"fusion._target_={cfg.fusion._target_!r} is not a fusion strategy "
+                          "(kaedit.fusion: init_state, step, served_offset)")
+    return fusion
+
+
+def build_wild(cfg: DictConfig, lm: LoadedModel) -> WildEval | None:
+    """The run's WILD evaluation (``cfg.wild``), or None when ``wild.every`` is 0."""
+    node = cfg.get("wild")
+    if node is None or node.get("every", 0) == 0:
+        return None
+    return build(node, _partial_=True)(lm=lm)  # lm: not a config
+
+
+@dataclass
+class Session:
+    """The parts of one editing session on one model, built by :func:`build_session`.
+
+    The parts a caller did not ask for are None (``records`` ... ``wild`` without
+    ``plan``; ``templates`` without ``templates``; ``method`` and ``ctx`` without
+    ``method``). Trackers are not part of it: they log to a run directory, which the
+    recipe owns (:func:`build_trackers`)."""
+
+    #: The config as used: ``data_root`` absolute, ``from_trace:`` layers read.
+    cfg: DictConfig
+    seed: int
+    lm: LoadedModel
+    fusion: FusionStrategy
+    #: The edited weights: W₀ + the applied deltas (:class:`~kaedit.weights.EditedWeights`).
+    edits: EditedWeights
+    #: The dataset's evaluator (``dataset.evaluator``) and the batched scorer it uses.
+    evaluator: Evaluator
+    scorer: Scorer
+    #: The covariance store (``cfg.stats``): computed on demand, cached on disk.
+    stats: CovarianceStore
+    #: WikiText-2 perplexity (``cfg.perplexity``) on the steps ``perplexity.every`` picks.
+    perplexity: Perplexity | None
+    # -- plan=True: the dataset's records, the schedule's batches and the run's evaluation
+    records: list[EditRequest] | None = None
+    schedule: Schedule | None = None
+    batches: list[range] | None = None
+    #: The edits in the order the batches make them (``planned[i]``: the i-th edit).
+    planned: list[EditRequest] | None = None
+    evaluation: Evaluation | None = None
+    texts: TextMetrics | None = None
+    wild: WildEval | None = None
+    # -- templates=True (implied by method=True)
+    templates: Templates | None = None
+    # -- method=True: the method, prepared on the unedited model, and what it reads
+    method: EditMethod | None = None
+    ctx: EditContext | None = None
+
+
+def build_session(cfg: DictConfig, *, plan: bool = True, templates: bool = True,
+                  method: bool = True) -> Session:
+    """Build an editing session from a composed config, in the recipe's order, with every
+    check of the build phase: bad input raises a :class:`ConfigError` before anything is
+    loaded where it can be, and always before anything is written.
+
+    ``plan``: the records, schedule, batches and planned edits, with their tokenisation
+    checked, and the run's evaluation (:class:`~kaedit.evaluation.Evaluation`, text metrics,
+    WILD). ``templates``: MEMIT's context templates. ``method``: the method
+    (built after ``torch.manual_seed(seed)``, its layers checked against the model) and its
+    :class:`EditContext`, prepared on the unedited model (statistics loaded)."""
+    cfg = effective_config(cfg)
+    seed = int(cfg.seed)
+    # 1. data and plan: fail on bad input before anything is loaded
+    records = schedule = batches = planned = None
+    if plan:
+        records = build_records(cfg)
+        schedule = build_schedule(cfg)
+        batches = schedule.batches(len(records))
+        planned = [records[i] for r in batches for i in r]
+    evaluator: Evaluator = build(cfg.dataset.evaluator)
+    fusion = build_fusion(cfg)
+    if cfg.guard.on_fault not in ("skip", "stop"):
+        raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of ['skip', 'stop']")
+
+    # 2. model, statistics, method (all derived from the unedited model)
+    lm = build_model(cfg)
+    if plan:
+        check_tokenisation(lm.tokenizer, evaluator, planned)  # bad input: before statistics
+    edit_method: EditMethod | None = None
+    if method:
+        torch.manual_seed(seed)
+        edit_method = build(cfg.method, _convert_="all")
+        lm.spec.check(lm.model, [int(x) for x in edit_method.layers])  # the layers it declares
+    stats = build_stats(cfg)
+    made = (context_templates(lm, [tuple(s) for s in cfg.templates.specs], seed=seed)
+            if templates or method else None)
+    ctx = None
+    if edit_method is not None:
+        ctx = EditContext(lm=lm, stats=stats, templates=made)
+        edit_method.prepare(ctx)
+    session = Session(cfg=cfg, seed=seed, lm=lm, fusion=fusion, edits=EditedWeights(lm.model),
+                      evaluator=evaluator, scorer=Scorer(lm, int(cfg.eval_batch_size)),
+                      stats=stats, templates=made, method=edit_method, ctx=ctx,
+                      # WikiText-2 perplexity on the steps perplexity.every picks (0: never)
+                      perplexity=build(cfg.perplexity) if cfg.get("perplexity") else None,
+                      records=records, schedule=schedule, batches=batches, planned=planned)
+    if plan:
+        # 3. the run's evaluation: which edits each step scores, text metrics, WILD
+        session.texts = build(cfg.generation, _partial_=True)(lm=lm)  # lm: not a config
+        session.evaluation = Evaluation(
+            evaluator, session.scorer, planned, schedule.retention_sample, seed, session.texts,
+            first_batch=range(len(batches[0])) if schedule.first_batch_in_full else (),
+            fixed=schedule.fixed_sample)
+        session.wild = build_wild(cfg, lm)
+    return session

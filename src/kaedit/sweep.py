@@ -72,7 +72,10 @@ def job_result(job_dir: Path) -> dict[str, Any]:
     row.update({k: v for k, v in pairs if k not in skip})
     row["overrides"] = " ".join(overrides)
     summary_file, resume_file = job_dir / "summary.json", job_dir / "resume.json"
-    done = resume_file.is_file() and json.loads(resume_file.read_text()).get("done")
+    # summary.json is written once, when the run ends; resume.json then says "done" (a
+    # published copy of a finished run may have only the summary)
+    done = summary_file.is_file() and (not resume_file.is_file()
+                                       or json.loads(resume_file.read_text()).get("done"))
     if done and summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         row["status"] = "done"

@@ -8,7 +8,7 @@ split tokenisation equals tokenising ``prompt + " " + target`` as one text.
 
 :class:`TeacherForced` is the one padded batch of (prompt, target) pairs that FT's loss,
 MEND's gradients and the scorer read NLLs and accuracies from. Target optimisation
-(:func:`kaedit.methods.core.optimize_targets`) takes its NLL rows' geometry (the columns
+(:func:`kaedit.methods.targets.optimize_targets`) takes its NLL rows' geometry (the columns
 predicting each target token, their ids and owners) and token-mean NLL from it too, but
 runs its own length-grouped, prefix-cached forward passes.
 """

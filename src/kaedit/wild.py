@@ -244,7 +244,7 @@ REFERENCES = "wild_references.json"
 def due_indices(wild: WildEval, evaluation: Any, schedule: Any,
                 batches: Sequence[Sequence[int]]) -> list[int]:
     """Planned edits that some WILD step will score: its batch and the tracked edits
-    (``evaluation``: :class:`kaedit.experiment.Evaluation`; ``schedule``:
+    (``evaluation``: :class:`kaedit.evaluation.Evaluation`; ``schedule``:
     :class:`kaedit.schedule.Schedule`)."""
     n_steps, ends = len(batches), [0, *itertools.accumulate(len(b) for b in batches)]
     due: set[int] = set()
@@ -256,18 +256,17 @@ def due_indices(wild: WildEval, evaluation: Any, schedule: Any,
     return sorted(due)
 
 
-def start(node: Any, lm: LoadedModel, run_dir: Path, step: int, evaluation: Any,
+def start(wild: WildEval | None, run_dir: Path, step: int, evaluation: Any,
           schedule: Any, batches: Sequence[Sequence[int]]) -> WildEval | None:
-    """The run's :class:`WildEval` from ``cfg.wild`` (None when ``every`` is 0), with the
-    unedited model's answers: at step 0, before any edit, generated for the neighbourhood
-    prompts of every edit a WILD step will score (:func:`due_indices`) and saved as
-    :data:`REFERENCES`; on a resumed run (first evaluation after step 0), read from it."""
-    from kaedit.setup import build
-    from kaedit.tracking import atomic_write
+    """The run's :class:`WildEval` (built by :func:`kaedit.setup.build_session`; None when
+    ``wild.every`` is 0) with the unedited model's answers: at step 0, before any edit,
+    generated for the neighbourhood prompts of every edit a WILD step will score
+    (:func:`due_indices`) and saved as :data:`REFERENCES`; on a resumed run (first
+    evaluation after step 0), read from it."""
+    from kaedit.files import atomic_write
 
-    if node is None or node.get("every", 0) == 0:
+    if wild is None:
         return None
-    wild: WildEval = build(node, _partial_=True)(lm=lm)  # lm: not a config
     path = Path(run_dir) / REFERENCES
     if step > 0:
         wild.references = {p: tuple(ids) for p, ids in json.loads(path.read_text()).items()}

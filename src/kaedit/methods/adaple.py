@@ -15,7 +15,7 @@ Computing the edit weights, as Algorithm 1 (appendix C.2) does by default:
 4. Drop-and-rescale of Δˡ *inside* the loop, W₁ˡ ← W₀ˡ + Δ̂ˡ before layer l+1 is solved:
    that is the fusion (``conf/fusion/drop_rescale.yaml``) at ``fusion.scope=layer``, which
    ``conf/method_fusion/adaple_drop_rescale.yaml`` makes the default for method=adaple
-   (:func:`~kaedit.methods.core.spread_residual` applies ``EditContext.layer_fusion``).
+   (:func:`~kaedit.methods.solve.spread_residual` applies ``EditContext.layer_fusion``).
 
 Mapping the single-matrix formulas of :mod:`kaedit.methods.objectives` onto the
 multi-layer residual: at layer l, **W₀K** is the current output of that layer's
@@ -65,8 +65,8 @@ import torch
 from kaedit.errors import ConfigError
 from kaedit.methods import objectives
 from kaedit.methods.base import EditContext, Stateless
-from kaedit.methods.core import TargetConfig
 from kaedit.methods.pmet import MLPTargets, mlp_targets, spread_mlp_target
+from kaedit.methods.targets import TargetConfig
 from kaedit.records import Deltas, EditRequest
 
 OBJECTIVES = ("algorithm1", "paper", "exact", "memit", "erase")

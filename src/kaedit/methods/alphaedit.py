@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from kaedit.methods.base import EditContext
-from kaedit.methods.core import TargetConfig, compute_keys, optimize_targets, spread_residual
+from kaedit.methods.keys import compute_keys
 from kaedit.methods.projections import nullspace_projector, solve_projected
+from kaedit.methods.solve import spread_residual
+from kaedit.methods.targets import TargetConfig, optimize_targets
 from kaedit.records import Deltas, EditRequest
 
 

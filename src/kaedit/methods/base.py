@@ -21,7 +21,7 @@ class EditContext:
     lm: LoadedModel
     stats: CovarianceStore
     #: Prefix templates ("{}" = the prompt) used to average keys and optimise targets:
-    #: a :class:`~kaedit.methods.core.Templates` (grouped as MEMIT's context templates;
+    #: a :class:`~kaedit.methods.templates.Templates` (grouped as MEMIT's context templates;
     #: iterates as the flat list) or a plain list (every template its own group).
     templates: Sequence[str] = field(default_factory=lambda: ["{}"])
     #: ``fuse(weight name, Δ) -> Δ̂`` for ``fusion.scope=layer``: the multi-layer methods

@@ -8,14 +8,14 @@ Reference code: scalable-model-editing/knowledge-editing-regularization
 
 Targets and residual spread as in :mod:`kaedit.methods.memit`: a residual-stream delta at
 the last subject token of the last edit layer L gives z, optimised with
-``target.early_stop_on="most_probable"`` (MPES, :class:`~kaedit.methods.core.TargetConfig`);
+``target.early_stop_on="most_probable"`` (MPES, :class:`~kaedit.methods.targets.TargetConfig`);
 for each edit layer l in order, with the earlier layers' updates in place,
 R = (z − h^L_current) / (layers left) and keys K at layer l. The update is
 
     Δ_l = R Kᵀ (λC_l + μI + K_p K_pᵀ + K Kᵀ)⁻¹,
 
 the minimiser of ‖ΔK − R‖² + λ tr(ΔC_lΔᵀ) + μ‖Δ‖²_F + ‖ΔK_p‖²
-(:func:`~kaedit.methods.core.solve_update`). As ``encore_main.py`` l. 253-283 forms it:
+(:func:`~kaedit.methods.solve.solve_update`). As ``encore_main.py`` l. 253-283 forms it:
 C_l = E[kkᵀ] of the unedited model scaled by ``mom2_update_weight`` (λ, l. 254-255), the
 identity scaled by ``update_norm_lambda`` (μ, l. 257-258), the sum of K Kᵀ over every
 earlier step added with weight 1 (its ``SEQ_CACHE``, l. 269-270; the comment at l. 279
@@ -40,13 +40,9 @@ import torch
 
 from kaedit.errors import ConfigError
 from kaedit.methods.base import EditContext
-from kaedit.methods.core import (
-    TargetConfig,
-    compute_keys,
-    optimize_targets,
-    solve_update,
-    spread_residual,
-)
+from kaedit.methods.keys import compute_keys
+from kaedit.methods.solve import solve_update, spread_residual
+from kaedit.methods.targets import TargetConfig, optimize_targets
 from kaedit.records import Deltas, EditRequest
 
 

@@ -1,7 +1,7 @@
 """MEMIT (Meng et al. 2022b): mass-editing with a residual spread over several layers.
 
 Target values: a residual-stream delta at the last subject token of the last edit layer L
-(:func:`~kaedit.methods.core.optimize_targets`). For each edit layer l in order, with the
+(:func:`~kaedit.methods.targets.optimize_targets`). For each edit layer l in order, with the
 updates of the earlier layers in place: R = (z − h^L_current) / (number of layers left),
 keys K at layer l, Δ_l = R Kᵀ(λC_l + KKᵀ)⁻¹ (paper eq. 2). The model is restored before
 returning; the runner applies the deltas.
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kaedit.methods.base import EditContext, Stateless
-from kaedit.methods.core import TargetConfig, optimize_targets, solve_update, spread_residual
+from kaedit.methods.solve import solve_update, spread_residual
+from kaedit.methods.targets import TargetConfig, optimize_targets
 from kaedit.records import Deltas, EditRequest
 
 

@@ -43,7 +43,7 @@ normal equation W₀K₀K₀ᵀ = V₀K₀ᵀ):
   Δ = (V₂ − W₀K)Kᵀ(λC + 2KKᵀ)⁻¹, which is the update line of the paper's Algorithm 1
   (residual r, not V₂ − 3W₀K, with C + 2KKᵀ).
 
-All solves run in float64 through :func:`kaedit.methods.core.solve_update`.
+All solves run in float64 through :func:`kaedit.methods.solve.solve_update`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import math
 
 import torch
 
-from kaedit.methods.core import solve_update
+from kaedit.methods.solve import solve_update
 
 
 def memit_update(

@@ -2,7 +2,7 @@
 
 Target values: additive deltas δᵃ on the attention output a^L and δᵐ on the MLP output m^L
 at the last subject token of the last edit layer L, optimised jointly
-(:func:`~kaedit.methods.core.optimize_targets` with both modules); only the MLP target
+(:func:`~kaedit.methods.targets.optimize_targets` with both modules); only the MLP target
 z = m^L + δᵐ is kept. Only the MLP down-projections of the edit layers are updated: for
 each edit layer l in order, with the earlier layers' updates in place,
 cur = m^L (recomputed), R = (z − cur) / √(number of layers left), keys K at layer l
@@ -14,7 +14,7 @@ and ``compute_zs.py``): the target is the output of the MLP down-projection at l
 layer L after each layer's update, the residual is divided by ``np.sqrt(len(layers) - i)``
 and the solve is ``R Kᵀ (KKᵀ + mom2_update_weight · C)⁻¹`` -- all as above, so nothing
 here departs from it. Differences that remain live in the shared target optimisation
-(:mod:`kaedit.methods.core`, used unchanged by every method): the reference's weight decay
+(:mod:`kaedit.methods.targets`, used unchanged by every method): the reference's weight decay
 is ‖δ‖/‖init‖² (not squared), its KL term is KL(edited ‖ original) with ``batchmean``, it
 lowers the NLL weight 10× once the target token is already the argmax, and its GPT-J
 settings are ``clamp_norm_factor`` 0.75 and ``kl_factor`` 1; here the model config's
@@ -33,13 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kaedit.methods.base import EditContext, Stateless
-from kaedit.methods.core import (
-    LayerSolver,
-    TargetConfig,
-    optimize_targets,
-    solve_update,
-    spread_residual,
-)
+from kaedit.methods.solve import LayerSolver, solve_update, spread_residual
+from kaedit.methods.targets import TargetConfig, optimize_targets
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
 from kaedit.timing import Stopwatch
@@ -88,7 +83,7 @@ def spread_mlp_target(
 ) -> Deltas:
     """PMET's spread: z is the MLP output target at L = ``layers[-1]``, R = (z − m^L)/√(left)
     (√(L − l + 1) of the paper's Algorithm 1 for contiguous layers). ``fuse``: the layer
-    fusion of :func:`~kaedit.methods.core.spread_residual` (``fusion.scope=layer``)."""
+    fusion of :func:`~kaedit.methods.solve.spread_residual` (``fusion.scope=layer``)."""
     z_module = lm.spec.module("mlp_out", layers[-1])
     return spread_residual(lm, requests, templates, layers, z, z_module, solve, math.sqrt,
                            clock, fuse)

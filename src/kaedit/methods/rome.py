@@ -1,11 +1,11 @@
 """ROME (Meng et al. 2022a): a rank-one update of one layer's MLP down-projection.
 
 For a request: the key k* is the input of the down-projection at the last subject token,
-averaged flat over the context templates (:func:`~kaedit.methods.core.compute_keys`,
+averaged flat over the context templates (:func:`~kaedit.methods.keys.compute_keys`,
 every template its own group, as ROME's ``compute_u``); the value
 v* = m + δ is the projection's original output m at the plain prompt plus a delta
 optimised at that output so the new object becomes likely
-(:func:`~kaedit.methods.core.optimize_targets`). The closed form (ROME eq. 2)
+(:func:`~kaedit.methods.targets.optimize_targets`). The closed form (ROME eq. 2)
 
     Δ = (v* − W k*) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*),    C = E[kkᵀ] (uncentered)
 
@@ -32,8 +32,10 @@ import torch
 
 from kaedit.hooks import get_module
 from kaedit.methods.base import EditContext, Stateless
-from kaedit.methods.core import TargetConfig, Templates, compute_keys, optimize_targets
+from kaedit.methods.keys import compute_keys
 from kaedit.methods.projections import rank_one_update
+from kaedit.methods.targets import TargetConfig, optimize_targets
+from kaedit.methods.templates import Templates
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
 from kaedit.weights import applied

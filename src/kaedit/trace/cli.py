@@ -54,7 +54,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> TraceResult:
     """Trace ``trace.n_records`` records of ``dataset`` on ``model``; write ``<run_dir>/trace``."""
     from tqdm.auto import tqdm
 
-    from kaedit.tracking import atomic_write
+    from kaedit.files import atomic_write
 
     cfg = cfg.copy()
     resolve_data_root(cfg)

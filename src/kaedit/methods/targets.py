@@ -1,243 +1,38 @@
-"""Maths shared by the locate-then-edit methods (MEMIT, PMET, AdaPLE, AlphaEdit, ROME).
+"""Target values for all requests of a batch at once (MEMIT eq. 16 / PMET / AdaPLE eq. 25).
 
-* :func:`context_templates` -- generated prefixes, made once per run (MEMIT §3), grouped
-  as :class:`Templates`.
-* :func:`compute_keys` -- k^l: input of the edited projection at the last subject token,
-  averaged over prefixed prompts within each template group, then across groups (MEMIT
-  eq. 17 as ``memit/compute_ks.py`` computes it; AdaPLE eq. 26).
-* :func:`optimize_targets` -- target values for all requests of a batch at once: additive
-  deltas at the last subject token of chosen modules, optimised jointly (padded forwards
-  grouped by row length, one backward per step) with independent per-request losses and
-  early stopping (MEMIT eq. 16 / PMET / AdaPLE eq. 25); positions before the subject
-  token are computed once and cached (``TargetConfig.fast``), and requests are taken in
-  chunks under a memory budget (``TargetConfig.chunk_tokens``).
-* :func:`solve_update` -- the closed form Δ = R Kᵀ (λC + c·K Kᵀ)⁻¹ (paper eq. 2 and 4),
-  optionally with ENCORE's μI and earlier edits' K_p K_pᵀ in the inverse.
-* :func:`nas_scale` / :func:`apply_nas` -- Norm-Anchor Scaling of the value vectors
-  (``TargetConfig.nas_anchor``, arXiv 2602.02543), applied by :func:`optimize_targets`;
-  :func:`nas_anchor` computes the anchor on the unedited model.
+:func:`optimize_targets` optimises additive deltas at the last subject token of chosen
+modules jointly (padded forwards grouped by row length, one backward per step) with
+independent per-request losses and early stopping; positions before the subject token
+are computed once and cached (``TargetConfig.fast``), and requests are taken in chunks
+under a memory budget (``TargetConfig.chunk_tokens``). Norm-Anchor Scaling
+(:mod:`kaedit.methods.nas`) is applied to the result when ``TargetConfig.nas_anchor`` is
+set; :func:`nas_anchor` computes the anchor on the unedited model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from kaedit.hooks import edit_outputs, run_until, start_at
+from kaedit.hooks import edit_outputs
+from kaedit.methods.keys import first_block, hidden_at_subject
+from kaedit.methods.nas import apply_nas, nas_v0, upper_trimmed_mean
+from kaedit.methods.templates import prompt_template
 from kaedit.models import LoadedModel
-from kaedit.records import Deltas, EditRequest
-from kaedit.sampling import SeededTopK
-from kaedit.timing import Stopwatch
+from kaedit.records import EditRequest
 from kaedit.tokens import (
-    Encoded,
     TeacherForced,
     block_inputs,
-    chunks,
     encode,
     final_hidden,
     lm_head,
     pad,
     target_ids,
 )
-from kaedit.weights import applied
-
-
-@dataclass(frozen=True)
-class Templates(Sequence[str]):
-    """Context templates in groups, as MEMIT's ``get_context_templates`` makes them
-    (kmeng01/memit ``memit/memit_main.py``): ``(("{}",), (<generated>. {}, ...), ...)``,
-    one group for the plain prompt and one per ``(length, count)`` spec.
-
-    It iterates, indexes and measures as the flat list ``["{}", <generated>. {}, ...]``
-    (what target optimisation uses, as ``compute_z`` flattens the groups); the grouping
-    only changes how :func:`compute_keys` averages (:meth:`weights`).
-    """
-
-    groups: tuple[tuple[str, ...], ...]
-
-    def __post_init__(self) -> None:
-        if not self.groups or not all(self.groups):
-            raise ValueError(f"Templates: every group needs a template, got {self.groups!r}")
-
-    @classmethod
-    def ungrouped(cls, templates: Sequence[str]) -> Templates:
-        """Every template its own group: :meth:`weights` is then the flat mean (ROME's
-        ``compute_u``). A plain list of templates means this."""
-        return cls(tuple((t,) for t in templates))
-
-    @property
-    def flat(self) -> list[str]:
-        return [t for group in self.groups for t in group]
-
-    def __len__(self) -> int:
-        return sum(len(g) for g in self.groups)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.flat[i]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.flat)
-
-    def weights(self) -> torch.Tensor:
-        """Weight of each flat template in the two-level mean ``[T]`` (float32, sums to 1):
-        1 / (number of groups · size of its group)."""
-        return torch.tensor([1.0 / (len(self.groups) * len(g)) for g in self.groups for _ in g])
-
-
-def as_templates(templates: Sequence[str]) -> Templates:
-    """``templates`` itself if grouped, else every template its own group."""
-    return templates if isinstance(templates, Templates) else Templates.ungrouped(templates)
-
-
-def context_templates(
-    lm: LoadedModel,
-    specs: Sequence[Sequence[int]] = ((10, 5),),
-    starts: Sequence[str] = ("The", "Therefore", "Because", "I", "You"),
-    seed: int = 0,
-) -> Templates:
-    """``(("{}",), ("<generated text>. {}", ...), ...)``: prefixes that make edits generalise.
-
-    For each ``(length, count)`` in ``specs``, ``count`` continuations of ``length`` tokens
-    are sampled (top-k 5) from the start words, with a CPU generator seeded anew for each
-    spec: the same templates on every device, and the global RNG untouched. Each spec is
-    one group (kmeng01/memit ``memit/memit_main.py``: ``get_context_templates``).
-    """
-    from transformers import LogitsProcessorList
-
-    model, tok = lm.model, lm.tokenizer
-    groups: list[tuple[str, ...]] = [("{}",)]
-    for length, count in specs:
-        sampler = SeededTopK(5, seed)  # each spec starts from the seed
-        per_start = max(1, count // len(starts))
-        enc = [list(tok(s)["input_ids"]) for s in starts for _ in range(per_start)]
-        # left-padded so every row continues from its last real token
-        ids, mask = pad(enc, tok.pad_token_id, lm.device, left=True)
-        width = ids.shape[1]
-        gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=length, do_sample=False,
-            logits_processor=LogitsProcessorList([sampler]), pad_token_id=tok.pad_token_id,
-        )
-        group = []
-        for row, m in zip(gen, mask, strict=True):
-            text = tok.decode(row[int(width - m.sum()) :], skip_special_tokens=True)
-            group.append(text.replace("{", " ").replace("}", " ") + ". {}")
-        groups.append(tuple(group))
-    return Templates(tuple(groups))
-
-
-def prompt_template(context: str, request: EditRequest) -> str:
-    """A context template applied to the request's prompt: still one ``{}`` (the subject)."""
-    return context.replace("{}", request.prompt.replace("{}", "\x00"), 1).replace("\x00", "{}")
-
-
-def key_encodings(lm: LoadedModel, requests: Sequence[EditRequest],
-                  templates: Sequence[str]) -> list[Encoded]:
-    """The prompts :func:`compute_keys` reads: each request under each template, in
-    request-major order (``[n·T]``)."""
-    tpl = as_templates(templates)
-    return [encode(lm.tokenizer, prompt_template(t, r), r.subject) for r in requests
-            for t in tpl]
-
-
-def plain_encodings(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[Encoded]:
-    """The plain prompts :func:`hidden_at_subject` reads, one per request."""
-    return [encode(lm.tokenizer, r.prompt, r.subject) for r in requests]
-
-
-@dataclass(frozen=True)
-class BlockStart:
-    """Prompt encodings with the clean input of decoder block ``start`` cached, per padded
-    chunk (issue 30). A key or hidden state at a module in block ``start`` or above is
-    then computed from there, without re-running the blocks below: valid while no weight
-    below block ``start`` changes (:func:`spread_residual` edits blocks ``start`` and up
-    only). ``start`` = 0: nothing cached, every pass starts at the embeddings."""
-
-    start: int
-    #: Per chunk: the forward's inputs (``input_ids`` or the block's input as
-    #: ``inputs_embeds``, and ``attention_mask``) and each row's last subject token.
-    parts: tuple[tuple[dict[str, torch.Tensor], torch.Tensor], ...]
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, lm: LoadedModel, encs: Sequence[Encoded], start: int = 0,
-              batch_size: int = 64) -> BlockStart:
-        parts = []
-        for sl in chunks(len(encs), batch_size):
-            batch = encs[sl]
-            ids, mask = pad([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
-            inputs = ({"inputs_embeds": block_inputs(lm.model, lm.spec, start, ids, mask)}
-                      if start else {"input_ids": ids})
-            idx = torch.tensor([e.subject_last for e in batch], device=lm.device)
-            parts.append(({**inputs, "attention_mask": mask}, idx))
-        return cls(int(start), tuple(parts))
-
-    @torch.no_grad()
-    def at(self, lm: LoadedModel, module: str, want_input: bool) -> torch.Tensor:
-        """Input (``want_input``) or output of ``module`` at each row's last subject token
-        ``[rows, d]`` (float32), on the model as it is now above block ``start``."""
-        block = lm.spec.layer_of(module)
-        if self.start and (block is None or block < self.start):
-            raise ValueError(f"BlockStart: {module!r} is below the cached block {self.start}")
-        zeroed = [lm.spec.pos_embed] if lm.spec.pos_embed else []
-        rows = []
-        for inputs, idx in self.parts:
-            def forward(inputs: dict[str, torch.Tensor] = inputs) -> None:
-                if not self.start:
-                    lm.model(**inputs, use_cache=False)
-                    return
-                with start_at(lm.model, lm.spec.layers_path, self.start, zeroed):
-                    lm.model(**inputs, use_cache=False)
-
-            # hooks resolve the module's path before start_at renumbers the blocks
-            tr = run_until(lm.model, [module], inputs=want_input, outputs=not want_input,
-                           forward=forward)
-            h = tr[module].input if want_input else tr[module].output
-            rows.append(h[torch.arange(len(idx), device=h.device), idx].float())
-        return torch.cat(rows)
-
-
-@torch.no_grad()
-def compute_keys(
-    lm: LoadedModel,
-    layer: int,
-    requests: Sequence[EditRequest],
-    templates: Sequence[str],
-    module_kind: str = "mlp_out",
-    batch_size: int = 64,
-    prepared: BlockStart | None = None,
-) -> torch.Tensor:
-    """K ``[d_in, n_requests]``: the key at the last subject token, averaged over the
-    templates of each group, then over the groups (kmeng01/memit ``memit/compute_ks.py``,
-    also xpq-tech/PMET ``edit/pmet/compute_ks.py`` and jianghoucheng/AlphaEdit
-    ``AlphaEdit/compute_ks.py``): with the default single spec the plain
-    prompt weighs ½ and the generated prefixes share the other ½. A plain list of
-    templates is every template its own group, i.e. the flat mean. ``prepared``: the
-    :func:`key_encodings` of these requests and templates with a block's input cached
-    (:class:`BlockStart`), else they are encoded and run from the embeddings."""
-    tpl = as_templates(templates)
-    module = lm.spec.module(module_kind, layer)
-    prepared = prepared or BlockStart.build(lm, key_encodings(lm, requests, tpl),
-                                            batch_size=batch_size)
-    keys = prepared.at(lm, module, want_input=True)  # [n*T, d_in]
-    w = tpl.weights().to(keys.device)  # [T] two-level mean as one weighted sum
-    return (keys.view(len(requests), len(tpl), -1) * w[None, :, None]).sum(1).T
-
-
-@torch.no_grad()
-def hidden_at_subject(
-    lm: LoadedModel, module: str, requests: Sequence[EditRequest], batch_size: int = 64,
-    prepared: BlockStart | None = None,
-) -> torch.Tensor:
-    """Output of ``module`` at the last subject token of each plain prompt ``[n, d]``
-    (``prepared``: their :func:`plain_encodings` with a block's input cached)."""
-    prepared = prepared or BlockStart.build(lm, plain_encodings(lm, requests),
-                                            batch_size=batch_size)
-    return prepared.at(lm, module, want_input=False)
-
 
 #: Where the KL term reads the next-token distribution of ``kl_prompt``.
 KL_POSITIONS = ("subject_last", "last")
@@ -521,75 +316,6 @@ def optimize_targets(
     return out
 
 
-# ------------------------------------------------------------------------------ NAS
-def nas_scale(v_star: torch.Tensor, v0: torch.Tensor, anchor: float,
-              skip_factor: float) -> torch.Tensor:
-    """Norm-Anchor Scaling of value vectors ``v_star`` ``[n, d]`` (one per row).
-
-    SasyaTitech/NAS ``NAS/compute_z.py`` l. 219-229 (the same in its
-    ``baselines/memit/compute_z.py`` l. 211-222): a row with ‖v*‖ > ``skip_factor`` ·
-    ``anchor`` is replaced by its ``v0`` (the MLP output before the edit: that request is
-    not edited); every other row is rescaled to norm ``anchor`` (``util/vstar_stats.py``
-    l. 35-42, ``scale_vector_to_norm``). A zero row stays zero."""
-    norm = v_star.norm(dim=1, keepdim=True)  # [n, 1]
-    tiny = torch.finfo(v_star.dtype).tiny
-    scaled = torch.where(norm > 0, v_star * (anchor / norm.clamp_min(tiny)), v_star)
-    return torch.where(norm > skip_factor * anchor, v0, scaled)
-
-
-def nas_v0(lm: LoadedModel, module: str, requests: Sequence[EditRequest],
-           init: torch.Tensor) -> torch.Tensor | None:
-    """v0 ``[n, d]`` of a target at ``module``: the MLP output of the model as it is (before
-    this step's edit) at the last subject token of the plain prompt. At an MLP output the
-    target's own ``init``; at a block's output (MEMIT's, AlphaEdit's z) the MLP output of
-    that block, so that v* = v0 + δ (the
-    reference's ``res_pre_mlp = target_init − v0``, ``v_star = delta + v0``,
-    NAS/compute_z.py l. 202-216). None for any other module (PMET's attention output)."""
-    layer = lm.spec.layer_of(module)
-    if layer is None:
-        return None
-    mlp = lm.spec.module("mlp_out", layer)
-    if module == mlp:
-        return init
-    if module == lm.spec.module("layer", layer):
-        return hidden_at_subject(lm, mlp, requests)
-    return None
-
-
-def apply_nas(
-    lm: LoadedModel,
-    requests: Sequence[EditRequest],
-    targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    anchor: float,
-    skip_factor: float,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`optimize_targets`'s ``{module: (init, delta)}`` with NAS applied to every value
-    vector v* = v0 + δ (:func:`nas_v0`): δ becomes nas_scale(v*) − v0 (:func:`nas_scale`),
-    so the target init + δ is the reference's ``res_pre_mlp + v_star``. Other modules
-    (attention outputs) are unchanged."""
-    out = {}
-    for module, (init, delta) in targets.items():
-        v0 = nas_v0(lm, module, requests, init)
-        if v0 is not None:
-            v0 = v0.to(delta.dtype)
-            delta = nas_scale(v0 + delta, v0, anchor, skip_factor) - v0
-        out[module] = (init, delta)
-    return out
-
-
-def upper_trimmed_mean(values: torch.Tensor, upper_quantile: float = 0.95) -> float:
-    """Mean of ``values`` without the largest ``floor((1 − q)·n)`` of them, in float64
-    (SasyaTitech/NAS ``util/vstar_stats.py`` l. 358-374, ``_upper_trimmed_mean``)."""
-    if not 0.0 < upper_quantile <= 1.0:
-        raise ValueError(f"upper_quantile={upper_quantile} must be in (0, 1]")
-    v = values.detach().double().flatten().sort().values
-    drop = math.floor((1.0 - upper_quantile) * v.numel())
-    kept = v[: v.numel() - drop]
-    if kept.numel() == 0:
-        raise ValueError("upper_trimmed_mean: no values left")
-    return float(kept.mean())
-
-
 def nas_anchor(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
@@ -611,13 +337,6 @@ def nas_anchor(
     v0 = nas_v0(lm, module, requests, init)
     assert v0 is not None  # a block's output always has one
     return upper_trimmed_mean((v0 + delta).norm(dim=1), upper_quantile)
-
-
-def first_block(lm: LoadedModel, modules: Sequence[str]) -> int:
-    """The lowest decoder block holding one of ``modules``: the blocks below it compute the
-    same whatever deltas are added to those modules. 0 if a module is outside the blocks."""
-    blocks = [lm.spec.layer_of(m) for m in modules]
-    return 0 if not blocks or None in blocks else min(b for b in blocks if b is not None)
 
 
 def length_groups(lengths: Sequence[int], max_groups: int) -> list[list[int]]:
@@ -812,90 +531,3 @@ def _optimize_chunk(
                 norm = d[m].norm(dim=1, keepdim=True)
                 d[m].mul_(torch.where(norm > max_norm[m], max_norm[m] / norm, 1.0))
     return {m: (inits[m], d[m].detach()) for m in modules}
-
-
-#: ``solve(layer, resid [d_out, n], keys [d_in, n], weight [d_out, d_in]) -> Δ_l``;
-#: ``weight`` is the layer's current down-projection (earlier layers' updates included).
-LayerSolver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def spread_residual(
-    lm: LoadedModel,
-    requests: Sequence[EditRequest],
-    templates: Sequence[str],
-    layers: Sequence[int],
-    z: torch.Tensor,
-    z_module: str,
-    solve: LayerSolver,
-    share: Callable[[int], float] = float,
-    clock: Stopwatch | None = None,
-    fuse: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-) -> Deltas:
-    """Spread the change z − cur over the edit layers' down-projections, in order.
-
-    For edit layer l (the updates of the earlier layers temporarily in place): keys K at l,
-    cur = output of ``z_module`` at the last subject token, R = (z − cur) / share(layers
-    left, l included), Δ_l = ``solve(l, R, K, W_l)``. ``share=float`` is MEMIT's even spread,
-    ``math.sqrt`` PMET's / AdaPLE's (Algorithm 1). ``z`` is ``[n, d]``.
-
-    ``fuse`` (``fusion.scope=layer``, ``EditContext.layer_fusion``): the update of layer l
-    kept in place for the later layers is ``fuse(name, Δ_l)`` (Algorithm 1: W₁ˡ ← W₀ˡ + Δ̂ˡ
-    inside the loop), so their keys and residual see what was dropped and compensate.
-    Without it the undropped Δ_l stays in place (MEMIT/PMET; fusion after the loop).
-
-    Returns ``{down-projection weight name: Δ_l}`` (float32), undropped (the runner fuses
-    them with the same function); the model is left unchanged. Time goes to ``clock``'s
-    stages "keys" (keys and current outputs) and "solve".
-    """
-    clock = clock or Stopwatch()
-    deltas: Deltas = {}
-    in_place: Deltas = {}  # what the later layers see: Δ_l, or fuse(Δ_l) at layer scope
-    with clock("keys"):  # blocks below the lowest edited one never change in this loop:
-        # their output, the input of that block, is computed once (issue 30)
-        start = first_block(lm, [lm.spec.module("mlp_out", layer) for layer in layers])
-        key_in = BlockStart.build(lm, key_encodings(lm, requests, templates), start)
-        plain_in = BlockStart.build(lm, plain_encodings(lm, requests), start)
-    for i, layer in enumerate(layers):
-        name = lm.spec.weight("mlp_out", layer)
-        with clock("keys"), applied(lm.model, in_place):  # earlier layers' updates in place
-            keys = compute_keys(lm, layer, requests, templates, prepared=key_in)  # [d_in, n]
-            cur = hidden_at_subject(lm, z_module, requests, prepared=plain_in)  # [n, d]
-            weight = lm.spec.as_linear("mlp_out", lm.model.get_parameter(name))
-            weight = weight.detach().clone()  # [d_out, d_in]
-        resid = (z - cur).T / share(len(layers) - i)  # [d_out, n]
-        with clock("solve"):  # stored in the weight's own layout (GPT-2: [d_in, d_out])
-            deltas[name] = lm.spec.to_param("mlp_out", solve(layer, resid, keys, weight)
-                                            .to(torch.float32))
-        in_place[name] = deltas[name] if fuse is None else fuse(name, deltas[name])
-    return deltas
-
-
-def solve_update(
-    resid: torch.Tensor,
-    keys: torch.Tensor,
-    cov: torch.Tensor,
-    lam: float,
-    kk_coef: float = 1.0,
-    ridge: float = 0.0,
-    prev_kk: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Δ = R Kᵀ (λC + μI + K_p K_pᵀ + c·K Kᵀ)⁻¹ in float64 (paper eq. 2 with c=1; eq. 4
-    with c=2; μ = ``ridge`` and K_p K_pᵀ = ``prev_kk`` are 0 unless given).
-
-    ``resid`` R ``[d_out, n]``, ``keys`` K ``[d_in, n]``, ``cov`` C ``[d_in, d_in]``;
-    returns Δ ``[d_out, d_in]`` (the orientation of ``nn.Linear.weight``). Solved as
-    A X = K with A symmetric, then Δ = R Xᵀ, never forming an inverse.
-
-    With ``ridge`` and ``prev_kk`` (ENCORE, :mod:`kaedit.methods.encore`) Δ minimises
-    ‖ΔK − R‖² + λ tr(ΔCΔᵀ) + μ‖Δ‖²_F + ‖ΔK_p‖² (c = 1): a Frobenius-norm penalty on the
-    update and the keys K_p of earlier edits kept where they are.
-    """
-    K = keys.double()
-    A = lam * cov.double()  # [d_in, d_in]
-    if ridge:
-        A.diagonal().add_(ridge)
-    if prev_kk is not None:
-        A = A + prev_kk.to(device=A.device, dtype=torch.float64)
-    A = A + kk_coef * (K @ K.T)
-    X = torch.linalg.solve(A, K)  # [d_in, n] = A⁻¹ K
-    return (resid.double() @ X.T).float()
