@@ -35,7 +35,7 @@ run: venv ## The main job: 50 sequential CounterFact edits (MEMIT + DR) on SmolL
 	$(PY) -m kaedit.run schedule.n_edits=50 schedule.generation_every=0 $(ARGS)
 
 reproduce-cpu: venv ## Drop-rate sweep + fusion comparison on SmolLM2, CPU (7 runs) -> outputs/reproduce-cpu/
-	$(PY) -m kaedit.reproduce --out outputs/reproduce-cpu $(ARGS)
+	$(PY) -m kaedit.results.reproduce --out outputs/reproduce-cpu $(ARGS)
 
 bench: venv ## Speed/memory benchmark vs a one-at-a-time MEMIT baseline -> benchmarks/results/
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-"""``python -m kaedit.analyze`` on two tiny runs that saved their per-step deltas."""
+"""``python -m kaedit.results.analyze`` on two tiny runs that saved their per-step deltas."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import Compose, assert_close_to_scale, csv_approx, gamma
-from kaedit import analyze, experiment
+from kaedit import experiment
+from kaedit.results import analyze, plots
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_delta_similarity_and_retention_matrices(two_runs: list[Path]) -> None:
     assert_close_to_scale(s.diagonal(), torch.ones(3), rel=2 * gamma(n + 3), msg="diag")
     assert_close_to_scale(s, s.T, rel=2 * gamma(n), msg="symmetric")
 
-    mat = analyze.retention_matrix(pd.read_csv(two_runs[1] / "retention.csv"))
+    mat = plots.retention_matrix(pd.read_csv(two_runs[1] / "retention.csv"))
     assert mat.index.tolist() == [1, 2, 3] and mat.columns.tolist() == [1, 2, 3]
     assert np.isnan(mat.loc[2, 1]) and not np.isnan(mat.loc[1, 3])  # made after measured
 
@@ -101,8 +102,8 @@ def test_topk_reevaluates_pruned_step_deltas(two_runs: list[Path], tmp_path: Pat
 def test_run_labels() -> None:
     cfg = {"method": {"_target_": "kaedit.methods.memit.MEMIT"},
            "fusion": {"_target_": "kaedit.fusion.DropRescale", "p": 0.8}}
-    assert analyze.run_label(cfg) == "MEMIT / DropRescale(p=0.8)"
-    assert analyze.run_label({**cfg, "fusion": {"_target_": "kaedit.fusion.Add"}}) == "MEMIT / Add"
+    assert plots.run_label(cfg) == "MEMIT / DropRescale(p=0.8)"
+    assert plots.run_label({**cfg, "fusion": {"_target_": "kaedit.fusion.Add"}}) == "MEMIT / Add"
 
 
 def test_analyze_rejects_a_non_run(tmp_path: Path, capsys) -> None:

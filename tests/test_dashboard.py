@@ -14,7 +14,7 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from kaedit import dashboard
+from kaedit.results import dashboard
 from kaedit.setup import compose as compose_config
 from kaedit.tracking import X_AXIS
 
@@ -84,7 +84,7 @@ def test_dashboard_reads_exactly_what_the_runner_logs(logged_run: Path) -> None:
     assert config.tracking.choices.method == "memit"
     assert config.tracking.choices.fusion == "drop_rescale"
     recorded = json.loads((logged_run / RECORDED).read_text())
-    from kaedit import sweep
+    from kaedit.results import sweep
 
     assert spec.tables() == {dashboard.RETENTION_TABLE, sweep.TABLE}
     assert dashboard.RETENTION_TABLE in recorded  # the runner logs it under that name

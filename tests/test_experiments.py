@@ -23,8 +23,8 @@ from conftest import REPO, U32, Compose, csv_approx, csv_rel, memit_crashes_at_c
 from kaedit import experiment
 from kaedit.experiment import compose as compose_config
 from kaedit.methods.targets import TargetConfig
+from kaedit.results.sweep import job_dirs
 from kaedit.schedule import Schedule
-from kaedit.sweep import job_dirs
 from test_config import bind, targets
 from wandb_file import of_type, wandb_records
 
@@ -408,7 +408,7 @@ def fake_run(run_dir: Path, p: float, final_eff: float, fusion: dict | None = No
 
 
 def test_reproduce_results_table_and_figures(tmp_path: Path) -> None:
-    from kaedit import reproduce
+    from kaedit.results import reproduce
 
     for name, p, eff in [("dr-p0.0", 0.0, 60.0), ("dr-p0.8", 0.8, 80.0)]:
         fake_run(tmp_path / "runs" / name, p, eff)
@@ -434,7 +434,7 @@ def test_reproduce_results_table_and_figures(tmp_path: Path) -> None:
 def test_reproduce_rejects_unknown_runs_and_checks_shared_settings(
     capsys: pytest.CaptureFixture,
 ) -> None:
-    from kaedit import reproduce
+    from kaedit.results import reproduce
 
     assert reproduce.main(["--runs", "dr-p0.3"]) == 2
     assert "dr-p0.3" in capsys.readouterr().err
@@ -444,7 +444,7 @@ def test_reproduce_rejects_unknown_runs_and_checks_shared_settings(
 def test_reproduce_keeps_finished_runs(tmp_path: Path, tiny_run_overrides: list[str]) -> None:
     # A second invocation finds the run done (same config, relative data_root included)
     # and does not run it again.
-    from kaedit import reproduce
+    from kaedit.results import reproduce
 
     extra = [*tiny_run_overrides, "schedule.n_edits=2", "schedule.batch_size=1",
              "templates.specs=[[3,1]]", "generation.max_new_tokens=2"]

@@ -1,8 +1,8 @@
 """The knowledge-attenuation study (issue 16): ``experiment=ka_study`` composes to its eight
 rows, every evaluation scores the first batch in full and one fixed set of neighbourhood
 prompts (``fixed/specificity``: at step 0 the unedited model's score of those prompts),
-perplexity at start and end, and ``python -m kaedit.ka_study publish`` turns tiny runs
-into summary.csv, copies and figures."""
+perplexity at start and end, and ``python -m kaedit.results.ka_study publish`` turns tiny
+runs into summary.csv, copies and figures."""
 
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ from conftest import (
     load_tiny,
     memit_crashes_at_call,
 )
-from kaedit import experiment, ka_study
-from kaedit.analyze import retained_aged, retention_by_age
+from kaedit import experiment
 from kaedit.evaluate import CounterFactEval, Scorer, aggregate
 from kaedit.evaluation import Evaluation
 from kaedit.records import EditRequest
+from kaedit.results import ka_study
+from kaedit.results.plots import load_run, retained_aged, retention_by_age
 from kaedit.schedule import Schedule, ScheduleError
 from kaedit.setup import build_records
 from test_experiments import check_binds, compose_with_hydra, sweep_points
@@ -373,8 +374,6 @@ def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path:
 
 
 def test_drop_rate_groups_put_add_at_p_zero(study_runs: list[Path]) -> None:
-    from kaedit.analyze import load_run
-
     runs = [load_run(d) for d in study_runs]
     rows = [ka_study.run_row(run) for run in runs]
     groups = ka_study.drop_rate_groups(runs, rows)
@@ -392,8 +391,6 @@ def test_drift_norm_of_runs_without_update_columns_comes_from_the_checkpoint(
         study_runs: list[Path], tmp_path: Path) -> None:
     """A run logged before ``update/*`` existed: ‖W − W₀‖ at the end is the norm of its
     last checkpoint's deltas, the same number the runner logs as update/total_norm."""
-    from kaedit.analyze import load_run
-
     for source in study_runs[:3]:  # add, DR 0.8, DR 0.5
         old = tmp_path / source.name
         shutil.copytree(source, old)

@@ -16,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import Compose, csv_approx, load_tiny
-from kaedit import analyze, experiment, setup
+from kaedit import experiment, setup
 from kaedit.data import DatasetError
 from kaedit.models import LoadedModel
+from kaedit.results import analyze
 from kaedit.schedule import ScheduleError
 from wandb_file import history_rows, of_type, wandb_records
 
@@ -235,7 +236,7 @@ def test_wandb_offline_run(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.logger.wandb.console == "wrap"
 
-    # figures from `python -m kaedit.analyze --wandb` go to the same W&B run id
+    # figures from `python -m kaedit.results.analyze --wandb` go to the same W&B run id
     assert analyze.main([str(run_dir), "--wandb", "offline"]) == 0
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {

@@ -83,6 +83,26 @@ def test_importing_the_recipe_does_not_import_the_tracing_package() -> None:
     assert out.strip() == "[]"
 
 
+#: The results package's shared modules: the tools (analyze, ka_study, reproduce,
+#: dashboard) import these and never each other; ``plots`` imports no other results module.
+RESULTS_SHARED = {"kaedit.results.plots", "kaedit.results.sweep"}
+
+
+def test_results_tools_share_plots_and_nothing_else_imports_them() -> None:
+    graph = import_graph()
+    results = {m for m in graph if m.startswith("kaedit.results.")}
+    assert results >= RESULTS_SHARED and "kaedit.results.analyze" in results
+    outside = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
+                     if b.startswith("kaedit.results") and not a.startswith("kaedit.results"))
+    assert outside == []  # the editing core and the other entry points do not use them
+    allowed = {m: RESULTS_SHARED - {m} for m in results}
+    allowed["kaedit.results.plots"] = set()
+    allowed["kaedit.results.sweep"] = {"kaedit.results.plots"}
+    crossing = sorted(f"{m} -> {d}" for m in results for d in graph[m]
+                      if d.startswith("kaedit.results.") and d not in allowed[m])
+    assert crossing == []
+
+
 # ---------------------------------------------------------------- private names, setup layer
 BENCH = SRC.parent / "benchmarks"
 
@@ -114,9 +134,9 @@ def private_imports(path: Path) -> list[str]:
 
 def test_the_private_check_sees_both_forms(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
-    probe.write_text("from kaedit.analyze import _x, ok\nfrom kaedit import export\n"
+    probe.write_text("from kaedit.results.analyze import _x, ok\nfrom kaedit import export\n"
                      "export._replay()\nexport.main()\nself._own = 1\n")
-    assert private_imports(probe) == ["kaedit.analyze._x", "kaedit.export._replay"]
+    assert private_imports(probe) == ["kaedit.results.analyze._x", "kaedit.export._replay"]
 
 
 def test_no_module_uses_another_modules_private_names() -> None:

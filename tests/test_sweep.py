@@ -1,6 +1,6 @@
 """Every ``-m`` sweep ends with a table (issue 18): job folders named by their overrides,
 ``results.csv`` with a row per job and ``compare.png`` in the sweep directory, both logged
-to W&B in the sweep's group (:mod:`kaedit.sweep`)."""
+to W&B in the sweep's group (:mod:`kaedit.results.sweep`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import csv_approx
-from kaedit import jobdirs, sweep
+from kaedit import jobdirs
+from kaedit.results import sweep
 from wandb_file import history_rows, of_type, wandb_records
 
 
@@ -38,7 +39,7 @@ def test_sweep_config_keeps_the_job_name_rule(compose) -> None:
         "${kaedit.job_dir:${hydra.job.num},${hydra.job.override_dirname}}"
     )
     assert "dataset.path" in hc.job.config.override_dirname.exclude_keys
-    assert hc.callbacks.sweep_results._target_ == "kaedit.sweep.SweepResults"
+    assert hc.callbacks.sweep_results._target_ == "kaedit.results.sweep.SweepResults"
 
 
 def fake_job(sweep_dir: Path, name: str, overrides: list[str], checkpoint: bool) -> Path:

@@ -1,7 +1,8 @@
 """Names of a sweep's job folders and W&B group: pure functions, no kaedit imports.
 
 Used by the entry points (``kaedit.run``, ``kaedit.setup.compose``) before a config is
-composed, and by :mod:`kaedit.sweep` after the sweep: one place, no import cycle.
+composed, and by :mod:`kaedit.results.sweep` after the sweep: one place, no import
+cycle.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Compose and build: the one setup layer of every entry point.
 
 ``python -m kaedit.run``'s recipe (:mod:`kaedit.experiment`), ``kaedit.trace``,
-``kaedit.train_mend``, ``kaedit.analyze``, ``kaedit.reproduce`` and ``benchmarks/bench.py``
-compose their config and build records, model, statistics and trackers here (after
-torchtune's ``config.instantiate`` builders and lightning-hydra-template's
-``utils/instantiators.py``), so every one of them reports bad input the same way: as a
-:class:`~kaedit.errors.ConfigError` raised while building (see :mod:`kaedit.errors`).
+``kaedit.train_mend``, ``kaedit.results.analyze``, ``kaedit.results.reproduce`` and
+``benchmarks/bench.py`` compose their config and build records, model, statistics and
+trackers here (after torchtune's ``config.instantiate`` builders and
+lightning-hydra-template's ``utils/instantiators.py``), so every one of them reports bad
+input the same way: as a :class:`~kaedit.errors.ConfigError` raised while building (see
+:mod:`kaedit.errors`).
 
 An editing session -- the recipe's, the notebook :class:`~kaedit.editor.Editor`'s,
 ``kaedit.export``'s and the bench's -- is built in one place, :func:`build_session`, in the

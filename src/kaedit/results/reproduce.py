@@ -1,4 +1,5 @@
-"""``python -m kaedit.reproduce``: the CPU-scale drop-rate sweep and fusion comparison.
+"""``python -m kaedit.results.reproduce``: the CPU-scale drop-rate sweep and fusion
+comparison.
 
 ``make reproduce-cpu`` runs this. It makes the runs of two experiments at ``scale=cpu``
 (SmolLM2-135M, AdaPLE, the first 40 CounterFact records in 10 sequential batches of 4,
@@ -8,14 +9,14 @@ every edit re-checked after every step) and writes, under ``--out``
 * ``runs/<name>/`` -- one run directory each (metrics.csv, retention.csv, summary.json,
   the offline W&B run; all runs in the W&B group ``reproduce-cpu``);
 * ``results.md`` -- both tables, the settings, the command and the wall times;
-  ``results.csv`` -- :mod:`kaedit.sweep`'s table (the one every ``-m`` sweep ends with:
+  ``results.csv`` -- :mod:`kaedit.results.sweep`'s table (the one every ``-m`` sweep ends with:
   ``runs/`` is laid out as a sweep directory), one row per run: its overrides, status,
   final seen metrics, first-batch retention, wall time, immediate efficacy and
   batch − seen efficacy;
 * ``figures/`` -- ``drop_rate.png`` (final metrics against p, Fig. 6),
   ``drop_rate_curves.png`` and ``fusion_curves.png`` (the edits made so far against the
   number of edits, one line per run: Fig. 6 and Fig. 5 as curves, via
-  :func:`kaedit.analyze.plot_comparison`), ``<run>/retention.png`` (efficacy of the edits
+  :func:`kaedit.results.plots.plot_comparison`), ``<run>/retention.png`` (efficacy of the edits
   made at step s, measured at step t).
 
 Runs (:data:`PLAN`): ``drop_rate_sweep`` at p = 0, 0.5, 0.8, 0.9 and ``fusion_strategies``
@@ -137,7 +138,7 @@ def execute(run: PlannedRun, out: Path, extra: Sequence[str]) -> float:
             cfg.resume = str(run_dir)
     log.info("%s: %s", run.name, " ".join([*run.overrides, *extra]))
     # what defines the run, where a Hydra job keeps it: out/runs is a sweep directory
-    # for kaedit.sweep, which makes results.csv
+    # for kaedit.results.sweep, which makes results.csv
     from omegaconf import OmegaConf
 
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,7 @@ METRICS = ("efficacy", "generalization", "specificity", "score")
 
 
 def run_results(row: dict[str, Any]) -> dict[str, Any]:
-    """A run's row of :func:`kaedit.sweep.results_table` (the sweep table every ``-m``
+    """A run's row of :func:`kaedit.results.sweep.results_table` (the sweep table every ``-m``
     sweep ends with) in the terms of the tables here: final metrics of all edits (the
     seen sample is every edit at this scale), immediate efficacy, batch − seen efficacy and the
     efficacy of the step-1 edits after the last step."""
@@ -181,7 +182,7 @@ def markdown_table(rows: list[dict[str, Any]], first: str) -> str:
 
 def plot_drop_rate(rows: list[dict[str, Any]], path: Path) -> Path:
     """Fig. 6: final efficacy / generalization / specificity / score against p."""
-    from kaedit.analyze import pyplot, save_figure
+    from kaedit.results.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -201,10 +202,10 @@ def write_results(out: Path, plan: Sequence[PlannedRun], timings: dict[str, floa
                   command: str, total_s: float) -> Path:
     from omegaconf import OmegaConf
 
-    from kaedit.analyze import load_run, plot_comparison, plot_retention
-    from kaedit.sweep import RESULTS, results_table
+    from kaedit.results.plots import load_run, plot_comparison, plot_retention
+    from kaedit.results.sweep import RESULTS, results_table
 
-    table = results_table(out / "runs")  # kaedit.sweep: the table of every -m sweep
+    table = results_table(out / "runs")  # kaedit.results.sweep: every -m sweep's table
     table = table[table["job"].isin([r.name for r in plan])] if len(table) else table
     rows = {row["job"]: row for row in table.to_dict("records") if row["status"] == "done"}
     done = [r for r in plan if r.name in rows]
@@ -275,7 +276,8 @@ def read_timings(path: Path) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m kaedit.reproduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m kaedit.results.reproduce",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/reproduce-cpu")
     parser.add_argument("--runs", default=None,
@@ -300,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     plan = [r for r in PLAN if r.name in wanted]
-    command = shlex.join(["python", "-m", "kaedit.reproduce", *argv])
+    command = shlex.join(["python", "-m", "kaedit.results.reproduce", *argv])
     timings_file = out / "timings.json"
     try:
         check_shared(args.overrides)

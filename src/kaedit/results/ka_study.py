@@ -1,20 +1,21 @@
-"""``python -m kaedit.ka_study publish RUN_DIR ... --out DIR``: the KA study's results.
+"""The KA study's results:
+``python -m kaedit.results.ka_study publish RUN_DIR ... --out DIR``.
 
 Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_study``
 (or any kaedit runs) as small, committable files, without loading a model:
 
-* ``summary.csv`` -- one row per run: :func:`kaedit.sweep.job_result`'s row (status, final
-  ``seen/*``, first-batch efficacy ``retention/first_batch``, edits, steps, wall time of
-  the last segment, attenuation: ``unedited_efficacy``, ``immediate_efficacy`` and
+* ``summary.csv`` -- one row per run: :func:`kaedit.results.sweep.job_result`'s row
+  (status, final ``seen/*``, first-batch efficacy ``retention/first_batch``, edits, steps,
+  wall time of the last segment, attenuation: ``unedited_efficacy``, ``immediate_efficacy`` and
   ``batch_minus_seen_efficacy``, the mean immediate batch efficacy minus the last seen
   efficacy, called ``ka_drop`` before issue 27) and
   ``retained_aged`` (the share of the tracked edits that succeeded at their own step and
   still succeed at the last step, over every age ≥ 1; ``retained_aged_n`` of them,
   ``retained_aged_no_own_step`` left out for want of an own-step row:
-  :func:`kaedit.analyze.retention_by_age`), with the run's method, fusion, drop rate ``p``, scope
-  and batch size from its ``config.yaml``, the values at the start (step 0, the unedited
-  model) and at the end (the last logged value) of fluency, consistency, WikiText-2
-  perplexity and the fixed set's specificity, ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
+  :func:`kaedit.results.plots.retention_by_age`), with the run's method, fusion, drop rate
+  ``p``, scope and batch size from its ``config.yaml``, the values at the start (step 0,
+  the unedited model) and at the end (the last logged value) of fluency, consistency,
+  WikiText-2 perplexity and the fixed set's specificity, ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
   edited weights at the end) and ``fusion_change_ratio`` (‖f(Δ) − Δ‖ / ‖Δ‖, the mean
   over steps: 0 for ``add``, about √(p/(1 − p)) for drop-and-rescale; both NaN for runs
   that did not log ``update/*``), ``drift_norm_end`` (‖W − W₀‖ itself, for those runs
@@ -23,8 +24,8 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   ``machine``;
 * ``<run>/`` -- the run's ``metrics.csv``, ``retention.csv``, ``retention_by_batch.csv``,
   ``summary.json`` and ``config.yaml`` (whichever exist), and ``retention.png``
-  (:func:`kaedit.analyze.plot_retention`: efficacy of the edits made at step s measured at
-  step t);
+  (:func:`kaedit.results.plots.plot_retention`: efficacy of the edits made at step s
+  measured at step t);
 * ``paired.csv`` -- :func:`paired`: each run against the baseline fusion (``add``) of the
   same config but for the fusion (:data:`SETTINGS`), record by record on the edits both
   tracked at their last common step (every tracked edit, and the first batch alone): the
@@ -44,9 +45,10 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
 * ``retention_by_age.csv`` -- per run, evaluated step and age (steps since the edit):
   of the tracked edits of that age, how many succeeded at their own step (``n``), how many
   of those still succeed (``kept``) and ``retained`` = 100·kept / n
-  (:func:`kaedit.analyze.retention_by_age`); ``figures/retained_by_age.png`` draws it at
-  each run's last step;
-* ``figures/`` -- one plot per metric with a line per run (:func:`kaedit.analyze.plot_metric`):
+  (:func:`kaedit.results.plots.retention_by_age`); ``figures/retained_by_age.png`` draws
+  it at each run's last step;
+* ``figures/`` -- one plot per metric with a line per run
+  (:func:`kaedit.results.plots.plot_metric`):
   ``seen_efficacy.png``, ``seen_generalization.png``, ``seen_specificity.png``,
   ``seen_score.png``, ``fixed_specificity.png``, ``first_batch.png``, and
   ``compare.png`` (the three seen metrics side by side), and ``drop_rate.png``
@@ -69,15 +71,26 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from kaedit.errors import EXIT_BAD_INPUT, ConfigError
-
-if TYPE_CHECKING:
-    from kaedit.analyze import Run
+from kaedit.results.plots import (
+    BY_AGE,
+    Run,
+    class_name,
+    load_run,
+    plot_comparison,
+    plot_metric,
+    plot_retention,
+    pyplot,
+    retained_aged,
+    retention_by_age,
+    run_labels,
+    save_figure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +133,7 @@ COMPARED = {
 #: efficacy (the newest batch included, and floored by the unedited model's success rate),
 #: not a drop of any one edit's; :func:`read_summary` reads either.
 RENAMED = {"ka_drop": "batch_minus_seen_efficacy"}
-#: Per-edit retention by age of every run (:func:`kaedit.analyze.retention_by_age`).
+#: Per-edit retention by age of every run (:func:`kaedit.results.plots.retention_by_age`).
 BY_AGE_FILE = "retention_by_age.csv"
 #: Files copied from each run directory (all small: rows per step, not per token).
 #: With ``resume.json`` and Hydra's overrides a published copy publishes again as its run
@@ -177,10 +190,8 @@ def drift_norm_end(run: Run) -> float:
 
 
 def by_age(run: Run) -> pd.DataFrame:
-    """:func:`kaedit.analyze.retention_by_age` of the run's efficacy (empty without
+    """:func:`kaedit.results.plots.retention_by_age` of the run's efficacy (empty without
     ``retention.csv``)."""
-    from kaedit.analyze import BY_AGE, retention_by_age
-
     if run.retention is None or "efficacy" not in run.retention:
         return pd.DataFrame(columns=["step", "age", "step_made", *BY_AGE])
     return retention_by_age(run.retention, "efficacy")
@@ -188,8 +199,7 @@ def by_age(run: Run) -> pd.DataFrame:
 
 def run_row(run: Run) -> dict[str, Any]:
     """One row of ``summary.csv`` (see the module docstring) for a loaded run."""
-    from kaedit.analyze import class_name, retained_aged
-    from kaedit.sweep import job_result
+    from kaedit.results.sweep import job_result
 
     cfg, metrics = run.config, run.metrics
     fusion = cfg.get("fusion") or {}
@@ -205,7 +215,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "model": (cfg.get("model") or {}).get("name"),
         "dataset": (cfg.get("dataset") or {}).get("name"),
     }
-    result = job_result(run.path)  # kaedit.sweep: the table every -m sweep ends with
+    result = job_result(run.path)  # kaedit.results.sweep: every -m sweep's table
     result.pop("job"), result.pop("overrides")
     row.update(result)
     row.update(retained_aged(by_age(run)))
@@ -393,8 +403,6 @@ def plot_drop_rate(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
                    path: Path) -> Path | None:
     """The paper's Fig. 6: the end-of-run metrics (:data:`DROP_RATE_PANELS`) against the
     drop rate p, a line per :func:`drop_rate_groups` group (None: no group)."""
-    from kaedit.analyze import pyplot, save_figure
-
     groups = drop_rate_groups(runs, rows)
     if not groups:
         return None
@@ -420,8 +428,6 @@ def plot_retained_by_age(runs: Sequence[Run], ages: Sequence[pd.DataFrame],
     """At each run's last evaluated step, the share (x100) of the edits that succeeded at
     their own step and still succeed, against their age (steps since the edit), a line per
     run (None: no run has an aged edit)."""
-    from kaedit.analyze import pyplot, run_labels, save_figure
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
@@ -448,8 +454,6 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
     """Write ``summary.csv``, the paired files, the copies and the figures into ``out``;
     returns the paths. ``baselines`` picks, per :data:`COMPARED` setting, the baseline the
     others are compared with (by default ``add``, ``memit`` and p = 0.8)."""
-    from kaedit.analyze import load_run, plot_comparison, plot_metric, plot_retention
-
     out = Path(out)
     names = [Path(d).resolve().name for d in run_dirs]
     if len(set(names)) < len(names):
@@ -495,7 +499,8 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(prog="python -m kaedit.ka_study", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m kaedit.results.ka_study",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     pub = sub.add_parser("publish", help="summary.csv, the runs' small files and figures")

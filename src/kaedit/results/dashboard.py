@@ -1,4 +1,5 @@
-"""``python -m kaedit.dashboard --project P [--entity E] [--group G]``: the KA dashboard.
+"""The KA dashboard:
+``python -m kaedit.results.dashboard --project P [--entity E] [--group G]``.
 
 Builds a W&B workspace (``wandb-workspaces``) over the runs ``python -m kaedit.run`` logs,
 every curve against the number of edits made (``edits_done``, the runs' x-axis) and runs
@@ -15,7 +16,7 @@ grouped by method, fusion and drop rate (``tracking.choices.method``,
   fusion changed (drop-and-rescale's noise), and ‖W_t − W₀‖ / ‖W₀‖ of the edited weights;
 * **Text** -- fluency and consistency (on generation steps);
 * **Cost** -- seconds per edit by stage (targets, keys, solve, all of compute, fusion);
-* **Sweeps** -- the table of each sweep (``results.csv``, :mod:`kaedit.sweep`).
+* **Sweeps** -- the table of each sweep (``results.csv``, :mod:`kaedit.results.sweep`).
 
 :func:`dashboard_spec` is a pure function (the panels as data, testable offline);
 :func:`workspace` turns it into ``wandb_workspaces`` objects (still offline); the push is
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from kaedit.experiment import RETENTION_BY_BATCH
-from kaedit.sweep import TABLE as SWEEP_TABLE
+from kaedit.results.sweep import TABLE as SWEEP_TABLE
 from kaedit.tracking import X_AXIS
 
 #: W&B config keys the runs are grouped by (filled by ``python -m kaedit.run``).
@@ -146,7 +147,8 @@ def workspace(spec: DashboardSpec, entity: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kaedit.dashboard", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m kaedit.results.dashboard",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", required=True)
     parser.add_argument("--entity", default=None,

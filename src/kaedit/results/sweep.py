@@ -11,15 +11,16 @@ the sweep directory
   edits after the last step), edits, steps, failed steps, wall time, and the attenuation
   (:func:`attenuation`: unedited, immediate efficacy and the KA drop);
 * ``compare.png`` -- seen efficacy, generalization and specificity against the number of
-  edits, one line per job (:func:`kaedit.analyze.plot_comparison`);
+  edits, one line per job (:func:`kaedit.results.plots.plot_comparison`);
 
 and logs both through the sweep's trackers (``logger``): with ``logger=wandb``, a run
 named ``sweep-results`` in the sweep's W&B group, holding the table (as a table and a
 file artifact) and the figure. A sweep whose jobs failed ends before Hydra calls the
-callback: ``python -m kaedit.sweep SWEEP_DIR`` writes the same files for what is there.
+callback: ``python -m kaedit.results.sweep SWEEP_DIR`` writes the same files for what is
+there.
 
-Job folders are named by their overrides (``hydra.sweep.subdir``, :func:`job_dir_name`):
-``3_fusion.p=0.8,schedule.batch_size=10``.
+Job folders are named by their overrides (``hydra.sweep.subdir``,
+:func:`kaedit.jobdirs.job_dir_name`): ``3_fusion.p=0.8,schedule.batch_size=10``.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kaedit.jobdirs import sweep_group
+from kaedit.results.plots import load_run, plot_comparison
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.csv"
-#: The name results.csv is logged under (a W&B table and artifact; kaedit.dashboard).
+#: The name results.csv is logged under (a W&B table and artifact; kaedit.results.dashboard).
 TABLE = "sweep_results"
 FIGURE = "compare.png"
 #: Summary values of a job that results.csv keeps, after the seen metrics.
@@ -100,8 +102,8 @@ def attenuation(metrics: pd.DataFrame) -> dict[str, float]:
     scored right after it was applied), ``batch_minus_seen_efficacy`` = that − the last
     seen efficacy (``ka_drop`` before issue 27: it includes the newest, unaged batch and is
     floored by the unedited model's success rate, so it is not any edit's loss; per-edit
-    retention by age is :func:`kaedit.analyze.retention_by_age`); ``unedited_efficacy`` =
-    seen efficacy at step 0."""
+    retention by age is :func:`kaedit.results.plots.retention_by_age`);
+    ``unedited_efficacy`` = seen efficacy at step 0."""
     nan = math.nan
     if "seen/efficacy" not in metrics or metrics.empty:
         return {"unedited_efficacy": nan, "immediate_efficacy": nan,
@@ -122,8 +124,6 @@ def results_table(sweep_dir: Path) -> pd.DataFrame:
 def write_results(sweep_dir: Path) -> tuple[Path, Path | None]:
     """Write ``results.csv`` and (when a job logged metrics) ``compare.png`` into
     ``sweep_dir``; returns their paths."""
-    from kaedit.analyze import load_run, plot_comparison
-
     sweep_dir = Path(sweep_dir)
     table = results_table(sweep_dir)
     path = sweep_dir / RESULTS
@@ -183,9 +183,10 @@ class SweepResults(Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kaedit.sweep SWEEP_DIR``: write results.csv and compare.png."""
+    """``python -m kaedit.results.sweep SWEEP_DIR``: write results.csv and compare.png."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m kaedit.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m kaedit.results.sweep",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir")
     args = parser.parse_args(argv)
