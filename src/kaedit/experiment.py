@@ -40,7 +40,7 @@ from kaedit.checkpoint import RunState
 from kaedit.errors import ConfigError
 from kaedit.evaluation import generation_indices
 from kaedit.files import CsvRows, atomic_write
-from kaedit.fusion import FusionState, FusionStrategy, bind_weights
+from kaedit.fusion import FusionState, FusionStrategy, bind_weights, constrained
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas, EditRequest
@@ -104,9 +104,13 @@ def edit_step(method: EditMethod, ctx: EditContext, fusion: FusionStrategy,
     Shared by :func:`run` and :class:`kaedit.editor.Editor`, so a notebook edits exactly as
     a run does. With ``fusion.scope=layer`` the method fuses each layer's Δ inside its layer
     loop (``ctx.layer_fusion``); step scope: ``None``, and the fusion runs once after it.
+    A method with ``fused_constraint(ctx)`` has it applied to what the fusion made of its
+    deltas (:func:`~kaedit.fusion.constrained`: AlphaEdit's ``project_fused``, issue 28).
     Deltas that fail the guard (:func:`~kaedit.weights.delta_problem`) are not applied,
     the fusion state is not advanced and the method is not told of them."""
     fusion = bind_weights(fusion, edits)  # RECT / PRUNE read W₀ and W_{t-1} (issue 26)
+    constraint = getattr(method, "fused_constraint", None)
+    fusion = constrained(fusion, None if constraint is None else constraint(ctx))
     layer = fusion.layer_fusion(seed, step)
     ctx.layer_fusion = None if layer is None else layer.fuse
     ctx.clock.take()

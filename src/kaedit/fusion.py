@@ -60,6 +60,14 @@ Scope (``fusion.scope``), for the stateless strategies:
 The stateful strategies carry state across steps per weight and run at step scope only;
 ``scope=layer`` for them is a :class:`~kaedit.errors.ConfigError` when the fusion is built.
 
+A method whose deltas satisfy a linear constraint the fusion breaks (AlphaEdit's
+Δ = ΔP: a drop mask does not commute with the null-space projection P, issue 28) can
+have what the fusion made of each Δ mapped back: :func:`constrained` wraps the fusion in a
+:class:`Constrained` that applies ``constraint(name, Δ̂)`` after it, at step scope to the
+increment and at layer scope inside :meth:`LayerFusion.fuse` (so the layer loop and the
+runner's increment both see the constrained Δ̂). A Δ the fusion left as it was (``add``)
+is not mapped: it satisfies the constraint already, and stays bit-identical.
+
 Stabilisers for lifelong editing (issue 26) that need the weights themselves, not only Δ:
 
 * :class:`Rect` -- RECT (Gu et al. 2024): keep the k fraction of entries of each Δ with
@@ -78,7 +86,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -89,6 +97,10 @@ from kaedit.records import Deltas
 
 #: Where a stateless fusion runs: after the method (``step``) or inside its layer loop.
 SCOPES = ("step", "layer")
+
+#: ``constraint(weight name, Δ̂) -> Δ̂'``: a map a method asks to be applied to what the
+#: fusion made of its Δ (:class:`Constrained`).
+Constraint = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 @runtime_checkable
@@ -209,14 +221,19 @@ class LayerFusion:
     ``fuse(name, Δ) -> Δ̂`` is what a method's layer loop calls (through
     ``EditContext.layer_fusion``); :meth:`step` is what the runner calls on the deltas the
     method returns: the same function of each weight, hence the same Δ̂ the loop used.
+    With ``then`` (:class:`Constrained`), Δ̂ is ``then(name, fusion(Δ))`` wherever the
+    fusion changed Δ (:func:`constrain_changed`), in both calls.
     """
 
     fusion: Fusion
     seed: int
     step_index: int
+    then: Constraint | None = None
 
     def fuse(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        return self.fusion({name: delta}, layer_generator(self.seed, self.step_index, name))[name]
+        fused = self.fusion({name: delta},
+                            layer_generator(self.seed, self.step_index, name))[name]
+        return fused if self.then is None else constrain_changed(self.then, name, delta, fused)
 
     def step(self, state: FusionState, deltas: Deltas,
              generator: torch.Generator) -> tuple[FusionState, Deltas]:
@@ -224,6 +241,54 @@ class LayerFusion:
         ``generator`` is not used)."""
         return FusionState(steps=state.steps + 1), {n: self.fuse(n, d) for n, d in
                                                     deltas.items()}
+
+
+def constrain_changed(constraint: Constraint, name: str, delta: torch.Tensor | None,
+                      fused: torch.Tensor) -> torch.Tensor:
+    """``constraint(name, fused)``, or ``fused`` itself where it equals ``delta`` bit for bit:
+    a Δ the fusion did not change satisfies the constraint already (it is the method's
+    own), and mapping it again would only add rounding."""
+    if (delta is not None and delta.shape == fused.shape
+            and torch.equal(fused, delta.to(fused.device, fused.dtype))):
+        return fused
+    return constraint(name, fused)
+
+
+@dataclass(frozen=True)
+class Constrained:
+    """``fusion`` followed by ``constraint`` on each weight's increment (issue 28).
+
+    Step scope: increment = constraint(f(Δ)); layer scope: the :class:`LayerFusion` of
+    ``fusion`` with ``then=constraint``, so the Δ̂ˡ the method's layer loop keeps in place
+    and the increment the runner applies are the same constrained tensor. Increments equal
+    to the method's Δ are left as they are (:func:`constrain_changed`). State, served
+    offset and checkpoints are ``fusion``'s own: the constraint carries nothing."""
+
+    fusion: FusionStrategy
+    constraint: Constraint
+
+    def init_state(self) -> FusionState:
+        return self.fusion.init_state()
+
+    def step(self, state: FusionState, deltas: Deltas,
+             generator: torch.Generator) -> tuple[FusionState, Deltas]:
+        state, increments = self.fusion.step(state, deltas, generator)
+        return state, {n: constrain_changed(self.constraint, n, deltas.get(n), d)
+                       for n, d in increments.items()}
+
+    def served_offset(self, state: FusionState) -> Deltas:
+        return self.fusion.served_offset(state)
+
+    def layer_fusion(self, seed: int, step: int) -> LayerFusion | None:
+        layer = self.fusion.layer_fusion(seed, step)
+        return None if layer is None else replace(layer, then=self.constraint)
+
+
+def constrained(fusion: FusionStrategy, constraint: Constraint | None) -> FusionStrategy:
+    """``fusion`` followed by ``constraint`` (:class:`Constrained`), or ``fusion`` itself
+    when there is none. The runner calls it once per step with the method's
+    ``fused_constraint(ctx)`` (AlphaEdit's ``project_fused``)."""
+    return fusion if constraint is None else Constrained(fusion, constraint)
 
 
 class Stateless:

@@ -14,11 +14,19 @@ eigenvectors of C_l = E[kkᵀ] of the unedited model with eigenvalue below
 ordinary text; K_p K_pᵀ sums the keys of all edits committed in earlier steps (updated in
 :meth:`commit`, on the edited model, as the reference does), so new edits also leave old
 ones alone. There is no λC term: the projection takes its place.
+
+A fusion that changes Δ (drop-and-rescale, top-k, matched noise) breaks Δ = ΔP: the
+dropped entries' noise lands on the preserved keys. Neither AlphaEdit nor the DR paper
+defines the combination; with ``project_fused`` the fused update is projected again,
+Δ̂ = f(Δ)P (:meth:`AlphaEdit.fused_constraint`, issue 28): at ``fusion.scope=layer`` the
+update kept in place for the later layers and the increment the runner applies are both
+f(Δ_l)P_l, at step scope the runner projects the fused deltas. An unchanged Δ (``add``)
+is not projected again, so it stays bit-identical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +48,9 @@ class AlphaEdit:
     nullspace_threshold: float = 1e-2
     #: α: ridge term of the solve (the reference's ``L2``).
     l2: float = 10.0
+    #: Project what the fusion made of each Δ_l onto the null space again, Δ̂ = f(Δ)P_l
+    #: (issue 28; :meth:`fused_constraint`). Off: the fused update is applied as it is.
+    project_fused: bool = False
     #: P_l per layer, from the unedited model's statistics. Both matrices are d_in x d_in
     #: per layer (GPT-J: 1 GiB each in float32), so they are kept in float32 on the model's
     #: device; the solve itself runs in float64.
@@ -65,6 +76,24 @@ class AlphaEdit:
     def null_dims(self) -> dict[int, int]:
         """Rank of each projector: the dimension of the null space edits may use."""
         return {layer: round(float(p.trace())) for layer, p in self.projectors.items()}
+
+    def fused_constraint(self, ctx: EditContext) -> Callable[[str, torch.Tensor],
+                                                             torch.Tensor] | None:
+        """With ``project_fused``: ``project(name, Δ̂) = Δ̂P_l``, Δ̂ in the weight's own
+        layout, P_l the float32 projector of the layer ``name`` belongs to, the product in
+        float32 on Δ̂'s device. The runner applies it after the fusion
+        (:func:`kaedit.fusion.constrained`); None without ``project_fused``."""
+        if not self.project_fused:
+            return None
+        spec = ctx.lm.spec
+        layer_of = {spec.weight("mlp_out", layer): layer for layer in self.layers}
+
+        def project(name: str, fused: torch.Tensor) -> torch.Tensor:
+            delta = spec.as_linear("mlp_out", fused)  # [d_out, d_in]
+            proj = self.projectors[layer_of[name]].to(delta.device, delta.dtype)
+            return spec.to_param("mlp_out", delta @ proj)  # [d_out, d_in] Δ̂P
+
+        return project
 
     def commit(self, ctx: EditContext, requests: Sequence[EditRequest], applied: Deltas) -> None:
         # The runner has applied the step's (fused) deltas: keys come from the edited model.
