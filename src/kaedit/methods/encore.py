@@ -40,7 +40,7 @@ import torch
 
 from kaedit.errors import ConfigError
 from kaedit.methods.base import EditContext
-from kaedit.methods.keys import compute_keys
+from kaedit.methods.keys import add_key_sum, compute_keys, key_sums_from_state, key_sums_state
 from kaedit.methods.solve import solve_update, spread_residual
 from kaedit.methods.targets import TargetConfig, optimize_targets
 from kaedit.records import Deltas, EditRequest
@@ -114,28 +114,15 @@ class ENCORE:
                 keys = used.get(layer)
                 if keys is None:
                     keys = compute_keys(ctx.lm, layer, requests, ctx.templates)
-                keys = keys.double()  # [d_in, n]
-                kk = keys @ keys.T  # [d_in, d_in]
-                if layer in self.prev_kk:
-                    kk = kk + self.prev_kk[layer].to(kk.device).double()
-                self.prev_kk[layer] = kk.float()
+                add_key_sum(self.prev_kk, layer, keys)  # [d_in, n]
         self.n_committed += len(requests)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors only (safetensors-ready): ``prev_kk.{layer}`` and ``n_committed``."""
-        state: dict[str, Any] = {
-            f"prev_kk.{layer}": kk.detach().cpu().clone() for layer, kk in self.prev_kk.items()
-        }
-        state["n_committed"] = torch.tensor(self.n_committed, dtype=torch.int64)
-        return state
+        return key_sums_state(self.prev_kk, self.n_committed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.prev_kk = {
-            int(k.split(".", 1)[1]): v.float().clone()
-            for k, v in state.items()
-            if k.startswith("prev_kk.")
-        }
-        self.n_committed = int(state.get("n_committed", 0))
+        self.prev_kk, self.n_committed = key_sums_from_state(state)
         self._pending = None
 
     # -- edit -------------------------------------------------------------------------

@@ -139,3 +139,29 @@ def first_block(lm: LoadedModel, modules: Sequence[str]) -> int:
     same whatever deltas are added to those modules. 0 if a module is outside the blocks."""
     blocks = [lm.spec.layer_of(m) for m in modules]
     return 0 if not blocks or None in blocks else min(b for b in blocks if b is not None)
+
+
+# ------------------------------------------------------------ the earlier edits' key sums
+def add_key_sum(sums: dict[int, torch.Tensor], layer: int, keys: torch.Tensor) -> None:
+    """``sums[layer] += K Kᵀ`` (``keys`` K ``[d_in, n]``), summed in float64 and kept in
+    float32: the earlier edits' keys that AlphaEdit projects away from and ENCORE keeps in
+    its normal equations (their run state)."""
+    keys = keys.double()
+    kk = keys @ keys.T  # [d_in, d_in]
+    if layer in sums:
+        kk = kk + sums[layer].to(kk.device).double()
+    sums[layer] = kk.float()
+
+
+def key_sums_state(sums: dict[int, torch.Tensor], n_committed: int) -> dict[str, torch.Tensor]:
+    """The key sums as a checkpoint's tensors: ``prev_kk.{layer}`` and ``n_committed``."""
+    state = {f"prev_kk.{layer}": kk.detach().cpu().clone() for layer, kk in sums.items()}
+    state["n_committed"] = torch.tensor(n_committed, dtype=torch.int64)
+    return state
+
+
+def key_sums_from_state(state: dict) -> tuple[dict[int, torch.Tensor], int]:
+    """:func:`key_sums_state`'s inverse: ``(sums, n_committed)``."""
+    sums = {int(k.split(".", 1)[1]): v.float().clone() for k, v in state.items()
+            if k.startswith("prev_kk.")}
+    return sums, int(state.get("n_committed", 0))
