@@ -61,6 +61,12 @@ GOOD = {"case_id": 1, "requested_rewrite": {"prompt": "{} is located in", "subje
         # ROME's setting is `layer`: the runner checks the layers the method declares
         ("rome_layer", ["model=tiny_llama", "method=rome", "method.layer=7"], ["7", "0..3"]),
         ("schedule_key", ["model=tiny_llama", "+schedule.n_edit=5"], ["n_edit", "n_edits"]),
+        # ROME fixes its clamp: an override of the model's default would change nothing
+        ("edit_default", ["model=tiny_llama", "method=rome",
+                          "++model.edit.target.clamp_norm_factor=2"],
+         ["model.edit.target.clamp_norm_factor=2", "method.target.clamp_norm_factor=2"]),
+        ("target_key", ["model=tiny_llama", "+model.edit.target.clamp_norm=2"],
+         ["model.edit.target.clamp_norm", "clamp_norm_factor"]),
         ("gguf", ["model.load.path={tmp}/missing.gguf"], ["missing.gguf"]),
         ("fusion", ["model=tiny_llama", "fusion.p=1.5"], ["fusion.p=1.5"]),
         ("guard", ["model=tiny_llama", "guard.on_fault=explode"], ["explode", "skip", "stop"]),

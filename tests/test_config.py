@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -16,18 +18,20 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF, Compose
+from kaedit.errors import ConfigError
 from kaedit.fusion import FusionStrategy
 from kaedit.methods.base import EditMethod
 from kaedit.methods.targets import TargetConfig
 from kaedit.schedule import Schedule
+from kaedit.setup import effective_config
 
 #: Specialisations, composed by conf/config.yaml for a pair of choices
 #: (``hparams: ${method}_${model}``, ``method_fusion: ${method}_${fusion}``): each file is
 #: tested with its own pair (test_specialisation_composes_for_its_pair), not on its own.
 SPECIALISATIONS = {"hparams": "model", "method_fusion": "fusion"}
-#: Parts that model configs include (``- /model_base/llama_modules@modules``), not choices:
-#: every model config that uses one is composed below.
-PARTS = {"model_base"}
+#: Parts that model and method configs include (``- /model_base/llama_modules@modules``,
+#: ``- /method_base/target@target``), not choices: every config that uses one is composed below.
+PARTS = {"model_base", "method_base"}
 # conf/hydra/ holds Hydra's own groups (hydra/launcher), tested in test_experiments.py
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"
                 and p.name not in SPECIALISATIONS and p.name not in PARTS)
@@ -62,15 +66,16 @@ def bind(path: str, node: Mapping[str, Any]) -> None:
         raise TypeError(f"{path} ({node['_target_']}): {exc}") from None
 
 
-def test_model_parts_are_shared_and_each_is_used() -> None:
-    """The shared blocks of conf/model_base/ replace copies: each is used by two or more
-    model configs, and no model config repeats one of them in full."""
-    for part in sorted((CONF / "model_base").glob("*.yaml")):
-        users = [f.stem for f in sorted((CONF / "model").glob("*.yaml"))
-                 if f"/model_base/{part.stem}@" in f.read_text()]
+@pytest.mark.parametrize(("parts", "group"), [("model_base", "model"), ("method_base", "method")])
+def test_config_parts_are_shared_and_each_is_used(parts: str, group: str) -> None:
+    """The shared blocks of conf/model_base/ and conf/method_base/ replace copies: each is
+    used by two or more configs of its group, and no config repeats one of them in full."""
+    for part in sorted((CONF / parts).glob("*.yaml")):
+        users = [f.stem for f in sorted((CONF / group).glob("*.yaml"))
+                 if f"/{parts}/{part.stem}@" in f.read_text()]
         assert len(users) >= 2, (part.stem, users)
         body = [ln for ln in part.read_text().splitlines() if ln and not ln.startswith("#")]
-        for f in sorted((CONF / "model").glob("*.yaml")):
+        for f in sorted((CONF / group).glob("*.yaml")):
             text = f.read_text()
             assert not all(f"  {ln}" in text for ln in body), (f.stem, part.stem)
 
@@ -180,7 +185,6 @@ def test_adaple_defaults_to_algorithm1_with_layer_scoped_drop_rescale(compose: C
 @pytest.mark.parametrize("fusion", ["average", "lookahead", "wise_ft"])
 def test_layer_scope_for_a_stateful_fusion_is_a_config_error(compose: Compose,
                                                              fusion: str) -> None:
-    from kaedit.errors import ConfigError
     from kaedit.setup import build
 
     with pytest.raises(ConfigError, match=r"fusion.scope='layer'.*valid: \['step'\]"):
@@ -228,10 +232,58 @@ def test_typo_in_a_target_node_fails_binding(compose: Compose, override: str) ->
             bind(path, node)
 
 
-def test_typo_in_edit_target_fails_to_instantiate(compose: Compose) -> None:
+def test_typo_in_edit_target_is_named_with_the_valid_settings(compose: Compose) -> None:
+    # Methods read model.edit.target field by field (conf/method_base/target.yaml), so a
+    # misspelt field would be read by none of them: the setup layer names it.
     cfg = compose(["model=tiny_llama", "+model.edit.target.clamp_norm=2.0"])
+    with pytest.raises(ConfigError, match=r"model\.edit\.target\.clamp_norm is not a target "
+                       r"setting; valid: \[.*'clamp_norm_factor'"):
+        effective_config(cfg)
+    cfg = compose(["model=tiny_llama", "+method.target.clamp_norm=2.0"])
     with pytest.raises(InstantiationException, match="unexpected keyword argument 'clamp_norm'"):
         instantiate(cfg.method, _convert_="all")
+
+
+def test_method_base_target_lists_every_target_setting_with_its_default() -> None:
+    # One line per TargetConfig field, falling back to the dataclass's own default: the
+    # forwarding file and the dataclass cannot drift apart.
+    node = OmegaConf.load(CONF / "method_base" / "target.yaml")
+    fields = {f.name: f.default for f in dataclasses.fields(TargetConfig)}
+    assert list(node) == list(fields)
+    resolved = OmegaConf.to_container(OmegaConf.create({"t": node}), resolve=True)["t"]
+    assert resolved == fields
+
+
+@pytest.mark.parametrize("method", ["memit", "pmet", "adaple", "alphaedit", "encore", "rome"])
+def test_model_edit_target_reaches_every_field_a_method_leaves_alone(
+        compose: Compose, method: str) -> None:
+    # GPT-J has reference files for PMET, AdaPLE and AlphaEdit; none sets these two
+    cfg = compose([f"method={method}", "model=gptj", "++model.edit.target.kl_position=last",
+                   "++model.edit.target.early_stop_loss=0.01"])
+    assert cfg.method.target.kl_position == "last" and cfg.method.target.early_stop_loss == 0.01
+
+
+def test_no_hparams_file_changes_the_models_defaults() -> None:
+    # conf/hparams/<method>_<model>.yaml is the one home of a method's per-model settings:
+    # it writes under method.* (and may add a module path, a fact of the model), never
+    # model.edit, so a model's config is the same whatever the method.
+    for f in sorted((CONF / "hparams").glob("*.yaml")):
+        node = OmegaConf.load(f)
+        assert "edit" not in node.get("model", {}), f.name
+        assert set(node) <= {"method", "model"}, f.name
+        assert set(node.get("model", {})) <= {"modules"}, f.name
+
+
+@pytest.mark.parametrize(("override", "setting"), [
+    ("++model.edit.target.lr=0.3", "method.target.lr=0.3"),   # PMET's GPT-J file: lr 0.2
+    ("model.edit.layers=[1,2]", "method.layers=[1, 2]"),       # ... and layers 3-8
+])
+def test_model_edit_override_a_reference_file_replaces_is_an_error(
+        compose: Compose, override: str, setting: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(setting)):
+        compose(["method=pmet", "model=gptj", override])
+    # the same override reaches MEMIT, which has no GPT-J file of its own
+    compose(["method=memit", "model=gptj", override])
 
 
 def _kaedit_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -83,9 +83,11 @@ def main(cfg: DictConfig) -> float | None:
 
     from kaedit.errors import user_errors_exit
     from kaedit.experiment import run
+    from kaedit.setup import check_edit_overrides
 
     fill_tracking(cfg)
     with user_errors_exit(log):
+        check_edit_overrides(cfg, HydraConfig.get().overrides.task)
         summary = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     value = summary.get(str(cfg.optimized_metric)) if cfg.get("optimized_metric") else None
     return float(value) if value is not None else None

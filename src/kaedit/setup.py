@@ -18,6 +18,7 @@ here too, so the recipe never imports the tracing package.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from kaedit.evaluate import Evaluator, Scorer, TextMetrics, check_tokenisation
 from kaedit.evaluation import Evaluation
 from kaedit.fusion import FusionStrategy
 from kaedit.methods.base import EditContext, EditMethod
+from kaedit.methods.targets import TargetConfig
 from kaedit.methods.templates import Templates, context_templates
 from kaedit.models import LoadedModel, load_model
 from kaedit.paths import CONF_DIR, REPO_ROOT
@@ -68,7 +70,47 @@ def compose(overrides: Sequence[str] = (), name: str = "config", *,
 
     register_resolver()  # hydra.sweep.subdir, when hydra_config=True
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra.compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
+        cfg = hydra.compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
+    check_edit_overrides(cfg, overrides)
+    return cfg
+
+
+def check_edit_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A command line's ``model.edit.X=V`` must reach the method that runs.
+
+    ``model.edit`` holds a model's editing defaults (layers, λ, v* settings), which every
+    locate-then-edit method follows field by field (conf/method_base/target.yaml). A
+    method's own settings for one model live in one place, ``conf/hparams/<method>_<model>.yaml``
+    (a reference's values), and replace the defaults they name; so does a method config
+    that fixes a value (ROME's clamp). An override of such a field on ``model.edit`` would
+    change nothing: that is a :class:`ConfigError` naming the ``method.X`` to set instead,
+    not a silently ignored value (unless the command line sets ``method.X`` too: then its
+    ``model.edit`` value is meant for what else reads it, e.g. ``from_trace``'s window)."""
+    method = cfg.get("method")
+    if not isinstance(method, DictConfig):
+        return
+    keys = [str(item).lstrip("+~").split("=", 1)[0] for item in overrides if "=" in str(item)]
+    for key in keys:
+        if not key.startswith("model.edit."):
+            continue
+        rest = key[len("model.edit."):]
+        if f"method.{rest}" in keys:
+            continue  # the command line sets the method's value itself
+        missing = object()
+        used = OmegaConf.select(method, rest, default=missing, throw_on_missing=False)
+        if used is missing:
+            continue  # not a setting of this method (e.g. rome_layer for MEMIT)
+        given = OmegaConf.select(cfg, key)
+        if OmegaConf.is_config(used):
+            used = OmegaConf.to_container(used, resolve=True)
+        if OmegaConf.is_config(given):
+            given = OmegaConf.to_container(given, resolve=True)
+        if used != given:
+            m = cfg.get("model", {}).get("name", "?")
+            raise ConfigError(
+                f"{key}={given!r} does not reach the method: method.{rest} is {used!r}, "
+                f"set by conf/method/ or conf/hparams/ for this method on model {m!r}; "
+                f"set method.{rest}={given!r} to change it for this run")
 
 
 def resolve_data_root(cfg: DictConfig) -> None:
@@ -204,7 +246,21 @@ def effective_config(cfg: DictConfig) -> DictConfig:
     config a run actually uses (and fingerprints)."""
     cfg = cfg.copy()
     resolve_data_root(cfg)
+    check_target_keys(cfg)
     return resolve_from_trace(cfg)  # method.layers=from_trace:RUN_DIR (python -m kaedit.trace)
+
+
+def check_target_keys(cfg: DictConfig) -> None:
+    """``model.edit.target`` and ``method.target`` name only :class:`TargetConfig` fields
+    (a misspelt ``++model.edit.target.X`` would otherwise be read by no method)."""
+    valid = [f.name for f in dataclasses.fields(TargetConfig)]
+    for key in ("model.edit.target", "method.target"):
+        node = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(node, DictConfig):
+            continue
+        for name in node:
+            if name not in valid:
+                raise ConfigError(f"{key}.{name} is not a target setting; valid: {valid}")
 
 
 def build_fusion(cfg: DictConfig) -> FusionStrategy:
