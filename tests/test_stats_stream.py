@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kaedit.errors import ConfigError
 from kaedit.models import LoadedModel
 from kaedit.stats import CorpusError, CovarianceStore, corpus_chunks
 
@@ -65,3 +66,24 @@ def test_empty_or_missing_corpus_is_one_clear_error(tmp_path: Path, lm: LoadedMo
         CovarianceStore([str(tmp_path / "nope.txt")], str(tmp_path))._windows(lm.tokenizer)
     with pytest.raises(ValueError, match="chunk_chars=0"):
         CovarianceStore([str(blank)], str(tmp_path), chunk_chars=0)
+
+
+def test_null_token_count_takes_every_window_of_the_corpus(
+    lm: LoadedModel, corpus: list[str], tmp_path: Path
+) -> None:
+    # stats.n_tokens=null (issue 28): the whole corpus, in order, as consecutive windows
+    tok = lm.tokenizer
+    lines = [ln + "\n" for p in corpus
+             for ln in Path(p).read_bytes().decode().replace("\r\n", "\n").split("\n")]
+    ids = [i for ln in lines for i in tok(ln, add_special_tokens=False)["input_ids"]]
+    n_total = len(ids) // 64
+    everything = CovarianceStore(corpus, str(tmp_path / "all"), n_tokens=None, seq_len=64,
+                                 chunk_chars=200)
+    expected = torch.tensor(ids[: n_total * 64]).reshape(n_total, 64)
+    assert torch.equal(everything._windows(tok), expected)
+    # more tokens than the corpus has: the same windows; a different cache key all the same
+    big = CovarianceStore(corpus, str(tmp_path / "big"), n_tokens=10**9, seq_len=64)
+    assert torch.equal(big._windows(tok), expected)
+    assert everything.key(lm, "x") != big.key(lm, "x")
+    with pytest.raises(ConfigError, match=r"stats.n_tokens=0 must be >= 1, or null"):
+        CovarianceStore(corpus, str(tmp_path / "zero"), n_tokens=0)

@@ -55,14 +55,15 @@ class CovarianceStore:
 
     ``corpus`` is a list of local text files (read in order) or an ``hf:NAME/CONFIG:SPLIT``
     dataset id (needs internet). ``n_tokens`` tokens are taken as ``seq_len``-token windows
-    spread evenly over the corpus.
+    spread evenly over the corpus; ``None``: every whole window of the corpus. The keys'
+    second moments are summed batch by batch, so memory does not grow with the corpus.
     """
 
     def __init__(
         self,
         corpus: Sequence[str] | str,
         cache_dir: str,
-        n_tokens: int = 40_000,
+        n_tokens: int | None = 40_000,
         seq_len: int = 128,
         batch_size: int = 16,
         module_kind: str = "mlp_out",
@@ -76,7 +77,9 @@ class CovarianceStore:
             raise ValueError(f"stats.chunk_chars={chunk_chars} must be >= 1")
         self.corpus = [corpus] if isinstance(corpus, str) else [str(c) for c in corpus]
         self.cache_dir = Path(cache_dir).expanduser()
-        self.n_tokens = int(n_tokens)
+        if n_tokens is not None and int(n_tokens) < 1:
+            raise ConfigError(f"stats.n_tokens={n_tokens} must be >= 1, or null (the whole corpus)")
+        self.n_tokens = None if n_tokens is None else int(n_tokens)
         self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)
         self.module_kind = module_kind
@@ -114,12 +117,14 @@ class CovarianceStore:
 
     def _windows(self, tok) -> torch.Tensor:
         """``[n_win, seq_len]``: ``n_tokens // seq_len`` windows spread evenly over the
-        stream's ``total // seq_len`` consecutive windows (at most all of them)."""
+        stream's ``total // seq_len`` consecutive windows (at most all of them; all of them
+        when ``n_tokens`` is None)."""
         total = sum(len(ids) for ids in self._token_chunks(tok))  # pass 1: count
         n_win_total = total // self.seq_len
         if n_win_total == 0:
             raise CorpusError(f"statistics corpus has fewer than seq_len={self.seq_len} tokens")
-        n_win = min(max(1, self.n_tokens // self.seq_len), n_win_total)
+        wanted = n_win_total if self.n_tokens is None else max(1, self.n_tokens // self.seq_len)
+        n_win = min(wanted, n_win_total)
         starts = (torch.linspace(0, n_win_total - 1, n_win).round().long()
                   * self.seq_len).tolist()
         out: list[list[int]] = []
