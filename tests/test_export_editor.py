@@ -61,10 +61,8 @@ def test_export_is_the_served_model_and_only_edited_weights_differ(
 def test_export_serves_the_fusion_offset_and_replays_a_step(
         tiny_run, compose: Compose, tmp_path: Path) -> None:
     # WiSE-FT serves W₀ + α·total, not the W₀ + total the model holds between evaluations
-    from omegaconf import OmegaConf
-
     from kaedit import checkpoint
-    from kaedit.export import _replay, served_deltas
+    from kaedit.export import served_deltas
 
     run_dir, runner_lm = tiny_run("fusion=wise_ft", "save_step_deltas=true")
     total = checkpoint.load(run_dir).deltas
@@ -81,9 +79,39 @@ def test_export_serves_the_fusion_offset_and_replays_a_step(
     # both steps gives the checkpoint's weights exactly (fusion + guard are deterministic)
     _, one, _ = served_deltas(run_dir, step=1)
     assert all(not torch.equal(one[n], served[n]) for n in served)
-    full = _replay(OmegaConf.load(run_dir / "config.yaml"), run_dir, 2)
+    assert_replay_is_the_checkpoint(run_dir, served)
+
+
+def assert_replay_is_the_checkpoint(run_dir: Path, served: dict[str, torch.Tensor]) -> None:
+    """Replaying every saved step gives the weights the run's checkpoint serves, exactly."""
+    from omegaconf import OmegaConf
+
+    from kaedit.export import _replay, replay_session
+
+    session = replay_session(OmegaConf.load(run_dir / "config.yaml"))
+    offset = _replay(session, run_dir, 2)
+    full = {n: session.edits.total.get(n, 0) + offset.get(n, 0) for n in served}
     for n in served:
         assert torch.equal(full[n], served[n]), n
+
+
+@pytest.mark.parametrize("overrides", [
+    # RECT reads W₀ and W_{t-1}: the replay binds the weights as a step does
+    ("fusion=rect",),
+    # AlphaEdit with DR re-projects the dropped update (project_fused): the replay too
+    ("method=alphaedit", "fusion=drop_rescale", "method.project_fused=true"),
+])
+def test_replay_applies_the_step_fusion_of_the_run(tiny_run, overrides, tmp_path: Path) -> None:
+    from kaedit import checkpoint
+    from kaedit.export import served_deltas
+
+    run_dir, _ = tiny_run(*overrides, "save_step_deltas=true")
+    served = checkpoint.load(run_dir).deltas  # these fusions serve no offset
+    assert served_deltas(run_dir)[1].keys() == served.keys()
+    assert_replay_is_the_checkpoint(run_dir, served)
+    # export --step 1 replays (no checkpoint there) and differs from the final weights
+    _, one, at = served_deltas(run_dir, step=1)
+    assert at == 1 and all(not torch.equal(one[n], served[n]) for n in served)
 
 
 def test_export_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path: Path) -> None:

@@ -96,6 +96,18 @@ def fuse_step(fusion: FusionStrategy, state: FusionState, deltas: Deltas, seed: 
     return (layer or fusion).step(state, deltas, step_generator(seed, step))
 
 
+def step_fusion(method: EditMethod | None, ctx: EditContext | None, fusion: FusionStrategy,
+                edits: EditedWeights) -> FusionStrategy:
+    """The fusion as a step applies it: bound to the edited weights (RECT and PRUNE read
+    W₀ and W_{t-1}, :func:`~kaedit.fusion.bind_weights`, issue 26) and followed by the
+    method's ``fused_constraint(ctx)`` where it has one (AlphaEdit's ``project_fused``,
+    :func:`~kaedit.fusion.constrained`, issue 28). Shared by :func:`edit_step` and the
+    replay of saved step deltas (:mod:`kaedit.export`)."""
+    fusion = bind_weights(fusion, edits)
+    constraint = getattr(method, "fused_constraint", None)
+    return constrained(fusion, None if constraint is None or ctx is None else constraint(ctx))
+
+
 def edit_step(method: EditMethod, ctx: EditContext, fusion: FusionStrategy,
               fusion_state: FusionState, edits: EditedWeights, batch: Sequence[EditRequest],
               seed: int, step: int, max_delta_norm: float | None) -> StepDone:
@@ -108,9 +120,7 @@ def edit_step(method: EditMethod, ctx: EditContext, fusion: FusionStrategy,
     deltas (:func:`~kaedit.fusion.constrained`: AlphaEdit's ``project_fused``, issue 28).
     Deltas that fail the guard (:func:`~kaedit.weights.delta_problem`) are not applied,
     the fusion state is not advanced and the method is not told of them."""
-    fusion = bind_weights(fusion, edits)  # RECT / PRUNE read W₀ and W_{t-1} (issue 26)
-    constraint = getattr(method, "fused_constraint", None)
-    fusion = constrained(fusion, None if constraint is None else constraint(ctx))
+    fusion = step_fusion(method, ctx, fusion, edits)
     layer = fusion.layer_fusion(seed, step)
     ctx.layer_fusion = None if layer is None else layer.fuse
     ctx.clock.take()

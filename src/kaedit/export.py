@@ -16,9 +16,11 @@ Where the weights come from:
   ``deltas.safetensors`` (written at the end with ``save_deltas=true``, already served);
 * ``--step N``: the latest checkpoint if it is at step N, else a replay of the steps'
   deltas as the method computed them (``deltas/step-NNNN.safetensors``, written with
-  ``save_step_deltas=true``) through the run's fusion and guard -- fusion and guard are
-  deterministic given the run's seed (:func:`~kaedit.experiment.fuse_step`), so the
-  replay reproduces the run's weights.
+  ``save_step_deltas=true``) through the run's fusion as a step applies it (bound to the
+  edited weights, with the method's fused constraint: :func:`~kaedit.experiment.step_fusion`)
+  and its guard -- fusion and guard are deterministic given the run's seed
+  (:func:`~kaedit.experiment.fuse_step`), so the replay reproduces the run's weights. The
+  replay builds the run's method on the unedited model (its statistics, from the cache).
 
 Bad input (no such run, no such step, an existing non-empty ``--out``) is one error line
 and exit status 2, with nothing written.
@@ -33,13 +35,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kaedit.errors import ConfigError, user_errors_exit
 from kaedit.models import LoadedModel
 from kaedit.records import Deltas
+
+if TYPE_CHECKING:
+    from kaedit.setup import Session
 
 log = logging.getLogger("kaedit.export")
 
@@ -54,12 +59,14 @@ def _config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def _replay(cfg: DictConfig, run_dir: Path, step: int) -> Deltas:
-    """W_served − W₀ after ``step`` steps, replayed from the saved per-step deltas."""
+def _replay(session: Session, run_dir: Path, step: int) -> Deltas:
+    """Replay steps 1..``step`` from the saved per-step deltas onto ``session.edits`` (each
+    step's deltas through the run's fusion as a step applies it,
+    :func:`~kaedit.experiment.step_fusion`: the weights RECT and PRUNE read, AlphaEdit's
+    ``project_fused``; then the guard) and return the fusion's served offset then."""
     from safetensors.torch import load_file
 
-    from kaedit.experiment import fuse_step
-    from kaedit.setup import build_fusion
+    from kaedit.experiment import fuse_step, step_fusion
     from kaedit.weights import delta_problem
 
     files = [run_dir / "deltas" / f"step-{t:04d}.safetensors" for t in range(1, step + 1)]
@@ -68,15 +75,14 @@ def _replay(cfg: DictConfig, run_dir: Path, step: int) -> Deltas:
         raise ConfigError(f"--step {step}: the run has no checkpoint at that step and no "
                           f"saved step deltas {missing[:3]} to replay (run with "
                           "save_step_deltas=true to export any step)")
-    fusion = build_fusion(cfg)
-    state, total = fusion.init_state(), {}
+    cfg, state = session.cfg, session.fusion.init_state()
     for t, f in enumerate(files, start=1):
-        nxt, fused = fuse_step(fusion, state, load_file(str(f)), int(cfg.seed), t)
+        fusion = step_fusion(session.method, session.ctx, session.fusion, session.edits)
+        nxt, fused = fuse_step(fusion, state, load_file(str(f)), session.seed, t)
         if delta_problem(fused, cfg.guard.max_delta_norm) is None:  # as the runner's guard
-            for n, d in fused.items():
-                total[n] = total.get(n, torch.zeros(d.shape)) + d.detach().to("cpu", torch.float32)
+            session.edits.add(fused)
             state = nxt
-    return _served(total, fusion.served_offset(state))
+    return session.fusion.served_offset(state)
 
 
 def _served(total: Deltas, offset: Deltas) -> Deltas:
@@ -113,7 +119,24 @@ def served_deltas(run_dir: str | Path, step: int | None = None) -> tuple[DictCon
         return cfg, load_file(str(final)), int(steps)
     if step < 0:
         raise ConfigError(f"--step {step} must be >= 0")
-    return cfg, _replay(cfg, run_dir, step), step
+    session = replay_session(cfg)
+    offset = _replay(session, run_dir, step)
+    return cfg, _served(session.edits.total, offset), step
+
+
+def replay_session(cfg: DictConfig) -> Session:
+    """The run's session with its method prepared on the unedited model (a replay applies
+    the method's ``fused_constraint``); no records."""
+    from kaedit.setup import build_session
+
+    return build_session(cfg, plan=False)
+
+
+def _needs_replay(run_dir: Path, step: int | None) -> bool:
+    from kaedit import checkpoint
+
+    ckpt = checkpoint.load(run_dir)
+    return step is not None and step >= 0 and (ckpt is None or step != ckpt.state.step)
 
 
 def save_model(lm: LoadedModel, out: str | Path) -> Path:
@@ -150,10 +173,19 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty directory")
-    cfg, served, at = served_deltas(run_dir, step)
-    # the run's session, model and fusion only (no records, templates or method)
-    session = build_session(cfg, plan=False, templates=False, method=False)
-    session.edits.add(served)  # W₀ + (total + offset), as the runner serves it
+    run_dir = Path(run_dir)
+    if _needs_replay(run_dir, step):
+        # the replay's own session: its edits hold W₀ + total; adding the offset makes
+        # W₀ + (total + offset), as the runner serves it
+        cfg, at = _config(run_dir), int(step)
+        session = replay_session(cfg)
+        served = _replay(session, run_dir, at)
+        session.edits.add(served)
+    else:
+        cfg, served, at = served_deltas(run_dir, step)
+        # the run's session, model and fusion only (no records, templates or method)
+        session = build_session(cfg, plan=False, templates=False, method=False)
+        session.edits.add(served)  # W₀ + (total + offset), as the runner serves it
     save_model(session.lm, out)
     log.info("exported %s at step %d (%d edited weights) to %s", run_dir, at, len(served), out)
     return out
