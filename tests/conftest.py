@@ -197,13 +197,12 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
 
 
 @contextlib.contextmanager
-def memit_crashes_at_call(call: int, error: Exception | None = None) -> Iterator[None]:
-    """Inside the block, MEMIT's ``compute_deltas`` raises ``error`` (default
-    ``RuntimeError("simulated crash")``) on its ``call``-th call (a run dying mid-step);
-    restored on exit."""
-    from kaedit.methods.memit import MEMIT
-
-    real, calls = MEMIT.compute_deltas, {"n": 0}
+def crashes_at_call(method: type, call: int, error: Exception | None = None) -> Iterator[None]:
+    """Inside the block, ``method.compute_deltas`` (a method class: MEMIT, AlphaEdit, ...)
+    raises ``error`` (default ``RuntimeError("simulated crash")``) on its ``call``-th call
+    (a run dying mid-step, after earlier steps were committed and checkpointed); restored
+    on exit."""
+    real, calls = method.compute_deltas, {"n": 0}
 
     def crashing(self, ctx, requests):
         calls["n"] += 1
@@ -211,11 +210,18 @@ def memit_crashes_at_call(call: int, error: Exception | None = None) -> Iterator
             raise error if error is not None else RuntimeError("simulated crash")
         return real(self, ctx, requests)
 
-    MEMIT.compute_deltas = crashing
+    method.compute_deltas = crashing
     try:
         yield
     finally:
-        MEMIT.compute_deltas = real
+        method.compute_deltas = real
+
+
+def memit_crashes_at_call(call: int, error: Exception | None = None):
+    """:func:`crashes_at_call` for MEMIT, the default method of the tiny runs."""
+    from kaedit.methods.memit import MEMIT
+
+    return crashes_at_call(MEMIT, call, error)
 
 
 def load_tiny(compose: Compose, name: str) -> LoadedModel:

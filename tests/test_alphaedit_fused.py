@@ -4,8 +4,7 @@ drop-and-rescale Δ̂ reaches the preserved keys; with ``fusion=add`` it changes
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from conftest import U64, Compose, assert_within, gamma, product_roundoff
+from conftest import U64, Compose, assert_within, crashes_at_call, gamma, product_roundoff
 from kaedit import experiment
 from kaedit.data import load_requests
 from kaedit.experiment import StepDone, edit_step, fuse_step
@@ -236,25 +235,6 @@ def test_project_fused_is_the_default_with_drop_rescale_and_its_noise_control(
 
 
 # -------------------------------------------------------------------------------- a run
-@contextlib.contextmanager
-def alphaedit_crashes_at_call(call: int) -> Iterator[None]:
-    """AlphaEdit's ``compute_deltas`` raises on its ``call``-th call (conftest's
-    ``memit_crashes_at_call`` for AlphaEdit); restored on exit."""
-    real, calls = AlphaEdit.compute_deltas, {"n": 0}
-
-    def crashing(self, ctx, requests):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise RuntimeError("simulated crash")
-        return real(self, ctx, requests)
-
-    AlphaEdit.compute_deltas = crashing
-    try:
-        yield
-    finally:
-        AlphaEdit.compute_deltas = real
-
-
 def test_projected_run_resumes_bit_identically(
     compose: Compose, tiny_run_overrides: list[str], tiny_corpus: Path, threshold: float,
     tmp_path: Path,
@@ -266,7 +246,7 @@ def test_projected_run_resumes_bit_identically(
     assert compose(overrides).method.project_fused is True  # the default with DR
     ref_dir, run_dir, off_dir = tmp_path / "ref", tmp_path / "run", tmp_path / "off"
     ref = experiment.run(compose(overrides), run_dir=str(ref_dir))
-    with alphaedit_crashes_at_call(3), pytest.raises(RuntimeError, match="simulated crash"):
+    with crashes_at_call(AlphaEdit, 3), pytest.raises(RuntimeError, match="simulated crash"):
         experiment.run(compose(overrides), run_dir=str(run_dir))
     resumed = experiment.run(compose([*overrides, f"resume={run_dir}"]))
     assert resumed["steps"] == ref["steps"] == 3

@@ -5,12 +5,11 @@ and one short real-model test on SmolLM2 (slow)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +18,16 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, U32, U64, Compose, assert_within, deltas_leaving_model_untouched, gamma
+from conftest import (
+    REPO,
+    U32,
+    U64,
+    Compose,
+    assert_within,
+    crashes_at_call,
+    deltas_leaving_model_untouched,
+    gamma,
+)
 from kaedit import checkpoint, experiment
 from kaedit.errors import ConfigError
 from kaedit.methods import encore as encore_module
@@ -286,25 +294,6 @@ def test_bad_values_are_one_config_error(compose: Compose, override: str, messag
 
 
 # ----------------------------------------------------------------------------- resume
-@contextlib.contextmanager
-def encore_crashes_at_call(call: int) -> Iterator[None]:
-    """``ENCORE.compute_deltas`` raises on its ``call``-th call inside the block (a run
-    dying mid-step, after earlier steps were committed and checkpointed)."""
-    real, calls = ENCORE.compute_deltas, {"n": 0}
-
-    def crashing(self, ctx, requests):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise RuntimeError("simulated crash")
-        return real(self, ctx, requests)
-
-    ENCORE.compute_deltas = crashing  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        ENCORE.compute_deltas = real  # type: ignore[method-assign]
-
-
 def test_killed_run_resumes_bit_identically(
     compose: Compose, tiny_run_overrides: list[str], tmp_path: Path
 ) -> None:
@@ -312,7 +301,7 @@ def test_killed_run_resumes_bit_identically(
                  "schedule.batch_size=1", "save_deltas=true", "method.norm_weight=1e-3"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = experiment.run(compose(overrides), run_dir=str(ref_dir))
-    with encore_crashes_at_call(3), pytest.raises(RuntimeError, match="simulated crash"):
+    with crashes_at_call(ENCORE, 3), pytest.raises(RuntimeError, match="simulated crash"):
         experiment.run(compose(overrides), run_dir=str(run_dir))
     killed = checkpoint.load(run_dir)
     assert killed is not None and killed.state.step == 2

@@ -23,7 +23,9 @@ from kaedit.methods.base import EditContext
 from kaedit.methods.targets import TargetConfig, optimize_targets
 from kaedit.methods.templates import context_templates
 from kaedit.models import load_model
+from kaedit.records import EditRequest
 from kaedit.weights import applied
+from kaedit.wild import WildEval, exact_match
 
 pytestmark = pytest.mark.slow
 
@@ -162,3 +164,31 @@ def test_most_probable_early_stopping_on_real_records(cfg, lm, requests):
         if k == 1:
             assert not _argmax_everywhere(lm, request, templates, module, prev[0])
     assert 1 < stopped[1] < stopped[2] < never.steps
+
+
+# WILD evaluation (issue 27): ~70 answers of up to 50 tokens (≈ 0.3 s each, one thread).
+def test_wild_on_real_records_of_the_unedited_model(cfg, lm) -> None:
+    records = data.from_config(cfg.dataset, cache_dir=str(cfg.cache_dir))[:5]
+    known = EditRequest("known", "France", "The capital of {} is", "Paris",
+                        target_true="Paris", neighborhood_prompts=("The capital of Italy is",))
+    requests = [*records, known]
+    w = WildEval(lm, every=1, max_new_tokens=50, batch_size=16)
+    w.make_references(requests)
+    out = w(requests)
+    # the model the references came from: every neighbourhood answer unchanged
+    assert (out["locality"] == 1.0).all()
+    # a fact the model knows, answered in its own words: " Paris." is an exact match
+    said = w.answers([known.rewrite_prompt])[known.rewrite_prompt]
+    assert w.is_stop(said[-1]) and out["efficacy"][-1] == 1.0
+    assert exact_match(w.text(said), "Paris") == 1.0
+    # real answers stop at the rule's first stop token or at the cap, never after
+    answers = w.answers([p for r in records for p in (r.rewrite_prompt, *r.paraphrase_prompts)])
+    for answer in answers.values():
+        assert not any(w.is_stop(t) for t in answer[:-1])
+        assert w.is_stop(answer[-1]) or len(answer) == 50
+    assert any(w.is_stop(a[-1]) for a in answers.values())  # some stop naturally
+    # exact match and F1 per record lie in [0, 1], F1 ≥ exact match (the known fact has
+    # no paraphrase: NaN)
+    for m in ("efficacy", "generalization"):
+        em, f1 = out[m][:-1], out[f"{m}_f1"][:-1]
+        assert ((em >= 0) & (em <= f1 + 1e-12) & (f1 <= 1)).all(), m

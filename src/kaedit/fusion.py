@@ -327,10 +327,15 @@ def top_k(delta: torch.Tensor, k: float) -> torch.Tensor:
     return out.view_as(delta)
 
 
+def check_drop_rate(p: float, name: str = "p") -> None:
+    """A drop rate (or the drop rate whose variance a noise matches) is in [0, 1)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name}={p} must be in [0, 1)")
+
+
 def drop_rescale(delta: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Paper eq. 5: drop each entry with probability ``p``, rescale survivors by 1/(1−p)."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"drop rate p={p} must be in [0, 1)")
+    check_drop_rate(p, "drop rate p")
     if p == 0.0:
         return delta.clone()
     keep = torch.rand(delta.shape, generator=generator, device=generator.device) >= p
@@ -344,8 +349,7 @@ def matched_noise(delta: torch.Tensor, p: float, generator: torch.Generator) -> 
     Δᵢⱼ and variance p/(1 − p)·Δᵢⱼ²; this has the same mean and variance, and no entry is
     zeroed. If it harms a run as much as DR at the same p, the harm is DR's noise, not its
     sparsity (issue 28's control). ``p`` = 0: Δ unchanged."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"noise level p={p} must be in [0, 1)")
+    check_drop_rate(p, "noise level p")
     if p == 0.0:
         return delta.clone()
     z = torch.randn(delta.shape, generator=generator, device=generator.device)
@@ -481,8 +485,7 @@ class DropRescale(Stateless):
     scope: str = "step"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"fusion.p={self.p} must be in [0, 1)")
+        check_drop_rate(self.p, "fusion.p")
         check_scope(self, self.scope)
 
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
@@ -500,8 +503,7 @@ class MatchedNoise(Stateless):
     scope: str = "step"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"fusion.p={self.p} must be in [0, 1)")
+        check_drop_rate(self.p, "fusion.p")
         check_scope(self, self.scope)
 
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
