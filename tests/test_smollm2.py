@@ -192,3 +192,74 @@ def test_wild_on_real_records_of_the_unedited_model(cfg, lm) -> None:
     for m in ("efficacy", "generalization"):
         em, f1 = out[m][:-1], out[f"{m}_f1"][:-1]
         assert ((em >= 0) & (em <= f1 + 1e-12) & (f1 <= 1)).all(), m
+
+
+def test_stabilisers_on_real_weights_and_updates(cfg, lm, requests):
+    """RECT, PRUNE and NAS (issue 26) on SmolLM2's own weights and MEMIT's update for five
+    real CounterFact records: each keeps its defining property there as on the tiny models
+    (tests/test_stabilisers.py)."""
+    import math
+
+    from conftest import U32, U64, gamma
+    from kaedit.fusion import Prune, Rect, bind_weights, relative_change, spectral_norm
+    from kaedit.methods.keys import hidden_at_subject
+    from kaedit.methods.nas import nas_scale
+    from kaedit.methods.targets import nas_anchor
+    from kaedit.weights import EditedWeights
+
+    method = instantiate(cfg.method, _convert_="all")  # MEMIT, SmolLM2's settings
+    templates = context_templates(lm, [(10, 5)], seed=0)
+    ctx = EditContext(lm=lm, stats=instantiate(cfg.stats), templates=templates)
+    method.prepare(ctx)
+    deltas = method.compute_deltas(ctx, requests)
+    weights = EditedWeights(lm.model)  # W₀ = W_{t-1}: nothing is applied here
+    gen = torch.Generator().manual_seed(0)
+
+    # RECT: of each weight's Δ the 20 % with the largest |Δ|/|W| survive, unscaled
+    rect = bind_weights(Rect(k=0.2), weights)
+    fused = rect.step(rect.init_state(), deltas, gen)[1]
+    for n, d in deltas.items():
+        kept = fused[n] != 0
+        assert int(kept.sum()) == d.numel() - int(d.numel() * 0.8), n  # MEMIT's Δ is dense
+        assert torch.equal(fused[n][kept], d[kept])
+        rel = relative_change(d, weights.unedited(n))
+        assert float(rel[kept].min()) >= float(rel[~kept].max()), n
+
+    # PRUNE: a real update scaled to 3 σ_max(W₀), an edit beyond the weight's own scale, is
+    # served with σ_max ≤ σ0 + ln 3; the bound adds the float32 rounding of the served
+    # matrix and the float64 SVD's backward error (tests/test_stabilisers.py's
+    # restraint_bound) and the rounding of total + offset
+    name = lm.spec.weight("mlp_out", int(method.layers[0]))
+    sigma0 = spectral_norm(weights.unedited(name))
+    d = deltas[name]
+    big = {name: d * (3 * sigma0 / float(torch.linalg.matrix_norm(d.double(), ord=2)))}
+    prune = bind_weights(Prune(), weights)
+    state, increment = prune.step(prune.init_state(), big, gen)
+    assert torch.equal(increment[name], big[name])  # the run edits the unrestrained sum
+    served = big[name] + Prune().served_offset(state)[name]
+    m, k = served.shape
+    bound = (5 * U32 * float(served.double().norm())
+             + gamma(m * k, U64) * float(big[name].double().norm()))
+    s_max = float(torch.linalg.svdvals(served.double()).max())
+    assert s_max <= sigma0 + math.log(3.0) + bound
+    assert s_max < 3 * sigma0 - 1  # restrained, not merely bounded
+
+    # NAS: the anchor from these records on the unedited model; each value vector v* at
+    # MEMIT's last layer is rescaled to it, or not edited (δ = 0) above 2 × the anchor
+    layer = int(method.layers[-1])
+    anchor = nas_anchor(lm, requests, layer, method.target)
+    z_module = lm.spec.module("layer", layer)
+    plain = optimize_targets(lm, requests, templates, [z_module], method.target)[z_module]
+    nas = optimize_targets(lm, requests, templates, [z_module],
+                           replace(method.target, nas_anchor=anchor))[z_module]
+    v0 = hidden_at_subject(lm, lm.spec.module("mlp_out", layer), requests)
+    assert torch.equal(nas[1], nas_scale(v0 + plain[1], v0, anchor, 2.0) - v0)
+    norms = (v0 + nas[1]).double().norm(dim=1)
+    edited_rows = nas[1].abs().amax(dim=1) > 0
+    assert edited_rows.any()
+    # as test_optimize_targets_with_nas_anchors_the_value_vectors: γ_{d+2} + γ_d of the
+    # anchor, and two more roundings of each entry
+    dim = v0.shape[1]
+    tol = ((gamma(dim + 2) + gamma(dim)) * anchor
+           + 2 * U32 * (2 * anchor + float(v0.norm(dim=1).max())))
+    assert float((norms[edited_rows] - anchor).abs().max()) <= tol
