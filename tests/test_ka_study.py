@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from conftest import (
@@ -371,6 +372,32 @@ def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path:
         ka_study.main(["publish", *map(str, study_runs), "--out", str(out),
                        "--p-baseline", "high"])
     assert exc.value.code == 2 and "'high'" in capsys.readouterr().err
+
+
+def test_ignore_pairs_runs_that_differ_in_a_key_their_method_never_reads(
+        study_runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run made before a model key existed (a module path added later, which its method
+    never reads) is not paired with newer runs; ``--ignore KEY`` pairs it again, with the
+    same numbers; a key outside the compared nodes is one error that writes nothing."""
+    first = tmp_path / "first"
+    assert ka_study.main(["publish", *map(str, study_runs), "--out", str(first)]) == 0
+    older = tmp_path / "runs" / "pmet-add"
+    shutil.copytree(study_runs[3], older)
+    config = yaml.safe_load((older / "config.yaml").read_text())
+    assert config["model"]["modules"].pop("mlp_gate")
+    (older / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = [*map(str, study_runs[:3]), str(older)]
+    out = tmp_path / "out"
+    assert ka_study.main(["publish", *runs, "--out", str(out)]) == 0
+    assert pd.read_csv(out / "paired_methods.csv").empty
+    assert ka_study.main(["publish", *runs, "--out", str(out),
+                          "--ignore", "model.modules.mlp_gate"]) == 0
+    got, want = (pd.read_csv(d / "paired_methods.csv") for d in (out, first))
+    pd.testing.assert_frame_equal(got, want)
+    before = (out / "summary.csv").read_text()
+    assert ka_study.main(["publish", *runs, "--out", str(out), "--ignore", "logger.mode"]) == 2
+    assert "logger.mode" in capsys.readouterr().err
+    assert (out / "summary.csv").read_text() == before
 
 
 def test_drop_rate_groups_put_add_at_p_zero(study_runs: list[Path]) -> None:

@@ -288,17 +288,29 @@ def adjust_family(tables: Mapping[str, pd.DataFrame]) -> None:
                      [next(adjusted) for _ in range(len(table))])
 
 
-def without(config: dict[str, Any], node: str) -> dict[str, Any]:
-    """The :data:`SETTINGS` nodes of a run's config with the dotted ``node`` left out:
-    two runs that differ only in ``node`` give equal results."""
+def without(config: dict[str, Any], *nodes: str) -> dict[str, Any]:
+    """The :data:`SETTINGS` nodes of a run's config with each dotted ``nodes`` left out:
+    two runs that differ only in those give equal results."""
     kept = {k: copy.deepcopy(config.get(k)) for k in SETTINGS}
-    *parents, leaf = node.split(".")
-    at: Any = kept
-    for key in parents:
-        at = at.get(key) if isinstance(at, dict) else None
-    if isinstance(at, dict):
-        at.pop(leaf, None)
+    for node in nodes:
+        *parents, leaf = node.split(".")
+        at: Any = kept
+        for key in parents:
+            at = at.get(key) if isinstance(at, dict) else None
+        if isinstance(at, dict):
+            at.pop(leaf, None)
     return kept
+
+
+def check_ignored(ignore: Sequence[str]) -> tuple[str, ...]:
+    """``ignore`` (dotted config keys :func:`paired` leaves out) checked: each must lie
+    inside one of :data:`SETTINGS` (a :class:`ConfigError` naming them otherwise)."""
+    bad = [k for k in ignore if k.split(".")[0] not in SETTINGS or "." not in k]
+    if bad:
+        raise ConfigError(f"--ignore {bad}: each ignored key is a dotted key inside one of "
+                          f"the compared config nodes {list(SETTINGS)}, e.g. "
+                          "model.modules.mlp_gate")
+    return tuple(ignore)
 
 
 def _present(value: Any) -> bool:
@@ -306,7 +318,8 @@ def _present(value: Any) -> bool:
 
 
 def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
-           baseline: Any = "add", compared: str = "fusion") -> pd.DataFrame:
+           baseline: Any = "add", compared: str = "fusion",
+           ignore: Sequence[str] = ()) -> pd.DataFrame:
     """Every run against the run whose ``compared`` setting (:data:`COMPARED`: ``fusion``,
     ``method`` or ``p``) is ``baseline`` and whose config is otherwise equal (:func:`without`),
     at the last step both reached, on the edits both tracked there (``subset=tracked``: the
@@ -315,11 +328,14 @@ def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
     are the runs' :func:`run_row` rows. Runs without ``retention.csv``, without the
     setting (``p`` of ``add``) or with no baseline are not compared. The first column is
     what the pair shares (the method when fusions or drop rates are compared, the fusion
-    when methods are)."""
+    when methods are). ``ignore``: dotted config keys left out of "otherwise equal" as
+    well (settings the runs differ in that cannot change their results, e.g. a module
+    path added to the model config after the older runs, which their method never
+    reads)."""
     if compared not in COMPARED:
         raise ConfigError(f"compared={compared!r}: paired compares one of {sorted(COMPARED)}")
     c = COMPARED[compared]
-    rest = [without(run.config, c.node) for run in runs]
+    rest = [without(run.config, c.node, *ignore) for run in runs]
     table = []
     for i, (run, row) in enumerate(zip(runs, rows, strict=True)):
         if row[c.column] == baseline or not _present(row[c.column]) or run.retention is None:
@@ -373,16 +389,16 @@ DROP_RATE_PANELS = (("seen/efficacy", "efficacy (seen)"),
                     ("retention/first_batch", "first batch efficacy"))
 
 
-def drop_rate_groups(runs: Sequence[Run], rows: Sequence[dict[str, Any]]
-                     ) -> list[tuple[str, list[dict[str, Any]]]]:
+def drop_rate_groups(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
+                     ignore: Sequence[str] = ()) -> list[tuple[str, list[dict[str, Any]]]]:
     """The runs that differ only in the drop rate ``p``, grouped, each group with the
     :data:`ZERO_DROP` run of its config at p = 0 where there is one: ``(label, rows)``
     with ``rows`` sorted by ``p`` (0 for the ``add`` run) and two runs or more."""
     def key(config: dict[str, Any]) -> str:
         return json.dumps(config, sort_keys=True, default=str)
 
-    by_p = [key(without(r.config, COMPARED["p"].node)) for r in runs]
-    by_fusion = [key(without(r.config, COMPARED["fusion"].node)) for r in runs]
+    by_p = [key(without(r.config, COMPARED["p"].node, *ignore)) for r in runs]
+    by_fusion = [key(without(r.config, COMPARED["fusion"].node, *ignore)) for r in runs]
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         if _present(row["p"]):
@@ -400,10 +416,10 @@ def drop_rate_groups(runs: Sequence[Run], rows: Sequence[dict[str, Any]]
 
 
 def plot_drop_rate(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
-                   path: Path) -> Path | None:
+                   path: Path, ignore: Sequence[str] = ()) -> Path | None:
     """The paper's Fig. 6: the end-of-run metrics (:data:`DROP_RATE_PANELS`) against the
     drop rate p, a line per :func:`drop_rate_groups` group (None: no group)."""
-    groups = drop_rate_groups(runs, rows)
+    groups = drop_rate_groups(runs, rows, ignore)
     if not groups:
         return None
     plt = pyplot()
@@ -450,10 +466,13 @@ def plot_retained_by_age(runs: Sequence[Run], ages: Sequence[pd.DataFrame],
 
 
 def publish(run_dirs: Sequence[str | Path], out: str | Path,
-            baselines: Mapping[str, Any] | None = None) -> list[Path]:
+            baselines: Mapping[str, Any] | None = None,
+            ignore: Sequence[str] = ()) -> list[Path]:
     """Write ``summary.csv``, the paired files, the copies and the figures into ``out``;
     returns the paths. ``baselines`` picks, per :data:`COMPARED` setting, the baseline the
-    others are compared with (by default ``add``, ``memit`` and p = 0.8)."""
+    others are compared with (by default ``add``, ``memit`` and p = 0.8); ``ignore``: config
+    keys the pairing leaves out (:func:`paired`)."""
+    ignore = check_ignored(ignore)
     out = Path(out)
     names = [Path(d).resolve().name for d in run_dirs]
     if len(set(names)) < len(names):
@@ -466,7 +485,7 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / SUMMARY, index=False, float_format="%.6g")
     written = [out / SUMMARY]
-    tables = {COMPARED[compared].file: paired(runs, rows, baseline, compared)
+    tables = {COMPARED[compared].file: paired(runs, rows, baseline, compared, ignore)
               for compared, baseline in chosen.items()}
     adjust_family(tables)  # p_holm: one family, every comparison of this call
     for file, table in tables.items():
@@ -491,7 +510,7 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
     written += [p for column, name, title, log in FIGURES
                 if (p := plot_metric(runs, column, figures / name, title, log))]
     written.append(plot_comparison(runs, figures))
-    written += [p for p in (plot_drop_rate(runs, rows, figures / "drop_rate.png"),
+    written += [p for p in (plot_drop_rate(runs, rows, figures / "drop_rate.png", ignore),
                             plot_retained_by_age(runs, ages, figures / "retained_by_age.png"))
                 if p]
     return written
@@ -511,11 +530,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                          metavar=c.column.upper(),
                          help=f"{c.column} the other runs are compared with in {c.file} "
                               f"(default: {c.default})")
+    pub.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                     help="a dotted config key (e.g. model.modules.mlp_gate) the pairing "
+                          "leaves out of 'otherwise equal': a setting the runs differ in "
+                          "that cannot change their results; repeatable")
     args = parser.parse_args(argv)
     chosen = {name: getattr(args, f"baseline_{name}") for name in COMPARED}
     try:
         written = publish(args.runs, args.out,
-                          {k: v for k, v in chosen.items() if v is not None})
+                          {k: v for k, v in chosen.items() if v is not None}, args.ignore)
     except (FileNotFoundError, ConfigError) as exc:  # bad input; other errors keep their traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
