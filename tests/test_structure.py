@@ -183,6 +183,7 @@ def calls(path: Path, function: str) -> set[str]:
 SESSION_BUILDERS = {SRC / "kaedit" / "experiment.py": ["run"],
                     SRC / "kaedit" / "editor.py": ["Editor.__init__"],
                     SRC / "kaedit" / "export.py": ["export"],
+                    SRC / "kaedit" / "rescore.py": ["rescore"],
                     BENCH / "bench.py": ["phase_statistics", "phase_memory"]}
 
 
