@@ -132,3 +132,21 @@ def test_a_copy_without_checkpoint_rescores_from_saved_deltas(runs: dict[str, Pa
     with pytest.raises(rescore.ConfigError, match="neither a checkpoint nor"):
         rescore.rescore([tmp_path / "add"], tmp_path / "out2", WILD)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_run_made_before_wild_existed_gets_todays_wild_node(runs: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """An older run's config.yaml has no ``wild`` node: it is scored with the current
+    defaults plus the overrides, together with a newer run, to the same row."""
+    import yaml
+
+    old = tmp_path / "old-dr"
+    shutil.copytree(runs["dr"], old)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["wild"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    table = rescore.rescore([runs["add"], old], tmp_path / "out", WILD).set_index("run")
+    new = rescore.rescore([runs["dr"]], tmp_path / "new", WILD).set_index("run")
+    untimed = [c for c in table.columns if not c.startswith("time/")]
+    pd.testing.assert_series_equal(table.loc["old-dr", untimed], new.loc["dr", untimed],
+                                   check_names=False)

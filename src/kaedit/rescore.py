@@ -64,6 +64,9 @@ OVERRIDABLE = ("wild.", "perplexity.", "eval_batch_size", "model.device")
 CHECKED = ("batch/efficacy", "batch/generalization", "batch/specificity",
            "seen/efficacy", "seen/generalization", "seen/specificity",
            "fixed/specificity", "retention/first_batch")
+#: Evaluation-only config nodes a run made before they existed lacks: taken from the
+#: current defaults (``conf/config.yaml``) before the overrides apply.
+ADDED_LATER = ("wild", "perplexity")
 UNEDITED = "unedited"
 SUMMARY = "rescored.csv"
 
@@ -104,7 +107,9 @@ def load_runs(run_dirs: Sequence[str | Path], overrides: DictConfig
     """Per run ``(name, config with the overrides, served deltas, last step)``; every run
     must have finished (``resume.json`` marked done: its last checkpoint is its last step)."""
     from kaedit.export import served_deltas
+    from kaedit.setup import compose
 
+    defaults = None
     runs = []
     for d in run_dirs:
         path = Path(d)
@@ -116,6 +121,12 @@ def load_runs(run_dirs: Sequence[str | Path], overrides: DictConfig
                               "marked done): rescore scores a finished run's final weights; "
                               "resume it first (python -m kaedit.run ... resume=RUN_DIR)")
         cfg, served, step = served_deltas(path)
+        missing = [k for k in ADDED_LATER if cfg.get(k) is None]
+        if missing:  # an older run: the evaluation nodes it lacks, as they are now
+            defaults = defaults if defaults is not None else compose()
+            OmegaConf.set_struct(cfg, False)
+            for key in missing:
+                cfg[key] = defaults[key]
         runs.append((path.resolve().name, OmegaConf.merge(cfg, overrides), served, step))
     names = [r[0] for r in runs]
     if len(set(names)) < len(names):
