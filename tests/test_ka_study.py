@@ -579,3 +579,46 @@ def test_read_summary_reads_old_files(tmp_path: Path) -> None:
     new = pd.DataFrame({"run": ["x"], "batch_minus_seen_efficacy": [1.0]})
     new.to_csv(tmp_path / "new.csv", index=False)
     pd.testing.assert_frame_equal(ka_study.read_summary(tmp_path / "new.csv"), new)
+
+
+def test_paired_adds_wild_scores_where_both_runs_have_them_at_the_compared_step(
+        study_runs: list[Path], tmp_path: Path) -> None:
+    """WILD scores in ``retention.csv`` (only on WILD steps) are compared record by record
+    too, where both runs scored them at the compared step: MEMIT add against DR p = 0.8
+    gets three more metrics per subset; DR p = 0.5, without WILD, keeps three."""
+    runs = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    copies = []
+    for src in study_runs:
+        dst = runs / src.name
+        shutil.copytree(src, dst)
+        copies.append(dst)
+        if src.name in ("memit-add", "memit-dr"):
+            ret = pd.read_csv(dst / "retention.csv")
+            last = ret["step"] == ret["step"].max()
+            for metric in ka_study.WILD_PAIRED_METRICS:
+                ret[metric] = np.where(last, rng.integers(0, 2, len(ret)), np.nan)
+            ret.to_csv(dst / "retention.csv", index=False)
+    out = tmp_path / "out"
+    assert ka_study.main(["publish", *map(str, copies), "--out", str(out)]) == 0
+    pairs = pd.read_csv(out / "paired.csv")
+    wild = pairs[pairs["b"] == "memit-dr"]
+    assert set(wild["metric"]) == {*ka_study.PAIRED_METRICS, *ka_study.WILD_PAIRED_METRICS}
+    assert len(wild) == 2 * 6
+    assert set(pairs.loc[pairs["b"] == "memit-dr5", "metric"]) == set(ka_study.PAIRED_METRICS)
+    retention = {name: pd.read_csv(runs / name / "retention.csv")
+                 for name in ("memit-add", "memit-dr")}
+    for _, row in wild[wild["metric"].str.startswith("wild_")].iterrows():
+        a, b = (retention[row[name]] for name in ("a", "b"))
+        a, b = (df[(df["step"] == row["step"]) & (df["step_made"] > 0)] for df in (a, b))
+        if row["subset"] == "first_batch":
+            a, b = a[a["step_made"] == 1], b[b["step_made"] == 1]
+        assert row["mean_a"] == csv_approx(100 * a[row["metric"]].mean())
+        assert row["mean_b"] == csv_approx(100 * b[row["metric"]].mean())
+        diff = b[row["metric"]].to_numpy() - a[row["metric"]].to_numpy()
+        assert (row["b_higher"], row["a_higher"]) == ((diff > 0).sum(), (diff < 0).sum())
+    # the family: every row of the three files, WILD ones included
+    files = [pd.read_csv(out / f) for f in ("paired.csv", "paired_methods.csv", "paired_p.csv")]
+    np.testing.assert_allclose(np.concatenate([t["p_holm"] for t in files]),
+                               ka_study.holm(np.concatenate([t["p_sign"] for t in files])),
+                               rtol=csv_rel(roundings=2))

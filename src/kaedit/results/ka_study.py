@@ -29,15 +29,17 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
 * ``paired.csv`` -- :func:`paired`: each run against the baseline fusion (``add``) of the
   same config but for the fusion (:data:`SETTINGS`), record by record on the edits both
   tracked at their last common step (every tracked edit, and the first batch alone): the
-  mean of each metric in either run, how many records each run scored higher, and the
-  two-sided exact sign test's p-value over those records (McNemar's test for efficacy,
-  which is 0/1 per record), and ``p_holm``, that p-value Holm-adjusted (:func:`holm`)
-  over the family of every comparison this ``publish`` call writes to ``paired.csv``,
-  ``paired_methods.csv`` and ``paired_p.csv`` together. With one seed and one order of
-  edits per row, a difference of a few points between two rows is within what chance
-  gives; this says which are not. Every record of a run shares its one trajectory (one
-  order of edits, one seed and so one set of drop masks): the p-values cover the choice
-  of records, not of seeds;
+  mean of each metric (efficacy, generalization, specificity, and the WILD scores
+  ``wild_efficacy``, ``wild_generalization``, ``wild_locality`` where both runs have them
+  at that step, :func:`paired_metrics`) in either run, how many records each run scored
+  higher, and the two-sided exact sign test's p-value over those records (McNemar's test
+  for efficacy, which is 0/1 per record), and ``p_holm``, that p-value Holm-adjusted
+  (:func:`holm`) over the family of every comparison this ``publish`` call writes to
+  ``paired.csv``, ``paired_methods.csv`` and ``paired_p.csv`` together. With one seed and
+  one order of edits per row, a difference of a few points between two rows is within what
+  chance gives; this says which are not. Every record of a run shares its one trajectory
+  (one order of edits, one seed and so one set of drop masks): the p-values cover the
+  choice of records, not of seeds;
 * ``paired_methods.csv`` -- the same, each run against the baseline method (``memit``) of
   the same config but for the method: which method holds its edits better, per fusion;
 * ``paired_p.csv`` -- the same, each drop-and-rescale run against the one at p = 0.8 of
@@ -97,6 +99,9 @@ log = logging.getLogger(__name__)
 SUMMARY = "summary.csv"
 #: Per-record metrics of ``retention.csv`` compared by :func:`paired`.
 PAIRED_METRICS = ("efficacy", "generalization", "specificity")
+#: Per-record generation-based (WILD) scores of ``retention.csv`` (:mod:`kaedit.wild`),
+#: compared as well where both runs scored every compared record with them at that step.
+WILD_PAIRED_METRICS = ("wild_efficacy", "wild_generalization", "wild_locality")
 #: Config nodes that decide the edits and how they are scored. Two runs are compared
 #: record by record when they differ in one of them, or in one key of one (the compared
 #: setting, :data:`COMPARED`), and everything else in them is equal.
@@ -317,6 +322,15 @@ def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
+def paired_metrics(*frames: pd.DataFrame) -> tuple[str, ...]:
+    """The metrics :func:`paired` compares on these retention rows (one step of each run):
+    :data:`PAIRED_METRICS`, and each of :data:`WILD_PAIRED_METRICS` that every frame has
+    for every row (WILD runs on some steps only; NaN elsewhere)."""
+    return PAIRED_METRICS + tuple(
+        m for m in WILD_PAIRED_METRICS
+        if all(m in f and len(f) and bool(f[m].notna().all()) for f in frames))
+
+
 def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
            baseline: Any = "add", compared: str = "fusion",
            ignore: Sequence[str] = ()) -> pd.DataFrame:
@@ -347,9 +361,10 @@ def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
             step = min(run.retention["step"].max(), ref.retention["step"].max())
             at = [r.retention[(r.retention["step"] == step) & (r.retention["step_made"] > 0)]
                   for r in (ref, run)]
+            metrics = paired_metrics(*at)
             for subset, pick in (("tracked", lambda df: df),
                                  ("first_batch", lambda df: df[df["step_made"] == 1])):
-                for metric in PAIRED_METRICS:
+                for metric in metrics:
                     table.append({
                         c.shared: row[c.shared], "a": ref.name, "b": run.name,
                         f"{compared}_a": ref_row[c.column], f"{compared}_b": row[c.column],
