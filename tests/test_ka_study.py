@@ -599,8 +599,20 @@ def test_paired_adds_wild_scores_where_both_runs_have_them_at_the_compared_step(
             for metric in ka_study.WILD_PAIRED_METRICS:
                 ret[metric] = np.where(last, rng.integers(0, 2, len(ret)), np.nan)
             ret.to_csv(dst / "retention.csv", index=False)
+        if src.name == "pmet-add":  # WILD at every step: its retention by age as well
+            ret = pd.read_csv(dst / "retention.csv")
+            ret["wild_efficacy"] = ret["efficacy"]
+            ret.to_csv(dst / "retention.csv", index=False)
     out = tmp_path / "out"
     assert ka_study.main(["publish", *map(str, copies), "--out", str(out)]) == 0
+    summary = ka_study.read_summary(out / "summary.csv").set_index("run")
+    every = summary.loc["pmet-add"]
+    assert every["wild_retained_aged"] == csv_approx(every["retained_aged"])
+    assert every["wild_retained_aged_n"] == every["retained_aged_n"] > 0
+    last_only = summary.loc["memit-add"]  # no aged edit has WILD at its own step
+    assert last_only["wild_retained_aged_n"] == 0 and np.isnan(last_only["wild_retained_aged"])
+    assert last_only["wild_retained_aged_no_own_step"] > 0
+    assert np.isnan(summary.loc["memit-dr5", "wild_retained_aged"])
     pairs = pd.read_csv(out / "paired.csv")
     wild = pairs[pairs["b"] == "memit-dr"]
     assert set(wild["metric"]) == {*ka_study.PAIRED_METRICS, *ka_study.WILD_PAIRED_METRICS}
@@ -622,3 +634,24 @@ def test_paired_adds_wild_scores_where_both_runs_have_them_at_the_compared_step(
     np.testing.assert_allclose(np.concatenate([t["p_holm"] for t in files]),
                                ka_study.holm(np.concatenate([t["p_sign"] for t in files])),
                                rtol=csv_rel(roundings=2))
+
+
+def test_retention_by_age_leaves_out_steps_that_did_not_score_the_metric() -> None:
+    """WILD exact match scored at steps 1 and 3 only (NaN at step 2): by hand, at step 3
+    age 2 (made at 1) a kept, b lost (n = 2, kept 1); c, made at step 2 whose own step
+    was not scored, counts in no_own_step; step 2 has no row. Teacher-forced efficacy of
+    the same rows still counts every step."""
+    nan = np.nan
+    rows = pd.DataFrame(
+        [(1, "a", 1, 1, 1.0), (1, "b", 1, 1, 1.0),
+         (2, "a", 1, 1, nan), (2, "b", 1, 1, nan), (2, "c", 2, 1, nan),
+         (3, "a", 1, 1, 1.0), (3, "b", 1, 0, 0.0), (3, "c", 2, 1, 1.0)],
+        columns=["step", "case_id", "step_made", "efficacy", "wild_efficacy"])
+    wild = retention_by_age(rows, "wild_efficacy")
+    assert wild[["step", "age", "step_made"]].values.tolist() == [[3, 1, 2], [3, 2, 1]]
+    assert wild[["tracked", "no_own_step", "n", "kept"]].values.tolist() == [[1, 1, 0, 0],
+                                                                              [2, 0, 2, 1]]
+    assert retained_aged(wild) == {"retained_aged": 50.0, "retained_aged_n": 2,
+                                   "retained_aged_no_own_step": 1}
+    tf = retention_by_age(rows, "efficacy")
+    assert tf["step"].tolist() == [2, 3, 3] and tf["no_own_step"].sum() == 0

@@ -12,7 +12,9 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   ``retained_aged`` (the share of the tracked edits that succeeded at their own step and
   still succeed at the last step, over every age ≥ 1; ``retained_aged_n`` of them,
   ``retained_aged_no_own_step`` left out for want of an own-step row:
-  :func:`kaedit.results.plots.retention_by_age`), with the run's method, fusion, drop rate
+  :func:`kaedit.results.plots.retention_by_age`; ``wild_retained_aged``,
+  ``wild_retained_aged_n``, ``wild_retained_aged_no_own_step``: the same for the WILD
+  exact match, from the steps that scored it), with the run's method, fusion, drop rate
   ``p``, scope and batch size from its ``config.yaml``, the values at the start (step 0,
   the unedited model) and at the end (the last logged value) of fluency, consistency,
   WikiText-2 perplexity and the fixed set's specificity, ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
@@ -194,12 +196,12 @@ def drift_norm_end(run: Run) -> float:
     return frobenius(saved.deltas)
 
 
-def by_age(run: Run) -> pd.DataFrame:
-    """:func:`kaedit.results.plots.retention_by_age` of the run's efficacy (empty without
-    ``retention.csv``)."""
-    if run.retention is None or "efficacy" not in run.retention:
+def by_age(run: Run, metric: str = "efficacy") -> pd.DataFrame:
+    """:func:`kaedit.results.plots.retention_by_age` of the run's ``metric`` (empty without
+    ``retention.csv`` or without that column)."""
+    if run.retention is None or metric not in run.retention:
         return pd.DataFrame(columns=["step", "age", "step_made", *BY_AGE])
-    return retention_by_age(run.retention, "efficacy")
+    return retention_by_age(run.retention, metric)
 
 
 def run_row(run: Run) -> dict[str, Any]:
@@ -224,6 +226,9 @@ def run_row(run: Run) -> dict[str, Any]:
     result.pop("job"), result.pop("overrides")
     row.update(result)
     row.update(retained_aged(by_age(run)))
+    # the same for the WILD exact match, from the steps that scored it (every step for a
+    # retention by age: wild.every=1); NaN and 0 for runs without WILD at their own steps
+    row.update({f"wild_{k}": v for k, v in retained_aged(by_age(run, "wild_efficacy")).items()})
     for name, column in START_END.items():
         row[f"{name}_start"], row[f"{name}_end"] = start_end(metrics, column)
     # update sizes (kaedit.experiment.update_sizes; NaN for runs that did not log them):

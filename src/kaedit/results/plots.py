@@ -123,8 +123,13 @@ def retention_by_age(retention: pd.DataFrame, metric: str = "efficacy") -> pd.Da
     share of learnt edits that later edits have not undone. An edit undone entirely falls
     back to what the model preferred before it, which is the new object for some (the
     unedited SmolLM2 prefers it on about a third of CounterFact's rewrite prompts), so
-    total forgetting still reads above 0."""
+    total forgetting still reads above 0.
+
+    Rows where ``metric`` was not scored (NaN: the WILD scores exist only on the steps
+    ``wild.every`` runs) are left out: an edit whose own step was not scored counts in
+    ``no_own_step``, and a step that scored nothing has no row."""
     made = retention.loc[retention["step_made"] > 0, ["step", "case_id", "step_made", metric]]
+    made = made.dropna(subset=[metric])
     own = made[made["step"] == made["step_made"]]
     own = own[["case_id", "step_made", metric]].rename(columns={metric: "own"})
     later = made[made["step"] > made["step_made"]].merge(
