@@ -655,3 +655,77 @@ def test_retention_by_age_leaves_out_steps_that_did_not_score_the_metric() -> No
                                    "retained_aged_no_own_step": 1}
     tf = retention_by_age(rows, "efficacy")
     assert tf["step"].tolist() == [2, 3, 3] and tf["no_own_step"].sum() == 0
+
+
+def test_compare_runs_pairs_any_runs_rescored_ones_too(study_runs: list[Path],
+                                                       tmp_path: Path) -> None:
+    """``compare`` pairs what ``publish`` does not: DR p = 0.8 against DR p = 0.5 (no
+    ``add`` between them) and a rescore-like folder (``metrics.csv`` and ``retention.csv``
+    only, WILD at its one step), record by record at the last common step, with Holm over
+    the call; by hand from the files."""
+    runs = {run.name: run for run in study_runs}
+    rescored = tmp_path / "rescored" / "memit-add-rescored"
+    rescored.mkdir(parents=True)
+    shutil.copyfile(runs["memit-add"] / "metrics.csv", rescored / "metrics.csv")
+    ret = pd.read_csv(runs["memit-add"] / "retention.csv")
+    ret = ret[ret["step"] == ret["step"].max()].copy()  # what a rescore writes: its last step
+    rng = np.random.default_rng(1)
+    for metric in ka_study.WILD_PAIRED_METRICS:
+        ret[metric] = rng.integers(0, 2, len(ret))
+    ret.to_csv(rescored / "retention.csv", index=False)
+    out = tmp_path / "cmp" / "compare.csv"
+    argv = ["compare", str(runs["memit-dr"]), str(runs["memit-dr5"]), str(rescored),
+            "--out", str(out)]
+    assert ka_study.main(argv) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == list(ka_study.COMPARE_COLUMNS)
+    assert set(table["a"]) == {"memit-dr"}
+    # the baseline has no WILD scores: only the teacher-forced metrics are compared
+    assert set(table["metric"]) == set(ka_study.PAIRED_METRICS)
+    assert len(table) == 2 * 2 * len(ka_study.PAIRED_METRICS)
+    base = pd.read_csv(runs["memit-dr"] / "retention.csv")
+    for name, other in (("memit-dr5", pd.read_csv(runs["memit-dr5"] / "retention.csv")),
+                        ("memit-add-rescored", ret)):
+        step = min(base["step"].max(), other["step"].max())
+        a, b = (df[(df["step"] == step) & (df["step_made"] > 0)] for df in (base, other))
+        for _, row in table[table["b"] == name].iterrows():
+            x, y = (a, b) if row["subset"] == "tracked" else \
+                (a[a["step_made"] == 1], b[b["step_made"] == 1])
+            merged = x.merge(y, on="case_id", suffixes=("_a", "_b"))
+            diff = merged[f"{row['metric']}_b"] - merged[f"{row['metric']}_a"]
+            assert row["step"] == step and row["n"] == len(merged) > 0
+            assert (row["b_higher"], row["a_higher"]) == ((diff > 0).sum(), (diff < 0).sum())
+            assert row["mean_b"] == csv_approx(100 * merged[f"{row['metric']}_b"].mean())
+    np.testing.assert_allclose(table["p_holm"], ka_study.holm(table["p_sign"]),
+                               rtol=csv_rel(roundings=2))
+    # against the rescored folder as baseline, the WILD scores are compared as well
+    assert ka_study.main(["compare", str(rescored), str(rescored.parent.parent / "w"),
+                          "--out", str(out)]) == 2  # a missing folder: bad input
+    wild_base = tmp_path / "w" / "wild-twin"
+    shutil.copytree(rescored, wild_base)
+    assert ka_study.main(["compare", str(rescored), str(wild_base), "--out", str(out)]) == 0
+    twin = pd.read_csv(out)
+    assert set(twin["metric"]) == {*ka_study.PAIRED_METRICS, *ka_study.WILD_PAIRED_METRICS}
+    assert (twin["b_higher"] == 0).all() and (twin["p_sign"] == 1).all()
+
+
+def test_compare_rejects_bad_folders_and_writes_nothing(study_runs: list[Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    runs = {run.name: run for run in study_runs}
+    out = tmp_path / "compare.csv"
+    no_retention = tmp_path / "no-retention"
+    no_retention.mkdir()
+    shutil.copyfile(runs["memit-add"] / "metrics.csv", no_retention / "metrics.csv")
+    twin = tmp_path / "again" / "memit-add"
+    shutil.copytree(runs["memit-add"], twin)
+    disjoint = tmp_path / "disjoint"
+    shutil.copytree(runs["memit-dr"], disjoint)
+    ret = pd.read_csv(disjoint / "retention.csv")
+    ret["case_id"] += 10**6  # no record in common with the baseline
+    ret.to_csv(disjoint / "retention.csv", index=False)
+    for bad, says in ((no_retention, "no retention.csv"), (twin, "more than once"),
+                      (disjoint, "no edit in common")):
+        argv = ["compare", str(runs["memit-add"]), str(bad), "--out", str(out)]
+        assert ka_study.main(argv) == 2
+        assert says in capsys.readouterr().err
+    assert not out.exists()

@@ -1,5 +1,7 @@
 """The KA study's results:
-``python -m kaedit.results.ka_study publish RUN_DIR ... --out DIR``.
+``python -m kaedit.results.ka_study publish RUN_DIR ... --out DIR``, and
+``python -m kaedit.results.ka_study compare BASELINE_DIR RUN_DIR ... --out FILE.csv``
+(:func:`compare_runs`: any runs, rescored ones too, against one, record by record).
 
 Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_study``
 (or any kaedit runs) as small, committable files, without loading a model:
@@ -336,6 +338,56 @@ def paired_metrics(*frames: pd.DataFrame) -> tuple[str, ...]:
         if all(m in f and len(f) and bool(f[m].notna().all()) for f in frames))
 
 
+#: The record subsets :func:`compare_pair` compares: every edit both runs tracked, and the
+#: first batch's edits alone.
+SUBSETS = (("tracked", lambda df: df), ("first_batch", lambda df: df[df["step_made"] == 1]))
+
+
+def compare_pair(a: pd.DataFrame, b: pd.DataFrame) -> list[dict[str, Any]]:
+    """Two runs' ``retention.csv`` rows compared record by record at the last step both
+    reached, on the edits both tracked there (``subset=tracked``) and on the first batch
+    alone (``first_batch``), for each of :func:`paired_metrics`: one dict per (subset,
+    metric) with ``step``, ``subset``, ``metric`` and :func:`compare_records`' columns."""
+    step = min(a["step"].max(), b["step"].max())
+    at = [r[(r["step"] == step) & (r["step_made"] > 0)] for r in (a, b)]
+    return [{"step": int(step), "subset": subset, "metric": metric,
+             **compare_records(pick(at[0]), pick(at[1]), metric)}
+            for subset, pick in SUBSETS for metric in paired_metrics(*at)]
+
+
+#: Columns of :func:`compare_runs`' table.
+COMPARE_COLUMNS = ("a", "b", "step", "subset", "metric", "n", "mean_a", "mean_b", "diff",
+                   "b_higher", "a_higher", "p_sign", "p_holm")
+
+
+def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """Each of ``run_dirs`` against ``baseline``, record by record (:func:`compare_pair`),
+    whatever their configs: for pairs :func:`paired` does not make (two fusions other than
+    ``add``, or runs rescored by :mod:`kaedit.rescore`, whose folders hold ``metrics.csv``
+    and ``retention.csv`` only), with ``p_holm`` over this call's comparisons alone.
+    Directories are named by their folder name (``a``, ``b``); a folder without
+    ``retention.csv``, two folders of one name, or a run with no tracked edit in common
+    with the baseline is a :class:`ConfigError` naming it."""
+    runs = [load_run(d) for d in (baseline, *run_dirs)]  # FileNotFoundError without metrics
+    names = [run.name for run in runs]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"runs named {dup} more than once: compare names runs by their "
+                          "folder names; give them distinct folders")
+    if missing := [str(run.path) for run in runs if run.retention is None]:
+        raise ConfigError(f"{missing}: no retention.csv, nothing to compare record by record")
+    ref, *others = runs
+    table = []
+    for run in others:
+        records = compare_pair(ref.retention, run.retention)
+        if not records or records[0]["n"] == 0:
+            raise ConfigError(f"{run.name!r} and the baseline {ref.name!r} tracked no edit in "
+                              "common at their last common step")
+        table += [{"a": ref.name, "b": run.name, **r} for r in records]
+    out = pd.DataFrame(table, columns=list(COMPARE_COLUMNS[:-1]))
+    out["p_holm"] = holm(out["p_sign"].to_numpy())
+    return out
+
+
 def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
            baseline: Any = "add", compared: str = "fusion",
            ignore: Sequence[str] = ()) -> pd.DataFrame:
@@ -363,18 +415,9 @@ def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
             if j == i or ref_row[c.column] != baseline or rest[j] != rest[i] \
                     or ref.retention is None:
                 continue
-            step = min(run.retention["step"].max(), ref.retention["step"].max())
-            at = [r.retention[(r.retention["step"] == step) & (r.retention["step_made"] > 0)]
-                  for r in (ref, run)]
-            metrics = paired_metrics(*at)
-            for subset, pick in (("tracked", lambda df: df),
-                                 ("first_batch", lambda df: df[df["step_made"] == 1])):
-                for metric in metrics:
-                    table.append({
-                        c.shared: row[c.shared], "a": ref.name, "b": run.name,
-                        f"{compared}_a": ref_row[c.column], f"{compared}_b": row[c.column],
-                        "step": int(step), "subset": subset, "metric": metric,
-                        **compare_records(pick(at[0]), pick(at[1]), metric)})
+            table += [{c.shared: row[c.shared], "a": ref.name, "b": run.name,
+                       f"{compared}_a": ref_row[c.column], f"{compared}_b": row[c.column],
+                       **record} for record in compare_pair(ref.retention, run.retention)]
     return pd.DataFrame(table, columns=[
         c.shared, "a", "b", f"{compared}_a", f"{compared}_b", "step", "subset", "metric",
         "n", "mean_a", "mean_b", "diff", "b_higher", "a_higher", "p_sign"])
@@ -554,7 +597,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="a dotted config key (e.g. model.modules.mlp_gate) the pairing "
                           "leaves out of 'otherwise equal': a setting the runs differ in "
                           "that cannot change their results; repeatable")
+    cmp = sub.add_parser("compare", help="runs against one baseline run, record by record, "
+                                          "Holm-adjusted within the call (any two runs, "
+                                          "rescored ones too)")
+    cmp.add_argument("baseline", metavar="BASELINE_DIR",
+                     help="the run the others are compared with")
+    cmp.add_argument("others", nargs="+", metavar="RUN_DIR", help="run or rescore directories")
+    cmp.add_argument("--out", required=True, help="the CSV file to write")
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        try:
+            table = compare_runs(args.baseline, args.others)
+        except (FileNotFoundError, ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False, float_format="%.6g")
+        print(table.to_string(index=False))
+        return 0
     chosen = {name: getattr(args, f"baseline_{name}") for name in COMPARED}
     try:
         written = publish(args.runs, args.out,
