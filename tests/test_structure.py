@@ -229,3 +229,11 @@ def test_modules_import_only_their_layer_or_below() -> None:
     upward = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
                     if layer.get(b, top) > layer.get(a, top))
     assert upward == []
+
+
+def test_readme_stays_a_front_page() -> None:
+    """Issue 29: the README is at most 200 lines (what kaedit is, install, the two
+    commands, one example per entry point, a short measured summary); the rest lives in
+    docs/."""
+    readme = SRC.parent / "README.md"
+    assert len(readme.read_text().splitlines()) <= 200
