@@ -151,5 +151,9 @@ def test_progress_line_names_step_edits_metrics_speed_and_eta() -> None:
     line = progress_line(10, 100, 40, row, 12.5)
     assert line == ("step 10/100 | edits 40 | seen: efficacy 87.5 generalization 50.0 "
                     f"specificity {91.25:.1f} score 70.0 | 12.50 s/step | ETA 18m45s")
+    # a step the schedule did not evaluate: the last evaluated step's metrics, so named
+    assert progress_line(10, 100, 40, {**row, "step": 10}, 12.5) == line
+    assert progress_line(11, 100, 44, {**row, "step": 10}, 12.5).startswith(
+        "step 11/100 | edits 44 | seen at step 10: efficacy 87.5 ")
     assert progress_line(5, 5, 5, {}, 3600.0).endswith("ETA 0m00s")
     assert progress_line(1, 3, 1, {}, 3600.0).endswith("ETA 2h00m")

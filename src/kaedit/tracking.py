@@ -231,9 +231,13 @@ def _duration(seconds: float) -> str:
 def progress_line(step: int, n_steps: int, n_done: int, row: Mapping[str, Any],
                   s_per_step: float) -> str:
     """One log line per step, for runs without a terminal (Slurm, joblib, nohup): step,
-    edits made, the last evaluated seen metrics, seconds per step and the time left."""
+    edits made, the last evaluated seen metrics (named with their step, ``row["step"]``,
+    when that is an earlier one: a step the schedule does not evaluate), seconds per step
+    and the time left."""
     seen = " ".join(f"{k.split('/', 1)[1]} {row[k]:.1f}" for k in
                     ("seen/efficacy", "seen/generalization", "seen/specificity", "seen/score")
                     if isinstance(row.get(k), (int, float)))
-    return (f"step {step}/{n_steps} | edits {n_done} | seen: {seen or '-'} | "
+    at = row.get("step")
+    label = "seen" if at is None or at == step or not seen else f"seen at step {at}"
+    return (f"step {step}/{n_steps} | edits {n_done} | {label}: {seen or '-'} | "
             f"{s_per_step:.2f} s/step | ETA {_duration(s_per_step * (n_steps - step))}")
