@@ -355,9 +355,17 @@ def compare_pair(a: pd.DataFrame, b: pd.DataFrame) -> list[dict[str, Any]]:
             for subset, pick in SUBSETS for metric in paired_metrics(*at)]
 
 
+#: Columns of each :func:`compare_pair` record, in the paired tables' order.
+RECORD_COLUMNS = ("step", "subset", "metric", "n", "mean_a", "mean_b", "diff", "b_higher",
+                  "a_higher", "p_sign")
 #: Columns of :func:`compare_runs`' table.
-COMPARE_COLUMNS = ("a", "b", "step", "subset", "metric", "n", "mean_a", "mean_b", "diff",
-                   "b_higher", "a_higher", "p_sign", "p_holm")
+COMPARE_COLUMNS = ("a", "b", *RECORD_COLUMNS, "p_holm")
+
+
+def repeated(names: Sequence[str]) -> list[str]:
+    """The names given more than once, sorted: runs are named by their folders' names,
+    which must be distinct (:func:`publish`, :func:`compare_runs`)."""
+    return sorted({n for n in names if names.count(n) > 1})
 
 
 def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path]) -> pd.DataFrame:
@@ -369,8 +377,7 @@ def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path]) -> pd.Dat
     ``retention.csv``, two folders of one name, or a run with no tracked edit in common
     with the baseline is a :class:`ConfigError` naming it."""
     runs = [load_run(d) for d in (baseline, *run_dirs)]  # FileNotFoundError without metrics
-    names = [run.name for run in runs]
-    if dup := sorted({n for n in names if names.count(n) > 1}):
+    if dup := repeated([run.name for run in runs]):
         raise ConfigError(f"runs named {dup} more than once: compare names runs by their "
                           "folder names; give them distinct folders")
     if missing := [str(run.path) for run in runs if run.retention is None]:
@@ -379,12 +386,12 @@ def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path]) -> pd.Dat
     table = []
     for run in others:
         records = compare_pair(ref.retention, run.retention)
-        if not records or records[0]["n"] == 0:
+        if records[0]["n"] == 0:  # the first record: every tracked edit, first metric
             raise ConfigError(f"{run.name!r} and the baseline {ref.name!r} tracked no edit in "
                               "common at their last common step")
         table += [{"a": ref.name, "b": run.name, **r} for r in records]
     out = pd.DataFrame(table, columns=list(COMPARE_COLUMNS[:-1]))
-    out["p_holm"] = holm(out["p_sign"].to_numpy())
+    adjust_family({"compare": out})  # p_holm over this call alone
     return out
 
 
@@ -419,8 +426,7 @@ def paired(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
                        f"{compared}_a": ref_row[c.column], f"{compared}_b": row[c.column],
                        **record} for record in compare_pair(ref.retention, run.retention)]
     return pd.DataFrame(table, columns=[
-        c.shared, "a", "b", f"{compared}_a", f"{compared}_b", "step", "subset", "metric",
-        "n", "mean_a", "mean_b", "diff", "b_higher", "a_higher", "p_sign"])
+        c.shared, "a", "b", f"{compared}_a", f"{compared}_b", *RECORD_COLUMNS])
 
 
 def baselines_for(rows: Sequence[dict[str, Any]],
@@ -537,9 +543,7 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
     keys the pairing leaves out (:func:`paired`)."""
     ignore = check_ignored(ignore)
     out = Path(out)
-    names = [Path(d).resolve().name for d in run_dirs]
-    if len(set(names)) < len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+    if dup := repeated([Path(d).resolve().name for d in run_dirs]):
         raise FileNotFoundError(f"runs named {dup} more than once: each run's files go to "
                                 "OUT/<run dir name>; give the runs distinct directory names")
     runs = [load_run(d) for d in run_dirs]  # fails on a directory without metrics.csv
