@@ -316,6 +316,11 @@ def test_tracking_info_names_method_fusion_and_parameters() -> None:
     assert info["name"] == "adaple/lookahead(k=5,alpha=0.5)"
     assert info["choices"] == {"method": "adaple", "fusion": "lookahead", "scale": "cpu",
                                "model": "smollm2"}  # the dashboard's grouping keys
+    # an unset parameter (fusion.seed: null) is not named; a set one is
+    dr = {"_target_": "kaedit.fusion.DropRescale", "p": 0.8, "scope": "layer", "seed": None}
+    assert tracking_info({"method": "memit", "fusion": "drop_rescale"}, dr)["name"] == (
+        "memit/drop_rescale(p=0.8,scope=layer)")
+    assert "fusion.seed=2" in tracking_info({"fusion": "drop_rescale"}, {**dr, "seed": 2})["tags"]
     assert sweep_group("outputs/multirun/2026-11-25/10-00-00/") == (
         "outputs/multirun/2026-11-25/10-00-00")
     long = sweep_group("/x" * 100)

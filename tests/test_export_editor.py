@@ -100,6 +100,8 @@ def assert_replay_is_the_checkpoint(run_dir: Path, served: dict[str, torch.Tenso
     ("fusion=rect",),
     # AlphaEdit with DR re-projects the dropped update (project_fused): the replay too
     ("method=alphaedit", "fusion=drop_rescale", "method.project_fused=true"),
+    # DR's masks from fusion.seed, not the run's seed: the replay draws the run's masks
+    ("fusion=drop_rescale", "fusion.seed=7"),
 ])
 def test_replay_applies_the_step_fusion_of_the_run(tiny_run, overrides, tmp_path: Path) -> None:
     from kaedit import checkpoint

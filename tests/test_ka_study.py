@@ -454,6 +454,12 @@ def test_without_leaves_out_one_dotted_node() -> None:
     # only SETTINGS count: the logger is left out, a missing setting is None
     kept = ka_study.without(config, "fusion.p")
     assert "logger" not in kept and kept["model"] is None
+    # a null setting (fusion.seed: null, added after older runs) is the same as none; a
+    # set one is not
+    newer = {**config, "fusion": {**config["fusion"], "seed": None}}
+    assert ka_study.without(newer, "fusion.p") == kept
+    replicate = {**config, "fusion": {**config["fusion"], "seed": 1}}
+    assert ka_study.without(replicate, "fusion.p") != kept
 
 
 def test_compare_records_is_an_exact_sign_test_on_the_records_that_differ() -> None:

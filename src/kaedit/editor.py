@@ -123,7 +123,8 @@ class Editor:
             raise ConfigError("edit([]): no requests to edit")
         self.step += 1
         done = edit_step(self.method, self.ctx, self.fusion, self.fusion_state, self._weights,
-                         batch, self.seed, self.step, self.cfg.guard.max_delta_norm)
+                         batch, self.session.fusion_seed, self.step,
+                         self.cfg.guard.max_delta_norm)
         self.fusion_state = done.fusion_state
         if done.problem is None:
             self.requests.extend(batch)

@@ -350,8 +350,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
         for step in range(state.step + 1, n_steps + 1):
             batch = [s.records[i] for i in s.batches[step - 1]]
             t0 = time.perf_counter()
-            done = edit_step(s.method, s.ctx, s.fusion, fusion_state, s.edits, batch, s.seed,
-                             step, guard.max_delta_norm)
+            done = edit_step(s.method, s.ctx, s.fusion, fusion_state, s.edits, batch,
+                             s.fusion_seed, step, guard.max_delta_norm)
             fusion_state = done.fusion_state
             if s.cfg.save_step_deltas:
                 save_step_deltas(path / "deltas", step, done.deltas, done.fused)

@@ -18,9 +18,10 @@ Where the weights come from:
   deltas as the method computed them (``deltas/step-NNNN.safetensors``, written with
   ``save_step_deltas=true``) through the run's fusion as a step applies it (bound to the
   edited weights, with the method's fused constraint: :func:`~kaedit.experiment.step_fusion`)
-  and its guard -- fusion and guard are deterministic given the run's seed
-  (:func:`~kaedit.experiment.fuse_step`), so the replay reproduces the run's weights. The
-  replay builds the run's method on the unedited model (its statistics, from the cache).
+  and its guard -- fusion and guard are deterministic given the run's fusion seed
+  (``fusion.seed`` or ``seed``; :func:`~kaedit.experiment.fuse_step`), so the replay
+  reproduces the run's weights. The replay builds the run's method on the unedited model
+  (its statistics, from the cache).
 
 Bad input (no such run, no such step, an existing non-empty ``--out``) is one error line
 and exit status 2, with nothing written.
@@ -78,7 +79,7 @@ def _replay(session: Session, run_dir: Path, step: int) -> Deltas:
     cfg, state = session.cfg, session.fusion.init_state()
     for t, f in enumerate(files, start=1):
         fusion = step_fusion(session.method, session.ctx, session.fusion, session.edits)
-        nxt, fused = fuse_step(fusion, state, load_file(str(f)), session.seed, t)
+        nxt, fused = fuse_step(fusion, state, load_file(str(f)), session.fusion_seed, t)
         if delta_problem(fused, cfg.guard.max_delta_norm) is None:  # as the runner's guard
             session.edits.add(fused)
             state = nxt

@@ -42,7 +42,8 @@ def tracking_info(choices: Mapping[str, Any], fusion: Mapping[str, Any]) -> dict
     "fusion=drop_rescale", "fusion.p=0.8", ...], "name": "memit/drop_rescale(p=0.8)",
     "choices": {"method": "memit", "fusion": "drop_rescale", ...}}``.
     """
-    params = {k: v for k, v in fusion.items() if not str(k).startswith("_")}
+    # unset parameters (fusion.seed: null, the run's seed) are left out of tags and name
+    params = {k: v for k, v in fusion.items() if not str(k).startswith("_") and v is not None}
     tags = []
     for g in TAGGED_GROUPS:
         if choices.get(g) is not None:

@@ -18,6 +18,7 @@ here too, so the recipe never imports the tracing package.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kaedit import data
 from kaedit.errors import ConfigError
@@ -263,9 +264,27 @@ def check_target_keys(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}.{name} is not a target setting; valid: {valid}")
 
 
+def fusion_seed(cfg: DictConfig) -> int:
+    """The seed of the fusion's draws (drop-and-rescale's masks, the matched-noise control's
+    noise): ``fusion.seed`` where set, else the run's ``seed``. Setting it alone replicates
+    a run's random fusion with other draws and everything else unchanged (the edits, the
+    context templates, the tracked sample: the run's ``seed`` chooses those)."""
+    value = cfg.fusion.get("seed")
+    if value is None:
+        return int(cfg.seed)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"fusion.seed={value!r} is not an integer; give an integer, or "
+                          "null for the run's seed")
+    return value
+
+
 def build_fusion(cfg: DictConfig) -> FusionStrategy:
-    """``cfg.fusion``, checked to be a fusion strategy."""
-    fusion = build(cfg.fusion)
+    """``cfg.fusion`` (less ``seed``, which the runner reads: :func:`fusion_seed`), checked
+    to be a fusion strategy."""
+    node = copy.deepcopy(cfg.fusion)  # keeps its parent: interpolations still resolve
+    with open_dict(node):
+        node.pop("seed", None)
+    fusion = build(node)
     if not isinstance(fusion, FusionStrategy):
         raise ConfigError(f"fusion._target_={cfg.fusion._target_!r} is not a fusion strategy "
                           "(kaedit.fusion: init_state, step, served_offset)")
@@ -294,6 +313,8 @@ class Session:
     seed: int
     lm: LoadedModel
     fusion: FusionStrategy
+    #: The seed of the fusion's draws (:func:`fusion_seed`: ``fusion.seed`` or ``seed``).
+    fusion_seed: int
     #: The edited weights: W₀ + the applied deltas (:class:`~kaedit.weights.EditedWeights`).
     edits: EditedWeights
     #: The dataset's evaluator (``dataset.evaluator``) and the batched scorer it uses.
@@ -341,6 +362,7 @@ def build_session(cfg: DictConfig, *, plan: bool = True, templates: bool = True,
         planned = [records[i] for r in batches for i in r]
     evaluator: Evaluator = build(cfg.dataset.evaluator)
     fusion = build_fusion(cfg)
+    drawn = fusion_seed(cfg)
     if cfg.guard.on_fault not in ("skip", "stop"):
         raise ConfigError(f"guard.on_fault={cfg.guard.on_fault!r} is not one of ['skip', 'stop']")
 
@@ -360,8 +382,9 @@ def build_session(cfg: DictConfig, *, plan: bool = True, templates: bool = True,
     if edit_method is not None:
         ctx = EditContext(lm=lm, stats=stats, templates=made)
         edit_method.prepare(ctx)
-    session = Session(cfg=cfg, seed=seed, lm=lm, fusion=fusion, edits=EditedWeights(lm.model),
-                      evaluator=evaluator, scorer=Scorer(lm, int(cfg.eval_batch_size)),
+    session = Session(cfg=cfg, seed=seed, lm=lm, fusion=fusion, fusion_seed=drawn,
+                      edits=EditedWeights(lm.model), evaluator=evaluator,
+                      scorer=Scorer(lm, int(cfg.eval_batch_size)),
                       stats=stats, templates=made, method=edit_method, ctx=ctx,
                       # WikiText-2 perplexity on the steps perplexity.every picks (0: never)
                       perplexity=build(cfg.perplexity) if cfg.get("perplexity") else None,
