@@ -264,6 +264,11 @@ def check_target_keys(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}.{name} is not a target setting; valid: {valid}")
 
 
+#: Keys of ``cfg.fusion`` the runner reads itself (:func:`fusion_seed`), not passed to the
+#: fusion's constructor (:func:`build_fusion`).
+RUNNER_FUSION_KEYS = ("seed",)
+
+
 def fusion_seed(cfg: DictConfig) -> int:
     """The seed of the fusion's draws (drop-and-rescale's masks, the matched-noise control's
     noise): ``fusion.seed`` where set, else the run's ``seed``. Setting it alone replicates
@@ -279,11 +284,12 @@ def fusion_seed(cfg: DictConfig) -> int:
 
 
 def build_fusion(cfg: DictConfig) -> FusionStrategy:
-    """``cfg.fusion`` (less ``seed``, which the runner reads: :func:`fusion_seed`), checked
-    to be a fusion strategy."""
+    """``cfg.fusion`` less :data:`RUNNER_FUSION_KEYS` (``seed``: :func:`fusion_seed`),
+    checked to be a fusion strategy."""
     node = copy.deepcopy(cfg.fusion)  # keeps its parent: interpolations still resolve
     with open_dict(node):
-        node.pop("seed", None)
+        for key in RUNNER_FUSION_KEYS:
+            node.pop(key, None)
     fusion = build(node)
     if not isinstance(fusion, FusionStrategy):
         raise ConfigError(f"fusion._target_={cfg.fusion._target_!r} is not a fusion strategy "
