@@ -58,11 +58,7 @@ def targets(node: Any, path: str = "") -> Iterator[tuple[str, Mapping[str, Any]]
 def bind(path: str, node: Mapping[str, Any]) -> None:
     """Bind the node's keys to its target's signature; TypeError names an unknown key."""
     target = get_object(node["_target_"])
-    from kaedit.setup import RUNNER_FUSION_KEYS
-
-    runner_reads = RUNNER_FUSION_KEYS if path == "fusion" else ()  # build_fusion strips them
-    kwargs = {k: v for k, v in node.items()
-              if not str(k).startswith("_") and k not in runner_reads}
+    kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
     kwargs.update(RUNNER_KWARGS.get(path.split(".")[0], {}))
     try:
         inspect.signature(target).bind(**kwargs)

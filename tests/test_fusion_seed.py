@@ -32,13 +32,13 @@ def test_fusion_seed_is_the_run_seed_unless_set() -> None:
             setup.fusion_seed(cfg(bad))
 
 
-def test_the_fusion_is_built_without_its_seed(compose: Compose) -> None:
-    # seed is the runner's, not the constructor's; the other keys still interpolate
+def test_the_random_fusions_take_a_seed(compose: Compose) -> None:
     for name, cls in (("drop_rescale", DropRescale), ("matched_noise", MatchedNoise)):
-        cfg = compose([f"fusion={name}", "fusion.seed=2", "fusion.p=0.5"])
-        fusion = setup.build_fusion(cfg)
-        assert isinstance(fusion, cls) and fusion.p == 0.5
-        assert cfg.fusion.seed == 2  # the config itself is left as it was
+        fusion = setup.build_fusion(compose([f"fusion={name}", "fusion.seed=2", "fusion.p=0.5"]))
+        assert isinstance(fusion, cls) and (fusion.p, fusion.seed) == (0.5, 2)
+        assert setup.build_fusion(compose([f"fusion={name}"])).seed is None
+        with pytest.raises(ConfigError, match=r"fusion\.seed=1\.5 is not an integer"):
+            setup.build_fusion(compose([f"fusion={name}", "fusion.seed=1.5"]))
 
 
 def test_a_bad_fusion_seed_fails_before_anything_is_loaded(

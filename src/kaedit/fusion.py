@@ -333,6 +333,13 @@ def check_drop_rate(p: float, name: str = "p") -> None:
         raise ValueError(f"{name}={p} must be in [0, 1)")
 
 
+def check_seed(seed: object, name: str = "fusion.seed") -> None:
+    """A random fusion's own seed is an integer, or None (the run's seed)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"{name}={seed!r} is not an integer; give an integer, or null for "
+                         "the run's seed")
+
+
 def drop_rescale(delta: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Paper eq. 5: drop each entry with probability ``p``, rescale survivors by 1/(1−p)."""
     check_drop_rate(p, "drop rate p")
@@ -483,10 +490,14 @@ class DropRescale(Stateless):
     p: float = 0.8
     #: "step" or "layer" (module docstring; Algorithm 1 is "layer").
     scope: str = "step"
+    #: The masks' seed, None for the run's: the runner makes the generators it is given
+    #: from it (``kaedit.setup.fusion_seed``), so a replicate changes the masks alone.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         check_drop_rate(self.p, "fusion.p")
         check_scope(self, self.scope)
+        check_seed(self.seed)
 
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
         # sorted: the mask of each tensor must not depend on dict insertion order
@@ -501,10 +512,13 @@ class MatchedNoise(Stateless):
     #: The DR drop rate whose variance the noise matches (p/(1 − p)·Δᵢⱼ² per entry).
     p: float = 0.8
     scope: str = "step"
+    #: The noise's seed, None for the run's (as :attr:`DropRescale.seed`).
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         check_drop_rate(self.p, "fusion.p")
         check_scope(self, self.scope)
+        check_seed(self.seed)
 
     def __call__(self, deltas: Deltas, generator: torch.Generator) -> Deltas:
         return {n: matched_noise(deltas[n], self.p, generator) for n in sorted(deltas)}

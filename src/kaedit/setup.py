@@ -18,7 +18,6 @@ here too, so the recipe never imports the tracing package.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -28,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from kaedit import data
 from kaedit.errors import ConfigError
 from kaedit.evaluate import Evaluator, Scorer, TextMetrics, check_tokenisation
 from kaedit.evaluation import Evaluation
-from kaedit.fusion import FusionStrategy
+from kaedit.fusion import FusionStrategy, check_seed
 from kaedit.methods.base import EditContext, EditMethod
 from kaedit.methods.targets import TargetConfig
 from kaedit.methods.templates import Templates, context_templates
@@ -264,33 +263,22 @@ def check_target_keys(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}.{name} is not a target setting; valid: {valid}")
 
 
-#: Keys of ``cfg.fusion`` the runner reads itself (:func:`fusion_seed`), not passed to the
-#: fusion's constructor (:func:`build_fusion`).
-RUNNER_FUSION_KEYS = ("seed",)
-
-
 def fusion_seed(cfg: DictConfig) -> int:
     """The seed of the fusion's draws (drop-and-rescale's masks, the matched-noise control's
     noise): ``fusion.seed`` where set, else the run's ``seed``. Setting it alone replicates
     a run's random fusion with other draws and everything else unchanged (the edits, the
     context templates, the tracked sample: the run's ``seed`` chooses those)."""
     value = cfg.fusion.get("seed")
-    if value is None:
-        return int(cfg.seed)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"fusion.seed={value!r} is not an integer; give an integer, or "
-                          "null for the run's seed")
-    return value
+    try:
+        check_seed(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return int(cfg.seed) if value is None else value
 
 
 def build_fusion(cfg: DictConfig) -> FusionStrategy:
-    """``cfg.fusion`` less :data:`RUNNER_FUSION_KEYS` (``seed``: :func:`fusion_seed`),
-    checked to be a fusion strategy."""
-    node = copy.deepcopy(cfg.fusion)  # keeps its parent: interpolations still resolve
-    with open_dict(node):
-        for key in RUNNER_FUSION_KEYS:
-            node.pop(key, None)
-    fusion = build(node)
+    """``cfg.fusion``, checked to be a fusion strategy."""
+    fusion = build(cfg.fusion)
     if not isinstance(fusion, FusionStrategy):
         raise ConfigError(f"fusion._target_={cfg.fusion._target_!r} is not a fusion strategy "
                           "(kaedit.fusion: init_state, step, served_offset)")
