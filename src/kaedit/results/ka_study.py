@@ -68,7 +68,6 @@ publishing again overwrites, so it can follow each finished run.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -300,19 +299,20 @@ def adjust_family(tables: Mapping[str, pd.DataFrame]) -> None:
                      [next(adjusted) for _ in range(len(table))])
 
 
-def _set(value: Any) -> Any:
-    """``value`` with every null setting left out, at any depth: a setting added later with
-    a null default (``fusion.seed``) is the same as its absence from an older run's config."""
+def _non_null(value: Any) -> Any:
+    """``value`` with every null setting left out, at any depth, as new dicts (``value`` is
+    not changed): a setting added later with a null default (``fusion.seed``) is the same
+    as its absence from an older run's config."""
     if isinstance(value, dict):
-        return {k: _set(v) for k, v in value.items() if v is not None}
+        return {k: _non_null(v) for k, v in value.items() if v is not None}
     return value
 
 
 def without(config: dict[str, Any], *nodes: str) -> dict[str, Any]:
     """The :data:`SETTINGS` nodes of a run's config with each dotted ``nodes`` and every
-    null setting (:func:`_set`) left out: two runs that differ only in those give equal
+    null setting (:func:`_non_null`) left out: two runs that differ only in those give equal
     results."""
-    kept = {k: _set(copy.deepcopy(config.get(k))) for k in SETTINGS}
+    kept = {k: _non_null(config.get(k)) for k in SETTINGS}  # new dicts: safe to pop from
     for node in nodes:
         *parents, leaf = node.split(".")
         at: Any = kept
