@@ -149,6 +149,17 @@ def test_method_model_hparams_follow_the_reference_files(compose: Compose) -> No
     p = instantiate(compose(["method=pmet", "model=llama2"]).method, _convert_="all")
     assert (p.layers, p.lam, p.target.steps, p.target.clamp_norm_factor,
             p.target.weight_decay) == ([4, 5, 6, 7, 8], 15000.0, 20, 1.0, 0.5)
+    # PMET's compute_zs.py down-weights the NLL (x 0.1) once the new object is the argmax
+    # everywhere and then stops at kl_factor * KL <= 0.01, for every model; so does AdaPLE
+    # (PMET's targets) on the paper's models. SmolLM2 and MEMIT keep the plain loss.
+    for name in ("pmet", "adaple"):
+        for model in ("gptj", "llama2", "neox20b"):
+            t = instantiate(compose([f"method={name}", f"model={model}"]).method,
+                            _convert_="all").target
+            assert (t.argmax_nll_factor, t.argmax_kl_stop) == (0.1, 0.01), (name, model)
+    for over in (["method=pmet", "model=smollm2"], ["method=memit", "model=llama2"]):
+        t = instantiate(compose(over).method, _convert_="all").target
+        assert (t.argmax_nll_factor, t.argmax_kl_stop) == (1.0, None), over
     # jianghoucheng/AlphaEdit hparams/AlphaEdit/EleutherAI_gpt-j-6B.json
     a = instantiate(compose(["method=alphaedit", "model=gptj"]).method, _convert_="all")
     assert (a.nullspace_threshold, a.l2, a.target.lr) == (2e-2, 10.0, 0.5)

@@ -166,6 +166,32 @@ def test_most_probable_early_stopping_on_real_records(cfg, lm, requests):
     assert 1 < stopped[1] < stopped[2] < never.steps
 
 
+def test_pmet_argmax_rule_on_real_records(cfg, lm, requests):
+    """PMET's branch of its v* loop (xpq-tech/PMET edit/pmet/compute_zs.py; issue 28): at
+    the first step where the new object is the argmax at every target token of every
+    prompt, ``argmax_kl_stop`` stops the request once kl_factor · KL is small enough (at
+    +inf: there, as MPES with k = 1 does), and ``argmax_nll_factor`` weights the NLL from
+    the next step on: the run is the never-stopping one through that step's update, and
+    differs after it."""
+    templates = context_templates(lm, [(10, 5)], seed=0)
+    module = lm.spec.module("layer", int(cfg.model.edit.layers[-1]))
+    never = replace(TargetConfig(**cfg.model.edit.target), early_stop_loss=-1.0,
+                    early_stop_on="nll")
+
+    def run(c: TargetConfig) -> torch.Tensor:
+        return optimize_targets(lm, [requests[0]], templates, [module], c)[module][1]
+
+    first = run(replace(never, early_stop_on="most_probable", most_probable_steps=1))
+    assert torch.equal(run(replace(never, argmax_kl_stop=float("inf"))), first)
+    # s: the never-stopping run truncated where the first all-argmax step stops it
+    s = next((s for s in range(1, never.steps) if torch.equal(run(replace(never, steps=s)),
+                                                              first)), None)
+    assert s is not None and s + 2 < never.steps, s
+    down = replace(never, argmax_nll_factor=0.1)
+    assert torch.equal(run(replace(down, steps=s + 1)), run(replace(never, steps=s + 1)))
+    assert not torch.equal(run(replace(down, steps=s + 2)), run(replace(never, steps=s + 2)))
+
+
 # WILD evaluation (issue 27): ~70 answers of up to 50 tokens (≈ 0.3 s each, one thread).
 def test_wild_on_real_records_of_the_unedited_model(cfg, lm) -> None:
     records = data.from_config(cfg.dataset, cache_dir=str(cfg.cache_dir))[:5]

@@ -337,6 +337,23 @@ def test_most_probable_early_stopping_waits_for_the_argmax(lm: LoadedModel) -> N
         TargetConfig(most_probable_steps=0)
 
 
+def test_pmet_argmax_rule_waits_for_the_argmax(lm: LoadedModel) -> None:
+    """PMET's down-weighting and KL stop (issue 28) act only once the new object is the
+    argmax at every target token: on a tiny random model, which never gets there for these
+    multi-token targets, they change nothing. Where they act: tests/test_smollm2.py."""
+    modules = [lm.spec.module("layer", 2)]
+    never = TargetConfig(lr=0.5, steps=6, early_stop_loss=-1.0, early_stop_on="nll")
+    ref = optimize_targets(lm, REQUESTS, TEMPLATES, modules, never)
+    out = optimize_targets(lm, REQUESTS, TEMPLATES, modules,
+                           replace(never, argmax_nll_factor=0.1, argmax_kl_stop=1e9))
+    assert torch.equal(out[modules[0]][1], ref[modules[0]][1])
+    for bad, match in (({"argmax_nll_factor": 2.0}, r"argmax_nll_factor=2\.0 must be in \[0, 1\]"),
+                       ({"argmax_nll_factor": -0.1}, "argmax_nll_factor=-0.1"),
+                       ({"argmax_kl_stop": -1.0}, r"argmax_kl_stop=-1\.0 must be a number >= 0")):
+        with pytest.raises(ConfigError, match=match):
+            TargetConfig(**bad)
+
+
 @pytest.mark.parametrize("start", [1, 2])
 def test_keys_from_a_cached_block_input_equal_the_full_forward(lm: LoadedModel,
                                                                start: int) -> None:

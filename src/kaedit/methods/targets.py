@@ -68,6 +68,16 @@ class TargetConfig:
     #: Counted as the reference counts them (its ``correct_counter`` is never reset, so the
     #: steps need not be consecutive; once a target is the argmax it nearly always stays).
     most_probable_steps: int = 2
+    #: PMET's NLL down-weighting (xpq-tech/PMET ``edit/pmet/compute_zs.py``: ``if max_prob
+    #: == prob: nll_loss_factor = 0.1 * hparams.nll_loss_factor``): at a step where the new
+    #: object is the argmax at every target token of every prompt of a request, that
+    #: request's NLL term is weighted by this factor from the next step on, and by 1 again
+    #: once it is not. 1.0: off (MEMIT's and ROME's loss); PMET's code: 0.1.
+    argmax_nll_factor: float = 1.0
+    #: PMET's KL stop, the other half of the same branch (``if kl_loss <= 0.01: break``): a
+    #: request whose new object is the argmax everywhere also stops once its weighted KL
+    #: term (``kl_factor`` · KL) is at most this. None: off; PMET's code: 0.01.
+    argmax_kl_stop: float | None = None
     kl_prompt: str = "{} is a"
     #: ``subject_last``: the KL term compares the distributions at the last subject token
     #: of ``kl_prompt`` (kmeng01/memit ``memit/compute_z.py``, kmeng01/rome
@@ -123,6 +133,14 @@ class TargetConfig:
         if int(self.most_probable_steps) < 1:
             raise ConfigError(
                 f"target.most_probable_steps={self.most_probable_steps} must be >= 1")
+        if not (isinstance(self.argmax_nll_factor, (int, float))
+                and 0.0 <= self.argmax_nll_factor <= 1.0):
+            raise ConfigError(f"target.argmax_nll_factor={self.argmax_nll_factor!r} must be "
+                              "in [0, 1] (1: off; PMET's code: 0.1)")
+        if self.argmax_kl_stop is not None and not (
+                isinstance(self.argmax_kl_stop, (int, float)) and self.argmax_kl_stop >= 0.0):
+            raise ConfigError(f"target.argmax_kl_stop={self.argmax_kl_stop!r} must be a "
+                              "number >= 0 (PMET's code: 0.01), or null (off)")
         if int(self.length_groups) < 1:
             raise ConfigError(f"target.length_groups={self.length_groups} must be >= 1")
         if self.nas_anchor is not None and not (
@@ -444,6 +462,9 @@ def _optimize_chunk(
 
     active = torch.ones(n, dtype=torch.bool)
     argmax_steps = torch.zeros(n, dtype=torch.long)  # MPES: steps with every token the argmax
+    nll_weight = torch.ones(n, device=dev)  # PMET's down-weighting (``argmax_nll_factor``)
+    check_argmax = (cfg.early_stop_on == "most_probable" or cfg.argmax_nll_factor != 1.0
+                    or cfg.argmax_kl_stop is not None)
     kl_init: torch.Tensor | None = None  # [KL reads, vocab] log-probs of the original model
     for step in range(cfg.steps):
         # Only the rows of requests still optimising (all of them at step 0, when the KL
@@ -504,20 +525,27 @@ def _optimize_chunk(
         decay = sum(
             d[m].norm(dim=1) / inits[m].pow(2).sum(1).clamp_min(1e-12) for m in modules
         )
-        loss_req = req_nll + cfg.kl_factor * req_kl + cfg.weight_decay * decay
+        loss_req = nll_weight * req_nll + cfg.kl_factor * req_kl + cfg.weight_decay * decay
         # Early stop on the total loss as kmeng01/memit compute_z.py (``loss < 5e-2``), or
         # on the NLL alone (``early_stop_on``).
         stop_loss = req_nll if cfg.early_stop_on == "nll" else loss_req
         done = (stop_loss.detach() < cfg.early_stop_loss).cpu()
-        if cfg.early_stop_on == "most_probable":
-            # ENCORE's MPES: every forced token of the request's running NLL rows is the
-            # argmax (ENCORE's code checks its rows [1:], leaving out the plain prompt; the
-            # paper and issue 30 ask for all prompts, as here).
+        if check_argmax:
+            # Every forced token of the request's running NLL rows is the argmax (ENCORE's
+            # code checks its rows [1:], leaving out the plain prompt; the paper and issue
+            # 30 ask for all prompts, as here; PMET's ``max_prob == prob`` reads all).
             wrong = (logp[nll_at].detach().argmax(1) != forced.tok[tok_at]).float()
-            req_wrong = torch.zeros(n, device=dev).index_add(
-                0, pair_req_t[forced.owner[tok_at]], wrong)
-            argmax_steps += ((req_wrong == 0).cpu() & active).long()
-            done |= argmax_steps >= cfg.most_probable_steps
+            argmax = torch.zeros(n, device=dev).index_add(
+                0, pair_req_t[forced.owner[tok_at]], wrong) == 0
+            if cfg.early_stop_on == "most_probable":  # ENCORE's MPES
+                argmax_steps += (argmax.cpu() & active).long()
+                done |= argmax_steps >= cfg.most_probable_steps
+            if cfg.argmax_kl_stop is not None:  # PMET: stop once the KL term is small
+                done |= (argmax & (cfg.kl_factor * req_kl.detach()
+                                   <= cfg.argmax_kl_stop)).cpu()
+            # PMET: the factor the next step's NLL is weighted by (this step's loss, and
+            # so its gradient, keep the factor they were computed with)
+            nll_weight = torch.where(argmax, cfg.argmax_nll_factor, 1.0)
         active &= ~done
         if not active.any() or step == cfg.steps - 1:
             break
