@@ -715,6 +715,41 @@ def test_compare_runs_pairs_any_runs_rescored_ones_too(study_runs: list[Path],
     assert (twin["b_higher"] == 0).all() and (twin["p_sign"] == 1).all()
 
 
+def test_compare_final_pairs_each_runs_own_last_step(study_runs: list[Path],
+                                                     tmp_path: Path) -> None:
+    """``compare --final`` compares each run at its own last step (runs whose steps do not
+    line up: other batch sizes), ``step`` the baseline's and ``step_b`` the other's; without
+    it, both at the last step both reached. By hand from the files, against a run whose
+    evaluations stop two steps earlier."""
+    runs = {run.name: run for run in study_runs}
+    early = tmp_path / "early" / "memit-add-early"
+    early.mkdir(parents=True)
+    shutil.copyfile(runs["memit-add"] / "metrics.csv", early / "metrics.csv")
+    ret = pd.read_csv(runs["memit-add"] / "retention.csv")
+    last_b = int(ret["step"].max()) - 2
+    ret[ret["step"] <= last_b].to_csv(early / "retention.csv", index=False)
+    base = pd.read_csv(runs["memit-dr"] / "retention.csv")
+    last_a = int(base["step"].max())
+    assert last_a > last_b >= 1
+    out = tmp_path / "cmp" / "final.csv"
+    for flags, steps in (([], (last_b, last_b)), (["--final"], (last_a, last_b))):
+        argv = ["compare", str(runs["memit-dr"]), str(early), "--out", str(out), *flags]
+        assert ka_study.main(argv) == 0
+        table = pd.read_csv(out)
+        assert list(table.columns) == list(ka_study.COMPARE_COLUMNS)
+        assert (table["step"] == steps[0]).all() and (table["step_b"] == steps[1]).all()
+        a, b = (df[(df["step"] == st) & (df["step_made"] > 0)]
+                for df, st in ((base, steps[0]), (ret, steps[1])))
+        for _, row in table.iterrows():
+            x, y = (a, b) if row["subset"] == "tracked" else \
+                (a[a["step_made"] == 1], b[b["step_made"] == 1])
+            merged = x.merge(y, on="case_id", suffixes=("_a", "_b"))
+            diff = merged[f"{row['metric']}_b"] - merged[f"{row['metric']}_a"]
+            assert row["n"] == len(merged) > 0
+            assert (row["b_higher"], row["a_higher"]) == ((diff > 0).sum(), (diff < 0).sum())
+            assert row["mean_a"] == csv_approx(100 * merged[f"{row['metric']}_a"].mean())
+
+
 def test_compare_rejects_bad_folders_and_writes_nothing(study_runs: list[Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     runs = {run.name: run for run in study_runs}

@@ -352,14 +352,17 @@ def paired_metrics(*frames: pd.DataFrame) -> tuple[str, ...]:
 SUBSETS = (("tracked", lambda df: df), ("first_batch", lambda df: df[df["step_made"] == 1]))
 
 
-def compare_pair(a: pd.DataFrame, b: pd.DataFrame) -> list[dict[str, Any]]:
+def compare_pair(a: pd.DataFrame, b: pd.DataFrame,
+                 steps: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Two runs' ``retention.csv`` rows compared record by record at the last step both
-    reached, on the edits both tracked there (``subset=tracked``) and on the first batch
-    alone (``first_batch``), for each of :func:`paired_metrics`: one dict per (subset,
-    metric) with ``step``, ``subset``, ``metric`` and :func:`compare_records`' columns."""
-    step = min(a["step"].max(), b["step"].max())
-    at = [r[(r["step"] == step) & (r["step_made"] > 0)] for r in (a, b)]
-    return [{"step": int(step), "subset": subset, "metric": metric,
+    reached (or at ``steps``, one step of each run), on the edits both tracked there
+    (``subset=tracked``) and on the edits of both first batches (``first_batch``), for
+    each of :func:`paired_metrics`: one dict per (subset, metric) with ``step`` (run
+    ``a``'s), ``subset``, ``metric`` and :func:`compare_records`' columns."""
+    if steps is None:
+        steps = (min(a["step"].max(), b["step"].max()),) * 2
+    at = [r[(r["step"] == s) & (r["step_made"] > 0)] for r, s in zip((a, b), steps, strict=True)]
+    return [{"step": int(steps[0]), "subset": subset, "metric": metric,
              **compare_records(pick(at[0]), pick(at[1]), metric)}
             for subset, pick in SUBSETS for metric in paired_metrics(*at)]
 
@@ -367,8 +370,9 @@ def compare_pair(a: pd.DataFrame, b: pd.DataFrame) -> list[dict[str, Any]]:
 #: Columns of each :func:`compare_pair` record, in the paired tables' order.
 RECORD_COLUMNS = ("step", "subset", "metric", "n", "mean_a", "mean_b", "diff", "b_higher",
                   "a_higher", "p_sign")
-#: Columns of :func:`compare_runs`' table.
-COMPARE_COLUMNS = ("a", "b", *RECORD_COLUMNS, "p_holm")
+#: Columns of :func:`compare_runs`' table: ``step`` is the baseline's, ``step_b`` the other
+#: run's (the same step unless ``final``).
+COMPARE_COLUMNS = ("a", "b", *RECORD_COLUMNS[:1], "step_b", *RECORD_COLUMNS[1:], "p_holm")
 
 
 def repeated(names: Sequence[str]) -> list[str]:
@@ -377,14 +381,17 @@ def repeated(names: Sequence[str]) -> list[str]:
     return sorted({n for n in names if names.count(n) > 1})
 
 
-def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path]) -> pd.DataFrame:
+def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path],
+                 final: bool = False) -> pd.DataFrame:
     """Each of ``run_dirs`` against ``baseline``, record by record (:func:`compare_pair`),
     whatever their configs: for pairs :func:`paired` does not make (two fusions other than
     ``add``, or runs rescored by :mod:`kaedit.rescore`, whose folders hold ``metrics.csv``
-    and ``retention.csv`` only), with ``p_holm`` over this call's comparisons alone.
-    Directories are named by their folder name (``a``, ``b``); a folder without
-    ``retention.csv``, two folders of one name, or a run with no tracked edit in common
-    with the baseline is a :class:`ConfigError` naming it."""
+    and ``retention.csv`` only), with ``p_holm`` over this call's comparisons alone. At
+    the last step both runs reached, or with ``final`` at each run's own last step: the
+    final models of runs whose steps do not line up (other batch sizes). Directories are
+    named by their folder name (``a``, ``b``); a folder without ``retention.csv``, two
+    folders of one name, or a run with no tracked edit in common with the baseline is a
+    :class:`ConfigError` naming it."""
     runs = [load_run(d) for d in (baseline, *run_dirs)]  # FileNotFoundError without metrics
     if dup := repeated([run.name for run in runs]):
         raise ConfigError(f"runs named {dup} more than once: compare names runs by their "
@@ -394,11 +401,14 @@ def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path]) -> pd.Dat
     ref, *others = runs
     table = []
     for run in others:
-        records = compare_pair(ref.retention, run.retention)
+        last = (int(ref.retention["step"].max()), int(run.retention["step"].max()))
+        steps = last if final else (min(last),) * 2
+        records = compare_pair(ref.retention, run.retention, steps)
         if records[0]["n"] == 0:  # the first record: every tracked edit, first metric
+            where = "their own last steps" if final else "their last common step"
             raise ConfigError(f"{run.name!r} and the baseline {ref.name!r} tracked no edit in "
-                              "common at their last common step")
-        table += [{"a": ref.name, "b": run.name, **r} for r in records]
+                              f"common at {where}")
+        table += [{"a": ref.name, "b": run.name, "step_b": steps[1], **r} for r in records]
     out = pd.DataFrame(table, columns=list(COMPARE_COLUMNS[:-1]))
     adjust_family({"compare": out})  # p_holm over this call alone
     return out
@@ -617,10 +627,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="the run the others are compared with")
     cmp.add_argument("others", nargs="+", metavar="RUN_DIR", help="run or rescore directories")
     cmp.add_argument("--out", required=True, help="the CSV file to write")
+    cmp.add_argument("--final", action="store_true",
+                     help="compare each run at its own last step (the final models of runs "
+                          "whose steps differ, e.g. other batch sizes), not at the last "
+                          "step both reached")
     args = parser.parse_args(argv)
     if args.command == "compare":
         try:
-            table = compare_runs(args.baseline, args.others)
+            table = compare_runs(args.baseline, args.others, final=args.final)
         except (FileNotFoundError, ConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
