@@ -157,6 +157,12 @@ def test_method_model_hparams_follow_the_reference_files(compose: Compose) -> No
             t = instantiate(compose([f"method={name}", f"model={model}"]).method,
                             _convert_="all").target
             assert (t.argmax_nll_factor, t.argmax_kl_stop) == (0.1, 0.01), (name, model)
+    # AdaPLE's files read PMET's (its authors released none): every setting PMET's file
+    # sets is the same in AdaPLE's run.
+    for model in ("gptj", "llama2", "neox20b"):
+        a, p = (OmegaConf.to_container(compose([f"method={n}", f"model={model}"]).method,
+                                       resolve=True) for n in ("adaple", "pmet"))
+        assert (a["layers"], a["lam"], a["target"]) == (p["layers"], p["lam"], p["target"])
     for over in (["method=pmet", "model=smollm2"], ["method=memit", "model=llama2"]):
         t = instantiate(compose(over).method, _convert_="all").target
         assert (t.argmax_nll_factor, t.argmax_kl_stop) == (1.0, None), over
@@ -281,8 +287,11 @@ def test_no_hparams_file_changes_the_models_defaults() -> None:
     for f in sorted((CONF / "hparams").glob("*.yaml")):
         node = OmegaConf.load(f)
         assert "edit" not in node.get("model", {}), f.name
-        assert set(node) <= {"method", "model"}, f.name
+        assert set(node) <= {"defaults", "method", "model"}, f.name
         assert set(node.get("model", {})) <= {"modules"}, f.name
+        # a file may read another model's-method file (AdaPLE's read PMET's), nothing else
+        for entry in node.get("defaults", []):
+            assert entry == "_self_" or (CONF / "hparams" / f"{entry}.yaml").is_file(), f.name
 
 
 @pytest.mark.parametrize(("override", "setting"), [
