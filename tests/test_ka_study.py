@@ -750,6 +750,39 @@ def test_compare_final_pairs_each_runs_own_last_step(study_runs: list[Path],
             assert row["mean_a"] == csv_approx(100 * merged[f"{row['metric']}_a"].mean())
 
 
+def test_compare_at_a_given_step(study_runs: list[Path], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture) -> None:
+    """``compare --step N`` compares both runs at step N (an earlier point of the same
+    runs), by hand from the files; a step either run did not evaluate, step 0 and
+    ``--step`` with ``--final`` are bad input naming the steps both evaluated, and write
+    nothing."""
+    runs = {run.name: run for run in study_runs}
+    base, other = (pd.read_csv(runs[n] / "retention.csv") for n in ("memit-dr", "memit-add"))
+    steps = sorted(set(base["step"]) & set(other["step"]) - {0})
+    step = steps[0]
+    assert step < max(steps)  # an earlier step than the default's
+    out = tmp_path / "cmp" / "step.csv"
+    argv = ["compare", str(runs["memit-dr"]), str(runs["memit-add"]), "--out", str(out)]
+    assert ka_study.main([*argv, "--step", str(step)]) == 0
+    table = pd.read_csv(out)
+    assert (table["step"] == step).all() and (table["step_b"] == step).all()
+    a, b = (df[(df["step"] == step) & (df["step_made"] > 0)] for df in (base, other))
+    for _, row in table[table["subset"] == "tracked"].iterrows():
+        merged = a.merge(b, on="case_id", suffixes=("_a", "_b"))
+        diff = merged[f"{row['metric']}_b"] - merged[f"{row['metric']}_a"]
+        assert row["n"] == len(merged) > 0
+        assert (row["b_higher"], row["a_higher"]) == ((diff > 0).sum(), (diff < 0).sum())
+        assert row["mean_b"] == csv_approx(100 * merged[f"{row['metric']}_b"].mean())
+    out.unlink()
+    capsys.readouterr()
+    for flags in (["--step", str(max(steps) + 1)], ["--step", "0"],
+                  ["--step", str(step), "--final"]):
+        assert ka_study.main([*argv, *flags]) == 2, flags
+        assert not out.exists()
+    err = capsys.readouterr().err
+    assert f"step={max(steps) + 1}" in err and str(steps) in err and "with final" in err
+
+
 def test_compare_rejects_bad_folders_and_writes_nothing(study_runs: list[Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     runs = {run.name: run for run in study_runs}

@@ -382,13 +382,16 @@ def repeated(names: Sequence[str]) -> list[str]:
 
 
 def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path],
-                 final: bool = False) -> pd.DataFrame:
+                 final: bool = False, step: int | None = None) -> pd.DataFrame:
     """Each of ``run_dirs`` against ``baseline``, record by record (:func:`compare_pair`),
     whatever their configs: for pairs :func:`paired` does not make (two fusions other than
     ``add``, or runs rescored by :mod:`kaedit.rescore`, whose folders hold ``metrics.csv``
     and ``retention.csv`` only), with ``p_holm`` over this call's comparisons alone. At
     the last step both runs reached, or with ``final`` at each run's own last step: the
-    final models of runs whose steps do not line up (other batch sizes). Directories are
+    final models of runs whose steps do not line up (other batch sizes), or with ``step``
+    at that step of both (an earlier point of the same runs: 1,000 of 2,000 edits); a step
+    either run did not evaluate is a :class:`ConfigError` naming the steps both evaluated,
+    as is ``step`` with ``final``. Directories are
     named by their folder name (``a``, ``b``); a folder without ``retention.csv``, two
     folders of one name, or a run with no tracked edit in common with the baseline is a
     :class:`ConfigError` naming it."""
@@ -398,14 +401,24 @@ def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path],
                           "folder names; give them distinct folders")
     if missing := [str(run.path) for run in runs if run.retention is None]:
         raise ConfigError(f"{missing}: no retention.csv, nothing to compare record by record")
+    if final and step is not None:
+        raise ConfigError(f"step={step} with final: compare at one given step or at each "
+                          "run's last step, not both")
     ref, *others = runs
     table = []
     for run in others:
         last = (int(ref.retention["step"].max()), int(run.retention["step"].max()))
         steps = last if final else (min(last),) * 2
+        if step is not None:
+            both = sorted(set(ref.retention["step"]) & set(run.retention["step"]) - {0})
+            if step not in both:
+                raise ConfigError(f"step={step}: {ref.name!r} and {run.name!r} both evaluated "
+                                  f"their edits at steps {[int(s) for s in both]} only")
+            steps = (step, step)
         records = compare_pair(ref.retention, run.retention, steps)
         if records[0]["n"] == 0:  # the first record: every tracked edit, first metric
-            where = "their own last steps" if final else "their last common step"
+            where = ("their own last steps" if final else f"step {step}" if step is not None
+                     else "their last common step")
             raise ConfigError(f"{run.name!r} and the baseline {ref.name!r} tracked no edit in "
                               f"common at {where}")
         table += [{"a": ref.name, "b": run.name, "step_b": steps[1], **r} for r in records]
@@ -631,10 +644,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="compare each run at its own last step (the final models of runs "
                           "whose steps differ, e.g. other batch sizes), not at the last "
                           "step both reached")
+    cmp.add_argument("--step", type=int, default=None, metavar="STEP",
+                     help="compare both runs at this evaluated step (e.g. 10: 1,000 edits "
+                          "of a 2,000-edit run in batches of 100), not at the last step "
+                          "both reached")
     args = parser.parse_args(argv)
     if args.command == "compare":
         try:
-            table = compare_runs(args.baseline, args.others, final=args.final)
+            table = compare_runs(args.baseline, args.others, final=args.final, step=args.step)
         except (FileNotFoundError, ConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
