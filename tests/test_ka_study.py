@@ -767,8 +767,8 @@ def test_compare_at_a_given_step(study_runs: list[Path], tmp_path: Path,
     table = pd.read_csv(out)
     assert (table["step"] == step).all() and (table["step_b"] == step).all()
     a, b = (df[(df["step"] == step) & (df["step_made"] > 0)] for df in (base, other))
+    merged = a.merge(b, on="case_id", suffixes=("_a", "_b"))
     for _, row in table[table["subset"] == "tracked"].iterrows():
-        merged = a.merge(b, on="case_id", suffixes=("_a", "_b"))
         diff = merged[f"{row['metric']}_b"] - merged[f"{row['metric']}_a"]
         assert row["n"] == len(merged) > 0
         assert (row["b_higher"], row["a_higher"]) == ((diff > 0).sum(), (diff < 0).sum())

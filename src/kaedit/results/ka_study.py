@@ -408,17 +408,18 @@ def compare_runs(baseline: str | Path, run_dirs: Sequence[str | Path],
     table = []
     for run in others:
         last = (int(ref.retention["step"].max()), int(run.retention["step"].max()))
-        steps = last if final else (min(last),) * 2
         if step is not None:
             both = sorted(set(ref.retention["step"]) & set(run.retention["step"]) - {0})
             if step not in both:
                 raise ConfigError(f"step={step}: {ref.name!r} and {run.name!r} both evaluated "
                                   f"their edits at steps {[int(s) for s in both]} only")
-            steps = (step, step)
+            steps, where = (step, step), f"step {step}"
+        elif final:
+            steps, where = last, "their own last steps"
+        else:
+            steps, where = (min(last),) * 2, "their last common step"
         records = compare_pair(ref.retention, run.retention, steps)
         if records[0]["n"] == 0:  # the first record: every tracked edit, first metric
-            where = ("their own last steps" if final else f"step {step}" if step is not None
-                     else "their last common step")
             raise ConfigError(f"{run.name!r} and the baseline {ref.name!r} tracked no edit in "
                               f"common at {where}")
         table += [{"a": ref.name, "b": run.name, "step_b": steps[1], **r} for r in records]
