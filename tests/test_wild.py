@@ -75,7 +75,7 @@ PROMPTS = ["The Eiffel Tower is in", "A", "Danielle Darrieux's mother tongue is"
            "Toyota was founded in", "A"]
 
 
-@pytest.mark.parametrize("batch_size", [2, 32])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 32])
 def test_batched_answers_are_greedy_and_stop_as_the_rule_says(tiny: LoadedModel,
                                                               batch_size: int) -> None:
     # a random byte-level model rarely says "." or a newline: also stop on a character one
@@ -104,6 +104,59 @@ def test_batched_answers_are_greedy_and_stop_as_the_rule_says(tiny: LoadedModel,
         scale = float(logits.abs().max())
         assert (logits.max(-1).values - chosen <= 2 * FORWARD_REL * scale).all(), prompt
     assert stops >= 1
+
+
+def one_sequence_logits(lm: LoadedModel, prompt: Sequence[int],
+                        answer: Sequence[int]) -> torch.Tensor:
+    """Logits ``[len(answer), vocab]`` that predict each answer token, one unpadded row."""
+    with torch.no_grad():
+        return lm.model(torch.tensor([[*prompt, *answer]])).logits[0, len(prompt) - 1:-1]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_pool_gives_generates_greedy_answers(tiny: LoadedModel, rows: int) -> None:
+    """The pool (rows leave when done, waiting prompts of other widths join) answers as
+    ``generate(do_sample=False)`` does one prompt at a time: the same tokens, or a first
+    difference at a near-tie of the one-sequence logits (within their rounding)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    cap = 10
+    prompts = [tuple(tiny.tokenizer(p)["input_ids"]) for p in
+               ["The Eiffel Tower is in", "A", "Danielle Darrieux's mother tongue is",
+                "Toyota was founded in", "Paris", "x y z", "The capital of Italy is Rome and"]]
+    uncut = WildEval(tiny, max_new_tokens=cap, batch_size=rows).answers(
+        [tiny.tokenizer.decode(p) for p in prompts])
+    inside = next(c for a in uncut.values() for t in a[1:6]
+                  if len(c := tiny.tokenizer.decode([t])) == 1 and c.isprintable())
+    w = WildEval(tiny, max_new_tokens=cap, batch_size=rows, stop_strings=(".", "\n", inside))
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            return torch.tensor([w.is_stop(int(input_ids[0, -1]))])
+
+    pooled = wild.greedy_pool(tiny, prompts, rows, cap, w.is_stop)
+    lengths = set()
+    for prompt, answer in zip(prompts, pooled, strict=True):
+        with torch.no_grad():
+            gen = tiny.model.generate(torch.tensor([prompt]), do_sample=False, num_beams=1,
+                                      max_new_tokens=cap, pad_token_id=tiny.tokenizer.pad_token_id,
+                                      stopping_criteria=StoppingCriteriaList([Stop()]))
+        expected = w.cut(gen[0, len(prompt):].tolist())
+        lengths.add(len(answer))
+        if answer == expected:
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(answer, expected)) if a != b)
+        logits = one_sequence_logits(tiny, prompt, expected[:k + 1])[k]
+        gap = abs(float(logits[answer[k]] - logits[expected[k]]))
+        assert gap <= 2 * FORWARD_REL * float(logits.abs().max()), (prompt, answer, expected)
+    assert len(lengths) > 1  # some answers stopped early, so rows left and others joined
+
+
+def test_pool_of_nothing_and_a_bad_batch_size(tiny: LoadedModel) -> None:
+    assert wild.greedy_pool(tiny, [], 4, 5, lambda t: False) == []
+    assert WildEval(tiny).answers([]) == {}
+    with pytest.raises(ValueError, match=r"wild.batch_size=0"):
+        WildEval(tiny, batch_size=0)
 
 
 # ------------------------------------------------------------------- scoring and locality
