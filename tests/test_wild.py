@@ -145,7 +145,7 @@ def test_pool_gives_generates_greedy_answers(tiny: LoadedModel, rows: int) -> No
         lengths.add(len(answer))
         if answer == expected:
             continue
-        k = next(i for i, (a, b) in enumerate(zip(answer, expected)) if a != b)
+        k = next(i for i, (a, b) in enumerate(zip(answer, expected, strict=False)) if a != b)
         logits = one_sequence_logits(tiny, prompt, expected[:k + 1])[k]
         gap = abs(float(logits[answer[k]] - logits[expected[k]]))
         assert gap <= 2 * FORWARD_REL * float(logits.abs().max()), (prompt, answer, expected)
@@ -222,6 +222,19 @@ def test_due_follows_every() -> None:
     assert [Stub(every=None).due(s, 4) for s in range(5)] == [True, False, False, False, True]
     assert [Stub(every=2).due(s, 5) for s in range(6)] == [True, False, True, False, True, True]
     assert not any(Stub(every=0).due(s, 4) for s in range(5))
+    # locality on the WILD steps its own rule picks; "every" = the same steps as WILD
+    assert [Stub(every=1, locality_every=None).locality_due(s, 4) for s in range(5)] == [
+        True, False, False, False, True]
+    assert [Stub(every=2, locality_every=1).locality_due(s, 5) for s in range(6)] == [
+        True, False, True, False, True, True]
+
+
+def test_locality_every_defaults_to_every_and_is_checked(tiny: LoadedModel) -> None:
+    assert WildEval(tiny, every=3).locality_every == 3
+    assert WildEval(tiny, every=3, locality_every=None).locality_every is None
+    for bad in (-1, "sometimes"):
+        with pytest.raises(ValueError, match=rf"wild.locality_every={bad} must be"):
+            WildEval(tiny, every=1, locality_every=bad)
 
 
 # ------------------------------------------------------------------------- the runner
@@ -249,6 +262,36 @@ def test_runner_logs_wild_columns_on_due_steps(compose: Compose, tiny_run_overri
     refs = json.loads((tmp_path / wild.REFERENCES).read_text())
     assert refs and all(isinstance(v, list) and v for v in refs.values())
     assert "time/wild_s" in metrics and metrics["time/wild_s"].notna().sum() == 2
+
+
+def test_locality_only_where_locality_every_says(compose: Compose,
+                                                tiny_run_overrides: list[str],
+                                                tmp_path: Path) -> None:
+    """wild.every=1 with locality_every=null: exact match and F1 on every evaluated step
+    (WILD retention by age), locality at step 0 and the last step only; neighbourhood
+    prompts are generated on those steps only, and their references only for the edits
+    those steps score."""
+    base = [*tiny_run_overrides, "wild.max_new_tokens=4", "schedule.retention_sample=2",
+            "schedule.generation_every=0", "schedule.n_edits=3", "schedule.batch_size=1"]
+    experiment.run(compose([*base, "wild.every=1", "wild.locality_every=null"]),
+                   run_dir=str(tmp_path / "sparse"))
+    experiment.run(compose([*base, "wild.every=1"]), run_dir=str(tmp_path / "full"))
+    sparse, full = (pd.read_csv(tmp_path / d / "metrics.csv") for d in ("sparse", "full"))
+    assert sparse["wild/seen/efficacy"].notna().all() and len(sparse) == 4
+    assert sparse["wild/seen/locality"].notna().tolist() == [True, False, False, True]
+    assert full["wild/seen/locality"].notna().all()
+    # the same answers where both score: exact match everywhere, locality at 0 and the end
+    for c in ("wild/seen/efficacy", "wild/batch/efficacy_f1", "wild/seen/generalization"):
+        pd.testing.assert_series_equal(sparse[c], full[c])
+    ends = [0, 3]
+    pd.testing.assert_series_equal(sparse.loc[ends, "wild/seen/locality"],
+                                   full.loc[ends, "wild/seen/locality"], check_dtype=False)
+    retention = pd.read_csv(tmp_path / "sparse" / "retention.csv")
+    assert retention["wild_efficacy"].notna().all()
+    assert retention.loc[retention["step"].isin(ends), "wild_locality"].notna().all()
+    assert retention.loc[~retention["step"].isin(ends), "wild_locality"].isna().all()
+    refs = [json.loads((tmp_path / d / wild.REFERENCES).read_text()) for d in ("sparse", "full")]
+    assert refs[0] and set(refs[0]) <= set(refs[1])
 
 
 def test_resumed_run_reads_the_unedited_answers(compose: Compose,

@@ -87,15 +87,16 @@ class Evaluation:
                         if f"fixed/{m}" in fixed})
         return row, tracked, pick(tracked)
 
-    def wild_scores(self, batch: Sequence[int], n_done: int) -> tuple[dict, dict]:
-        """WILD scores (:attr:`wild`) of the batch and the tracked edits, each request
-        once: ``wild/batch/*`` and ``wild/seen/*`` for the metrics row, and the tracked
-        edits' values (:meth:`tracked_indices` order) as ``wild_<metric>`` for
-        ``retention.csv``."""
+    def wild_scores(self, batch: Sequence[int], n_done: int,
+                    locality: bool = True) -> tuple[dict, dict]:
+        """WILD scores (:attr:`wild`; locality only with ``locality``) of the batch and the
+        tracked edits, each request once: ``wild/batch/*`` and ``wild/seen/*`` for the
+        metrics row, and the tracked edits' values (:meth:`tracked_indices` order) as
+        ``wild_<metric>`` for ``retention.csv``."""
         assert self.wild is not None
         tracked = self.tracked_indices(n_done)
         scored = sorted(set(batch) | set(tracked))
-        values = self.wild([self.planned[i] for i in scored])
+        values = self.wild([self.planned[i] for i in scored], locality=locality)
         at = {i: k for k, i in enumerate(scored)}
 
         def pick(idx: Sequence[int]) -> dict:

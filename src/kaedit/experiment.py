@@ -283,7 +283,8 @@ def evaluate(session: Session, out: Outputs, state: RunState, fusion_state: Fusi
                                          schedule, session.batches)
         if evaluation.wild is not None and evaluation.wild.due(step, n_steps):
             t_wild = time.perf_counter()
-            more, per_edit = evaluation.wild_scores(batch, n_done)
+            more, per_edit = evaluation.wild_scores(
+                batch, n_done, locality=evaluation.wild.locality_due(step, n_steps))
             row.update({**more, "time/wild_s": time.perf_counter() - t_wild})
             per_tracked.update(per_edit)
     t_eval = time.perf_counter() - t0

@@ -85,6 +85,14 @@ def token_f1(prediction: str, target: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _due(every: int | None, step: int, n_steps: int) -> bool:
+    """The ``every`` rule of ``wild.*``: 0 never; None step 0 and the last; k step 0, every
+    k-th step and the last (as ``perplexity.every``)."""
+    if every is None:
+        return step in (0, n_steps)
+    return int(every) > 0 and (step == 0 or step == n_steps or step % int(every) == 0)
+
+
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
@@ -98,6 +106,10 @@ class WildEval:
     lm: LoadedModel | None = None
     #: 0: never; k: step 0, every k-th step and the last step; None: step 0 and the last.
     every: int | None = 0
+    #: The WILD steps that also score locality, by the same rule ("every": as ``every``).
+    #: Its neighbourhood prompts (CounterFact: 10 per edit, against 1 rewrite and 2
+    #: paraphrases) are ~3/4 of a WILD step's cost; retention by age needs only efficacy.
+    locality_every: int | str | None = "every"
     max_new_tokens: int = 50
     batch_size: int = 128
     #: A new token whose text contains one of these ends the answer (with it).
@@ -109,9 +121,14 @@ class WildEval:
     def __post_init__(self) -> None:
         if self.lm is None:
             raise ValueError("WildEval needs the run's model: WildEval(lm=..., **cfg.wild)")
-        if self.every is not None and int(self.every) < 0:
-            raise ValueError(f"wild.every={self.every} must be >= 0 (0 = never, null = step 0 "
-                             "and the last step)")
+        if self.locality_every == "every":
+            self.locality_every = self.every
+        for key in ("every", "locality_every"):
+            value = getattr(self, key)
+            if value is not None and (not str(value).isdigit() or int(value) < 0):
+                raise ValueError(f"wild.{key}={value} must be an integer >= 0 (0 = never, "
+                                 "k = step 0, every k-th step and the last) or null (step 0 "
+                                 "and the last step)")
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"wild.max_new_tokens={self.max_new_tokens} must be >= 1")
         if int(self.batch_size) < 1:
@@ -121,10 +138,11 @@ class WildEval:
 
     def due(self, step: int, n_steps: int) -> bool:
         """Whether evaluated step ``step`` also runs WILD (as ``perplexity.every``)."""
-        if self.every is None:
-            return step in (0, n_steps)
-        every = int(self.every)
-        return every > 0 and (step == 0 or step == n_steps or step % every == 0)
+        return _due(self.every, step, n_steps)
+
+    def locality_due(self, step: int, n_steps: int) -> bool:
+        """Whether WILD at step ``step`` also scores locality (``locality_every``)."""
+        return self.due(step, n_steps) and _due(self.locality_every, step, n_steps)
 
     def _eos(self) -> set[int]:
         eos = getattr(self.lm.model.generation_config, "eos_token_id", None)
@@ -178,20 +196,22 @@ class WildEval:
         self.references.update(self.answers(todo))
         return self.references
 
-    def __call__(self, requests: Sequence[EditRequest]) -> dict[str, np.ndarray]:
+    def __call__(self, requests: Sequence[EditRequest],
+                 locality: bool = True) -> dict[str, np.ndarray]:
         """Per request (:data:`METRICS`): exact match and token F1 of the rewrite prompt's
         answer (efficacy) and the paraphrases' (generalization, mean over them), and the
-        share of neighbourhood prompts answered as the unedited model did (locality). NaN
-        where a request has no such prompts."""
+        share of neighbourhood prompts answered as the unedited model did (locality;
+        with ``locality`` False, not generated and NaN). NaN where a request has no such
+        prompts."""
         missing = [p for r in requests for p in r.neighborhood_prompts
-                   if p not in self.references]
+                   if locality and p not in self.references]
         if missing:
             raise RuntimeError(f"no unedited-model WILD answer for {len(missing)} neighbourhood "
                                f"prompts, e.g. {missing[0]!r}: make_references must run "
                                "before any edit")
-        said = self.answers([p for r in requests for p in (r.rewrite_prompt,
-                                                           *r.paraphrase_prompts,
-                                                           *r.neighborhood_prompts)])
+        said = self.answers([p for r in requests for p in (
+            r.rewrite_prompt, *r.paraphrase_prompts,
+            *(r.neighborhood_prompts if locality else ()))])
         out: dict[str, list[float]] = {m: [] for m in METRICS}
         for r in requests:
             rewrite = self.text(said[r.rewrite_prompt])
@@ -201,7 +221,8 @@ class WildEval:
             out["generalization"].append(_mean([exact_match(a, r.target_new) for a in para]))
             out["generalization_f1"].append(_mean([token_f1(a, r.target_new) for a in para]))
             out["locality"].append(_mean([float(said[p] == tuple(self.references[p]))
-                                          for p in r.neighborhood_prompts]))
+                                          for p in r.neighborhood_prompts]) if locality
+                                   else float("nan"))
         return {m: np.array(v, dtype=float) for m, v in out.items()}
 
 
@@ -330,13 +351,13 @@ REFERENCES = "wild_references.json"
 
 def due_indices(wild: WildEval, evaluation: Any, schedule: Any,
                 batches: Sequence[Sequence[int]]) -> list[int]:
-    """Planned edits that some WILD step will score: its batch and the tracked edits
-    (``evaluation``: :class:`kaedit.evaluation.Evaluation`; ``schedule``:
+    """Planned edits whose locality some WILD step will score: its batch and the tracked
+    edits (``evaluation``: :class:`kaedit.evaluation.Evaluation`; ``schedule``:
     :class:`kaedit.schedule.Schedule`)."""
     n_steps, ends = len(batches), [0, *itertools.accumulate(len(b) for b in batches)]
     due: set[int] = set()
     for step in range(n_steps + 1):
-        if schedule.evaluate_at(step, n_steps) and wild.due(step, n_steps):
+        if schedule.evaluate_at(step, n_steps) and wild.locality_due(step, n_steps):
             first = max(step, 1)  # step 0 scores the first batch as its batch
             due.update(range(ends[first - 1], ends[first]))
             due.update(evaluation.tracked_indices(ends[step]))
