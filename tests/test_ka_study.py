@@ -587,6 +587,27 @@ def test_read_summary_reads_old_files(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(ka_study.read_summary(tmp_path / "new.csv"), new)
 
 
+def test_wild_end_reads_the_last_step_that_scored_wild(tmp_path: Path) -> None:
+    """wild_end: wild/seen/* at step 0 and at its last logged step; the first batch's WILD
+    exact match at the last step that has it (not at a later step without WILD, nor an
+    earlier one), from the edits made at step 1 only."""
+    from kaedit.results.plots import Run
+
+    metrics = pd.DataFrame({"step": [0, 1, 2, 3],
+                            "wild/seen/efficacy": [1.0, 20.0, 30.0, np.nan],
+                            "wild/seen/locality": [100.0, np.nan, 40.0, np.nan]})
+    retention = pd.DataFrame({
+        "step": [1, 1, 2, 2, 2, 3, 3],
+        "step_made": [1, 1, 1, 1, 2, 1, 1],
+        "case_id": [7, 8, 7, 8, 9, 7, 8],
+        "wild_efficacy": [1, 1, 1, 0, 0, np.nan, np.nan]})
+    got = ka_study.wild_end(Run(tmp_path, metrics, retention, {}))
+    assert got == {"wild_efficacy_start": 1.0, "wild_efficacy_end": 30.0,
+                   "wild_locality_start": 100.0, "wild_locality_end": 40.0,
+                   "wild_first_batch_end": 50.0}
+    assert ka_study.wild_end(Run(tmp_path, metrics[["step"]], None, {})) == {}
+
+
 def test_paired_adds_wild_scores_where_both_runs_have_them_at_the_compared_step(
         study_runs: list[Path], tmp_path: Path) -> None:
     """WILD scores in ``retention.csv`` (only on WILD steps) are compared record by record
@@ -605,6 +626,11 @@ def test_paired_adds_wild_scores_where_both_runs_have_them_at_the_compared_step(
             for metric in ka_study.WILD_PAIRED_METRICS:
                 ret[metric] = np.where(last, rng.integers(0, 2, len(ret)), np.nan)
             ret.to_csv(dst / "retention.csv", index=False)
+            metrics = pd.read_csv(dst / "metrics.csv")  # WILD at the start and the end
+            ends = metrics["step"].isin([0, metrics["step"].max()])
+            metrics["wild/seen/locality"] = np.where(
+                metrics["step"] == 0, 100.0, np.where(ends, rng.uniform(0, 100), np.nan))
+            metrics.to_csv(dst / "metrics.csv", index=False)
         if src.name == "pmet-add":  # WILD at every step: its retention by age as well
             ret = pd.read_csv(dst / "retention.csv")
             ret["wild_efficacy"] = ret["efficacy"]
@@ -619,6 +645,22 @@ def test_paired_adds_wild_scores_where_both_runs_have_them_at_the_compared_step(
     assert last_only["wild_retained_aged_n"] == 0 and np.isnan(last_only["wild_retained_aged"])
     assert last_only["wild_retained_aged_no_own_step"] > 0
     assert np.isnan(summary.loc["memit-dr5", "wild_retained_aged"])
+    # the WILD columns of the last step that scored them (WILD at the last step only here)
+    ret = pd.read_csv(runs / "memit-add" / "retention.csv")
+    final = ret[ret["step"] == ret["step"].max()]
+    assert last_only["wild_first_batch_end"] == pytest.approx(
+        100 * final.loc[final["step_made"] == 1, "wild_efficacy"].mean())
+    assert np.isnan(summary.loc["memit-dr5", "wild_first_batch_end"])
+    ret = pd.read_csv(runs / "pmet-add" / "retention.csv")
+    assert every["wild_first_batch_end"] == pytest.approx(
+        100 * ret.loc[(ret["step"] == ret["step"].max()) & (ret["step_made"] == 1),
+                      "efficacy"].mean())
+    # wild/seen/<metric> of metrics.csv: its step-0 value and its last logged one
+    logged = pd.read_csv(runs / "memit-add" / "metrics.csv")
+    assert last_only["wild_locality_start"] == 100.0
+    assert last_only["wild_locality_end"] == csv_approx(logged["wild/seen/locality"].iloc[-1])
+    assert "wild_locality_end" in summary and np.isnan(summary.loc["pmet-add",
+                                                                   "wild_locality_end"])
     pairs = pd.read_csv(out / "paired.csv")
     wild = pairs[pairs["b"] == "memit-dr"]
     assert set(wild["metric"]) == {*ka_study.PAIRED_METRICS, *ka_study.WILD_PAIRED_METRICS}

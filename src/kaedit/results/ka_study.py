@@ -19,7 +19,9 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   exact match, from the steps that scored it), with the run's method, fusion, drop rate
   ``p``, scope and batch size from its ``config.yaml``, the values at the start (step 0,
   the unedited model) and at the end (the last logged value) of fluency, consistency,
-  WikiText-2 perplexity and the fixed set's specificity, ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
+  WikiText-2 perplexity and the fixed set's specificity, the WILD scores of the seen
+  sample at the start and the end and of the first batch at the end (:func:`wild_end`;
+  runs with WILD only), ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
   edited weights at the end) and ``fusion_change_ratio`` (‖f(Δ) − Δ‖ / ‖Δ‖, the mean
   over steps: 0 for ``add``, about √(p/(1 − p)) for drop-and-rescale; both NaN for runs
   that did not log ``update/*``), ``drift_norm_end`` (‖W − W₀‖ itself, for those runs
@@ -205,6 +207,24 @@ def by_age(run: Run, metric: str = "efficacy") -> pd.DataFrame:
     return retention_by_age(run.retention, metric)
 
 
+def wild_end(run: Run) -> dict[str, float]:
+    """The WILD scores (:mod:`kaedit.wild`) of the seen sample, ``wild_<metric>_start`` at
+    step 0 and ``wild_<metric>_end`` at the last step that scored them, for every
+    ``wild/seen/<metric>`` the run logged (none for runs without WILD), and
+    ``wild_first_batch_end``: the WILD exact match (x100) of the first batch's tracked
+    edits at the last step that scored it (NaN without)."""
+    row: dict[str, float] = {}
+    for column in [c for c in run.metrics if c.startswith("wild/seen/")]:
+        name = f"wild_{column.rsplit('/', 1)[1]}"
+        row[f"{name}_start"], row[f"{name}_end"] = start_end(run.metrics, column)
+    ret = run.retention
+    if ret is not None and "wild_efficacy" in ret:
+        scored = ret[ret["step_made"].eq(1) & ret["step"].gt(0) & ret["wild_efficacy"].notna()]
+        last = scored[scored["step"] == scored["step"].max()]["wild_efficacy"]
+        row["wild_first_batch_end"] = 100.0 * float(last.mean()) if len(last) else math.nan
+    return row
+
+
 def run_row(run: Run) -> dict[str, Any]:
     """One row of ``summary.csv`` (see the module docstring) for a loaded run."""
     from kaedit.results.sweep import job_result
@@ -232,6 +252,7 @@ def run_row(run: Run) -> dict[str, Any]:
     row.update({f"wild_{k}": v for k, v in retained_aged(by_age(run, "wild_efficacy")).items()})
     for name, column in START_END.items():
         row[f"{name}_start"], row[f"{name}_end"] = start_end(metrics, column)
+    row.update(wild_end(run))
     # update sizes (kaedit.experiment.update_sizes; NaN for runs that did not log them):
     # the edited weights' relative drift ‖W − W₀‖ / ‖W₀‖ at the end, and what the fusion
     # changed relative to the update, ‖f(Δ) − Δ‖ / ‖Δ‖, averaged over the steps
