@@ -70,6 +70,8 @@ GOOD = {"case_id": 1, "requested_rewrite": {"prompt": "{} is located in", "subje
         ("gguf", ["model.load.path={tmp}/missing.gguf"], ["missing.gguf"]),
         ("fusion", ["model=tiny_llama", "fusion.p=1.5"], ["fusion.p=1.5"]),
         ("guard", ["model=tiny_llama", "guard.on_fault=explode"], ["explode", "skip", "stop"]),
+        ("step0_from", ["model=tiny_llama", "step0_from={tmp}/nowhere"],
+         ["step0_from", "nowhere", "config.yaml"]),
     ],
 )
 def test_bad_input_fails_clearly(tmp_path, case, overrides, expected):

@@ -10,6 +10,7 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from kaedit import wild
 from kaedit.evaluate import Evaluator, Scorer, TextMetrics, aggregate
@@ -105,6 +106,26 @@ class Evaluation:
         row = {**wild.aggregate(pick(batch), "wild/batch"),
                **wild.aggregate(pick(self.seen_indices(n_done)), "wild/seen")}
         return row, {f"wild_{k}": v for k, v in pick(tracked).items()}
+
+
+#: Config keys (dotted) that decide how a run is evaluated (its plan: the model, the
+#: records, the schedule and its samples, the seed, and every evaluation setting): runs
+#: that agree on all of them have the same step 0 and score the same edits the same way
+#: (``kaedit.rescore`` scores them together; ``step0_from`` copies step 0 between them).
+PLAN_KEYS = ("model.name", "model.load", "model.dtype", "dataset", "schedule", "seed",
+             "data_root", "eval_batch_size", "generation", "perplexity", "wild", "templates")
+
+
+def plan_difference(a: DictConfig, b: DictConfig) -> str | None:
+    """The first of :data:`PLAN_KEYS` on which configs ``a`` and ``b`` differ (resolved;
+    an absent key is None), or None when they agree on all."""
+
+    def value(cfg: DictConfig, key: str) -> object:
+        got = OmegaConf.select(cfg, key, default=None)
+        return OmegaConf.to_container(got, resolve=True) if isinstance(got, DictConfig) \
+            else got
+
+    return next((k for k in PLAN_KEYS if value(a, k) != value(b, k)), None)
 
 
 def generation_indices(schedule: Schedule, batches: Sequence[range],

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from kaedit import checkpoint, wild
 from kaedit.checkpoint import RunState
 from kaedit.errors import ConfigError
-from kaedit.evaluation import generation_indices
+from kaedit.evaluation import PLAN_KEYS, generation_indices, plan_difference
 from kaedit.files import CsvRows, atomic_write
 from kaedit.fusion import FusionState, FusionStrategy, bind_weights, constrained
 from kaedit.methods.base import EditContext, EditMethod
@@ -175,10 +176,11 @@ def save_step_deltas(folder: Path, step: int, deltas: Deltas, fused: Deltas) -> 
 def config_fingerprint(cfg: DictConfig) -> str:
     """Identifies what a run computes (not where it logs): resume only a matching run.
     ``paths`` is left out: it only supplies the defaults of the top-level ``data_root``,
-    ``cache_dir`` and ``outputs_root`` (conf/paths/default.yaml), which every config reads."""
+    ``cache_dir`` and ``outputs_root`` (conf/paths/default.yaml), which every config reads;
+    so is ``step0_from``, which reads step 0 from a run that computed the same one."""
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in ("resume", "run_dir", "logger", "hydra", "cache_dir", "tracking",
-                         "cluster", "paths")}
+                         "cluster", "paths", "step0_from")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -217,6 +219,59 @@ def run_directory(cfg: DictConfig, fingerprint: str,
     return resuming, True
 
 
+def step0_source(session: Session, resuming: bool) -> Path | None:
+    """The run directory ``step0_from`` names (None when unset or when resuming: step 0 is
+    done), checked before anything is written: it holds a step-0 row in ``metrics.csv``,
+    ``retention.csv``, the unedited answers this run's evaluation needs, and a
+    ``config.yaml`` that agrees on every key that decides the evaluation
+    (:data:`kaedit.evaluation.PLAN_KEYS`: model, dataset, schedule, seed, generation, perplexity,
+    WILD, ...); a :class:`ConfigError` naming what is missing or the first key that
+    differs otherwise."""
+    cfg = session.cfg
+    value = cfg.get("step0_from")
+    if value in (None, False, "", "null") or resuming:
+        return None
+    path = Path(str(value)).expanduser()
+    needed = ["config.yaml", "metrics.csv", RETENTION]
+    needed += [wild.REFERENCES] if session.wild is not None else []
+    needed += [REFERENCES] if session.texts.needs_references else []
+    missing = [f for f in needed if not (path / f).is_file()]
+    if missing:
+        raise ConfigError(f"step0_from={str(value)!r}: no {missing[0]} there (step0_from "
+                          f"needs a run directory with {needed})")
+    metrics = pd.read_csv(path / "metrics.csv")
+    if not (metrics["step"] == 0).any():
+        raise ConfigError(f"step0_from={str(value)!r}: its metrics.csv has no step-0 row")
+    theirs = OmegaConf.load(path / "config.yaml")
+    key = plan_difference(theirs, cfg)
+    if key is not None:
+        raise ConfigError(f"step0_from={str(value)!r}: that run differs in {key}, so its "
+                          f"step 0 is not this run's; it must share {list(PLAN_KEYS)}")
+    return path
+
+
+def copy_step0(session: Session, out: Outputs, source: Path) -> dict:
+    """Step 0 of ``source`` (:func:`step0_source`) as this run's: its metrics row, logged
+    as this run's (its ``time/*`` and ``eval/prompts`` replaced by the seconds the copy
+    took: this run scored nothing), its step-0 ``retention.csv`` rows and the unedited
+    model's WILD answers (read by :func:`kaedit.wild.start` at the first WILD step)."""
+    import csv
+
+    t0 = time.perf_counter()
+    metrics = pd.read_csv(source / "metrics.csv")
+    first = metrics[metrics["step"] == 0].iloc[0].dropna()
+    row = {k: (int(v) if k in ("step", "edits_done") else float(v)) for k, v in first.items()
+           if not k.startswith("time/") and k != "eval/prompts"}
+    if session.wild is not None:
+        atomic_write(out.run_dir / wild.REFERENCES, (source / wild.REFERENCES).read_text())
+    with (source / RETENTION).open(newline="") as f:
+        out.retention.append(r for r in csv.DictReader(f) if r["step"] == "0")
+    row["time/eval_s"] = time.perf_counter() - t0
+    out.trackers.log(row, 0)
+    log.info("step 0 taken from %s", source)
+    return row
+
+
 def resume_state(session: Session, run_dir: Path, resuming: bool) -> tuple[RunState,
                                                                           FusionState]:
     """The run state and fusion state to continue from: a fresh run's, or the checkpoint's
@@ -232,15 +287,19 @@ def resume_state(session: Session, run_dir: Path, resuming: bool) -> tuple[RunSt
     return ckpt.state, fusion_state
 
 
-def write_run_files(session: Session, run_dir: Path, fingerprint: str, resuming: bool) -> None:
+def write_run_files(session: Session, run_dir: Path, fingerprint: str, resuming: bool,
+                    step0: Path | None = None) -> None:
     """``config.yaml``, ``resume.json`` and (text metrics with fallback references) the
     unedited model's reference texts, generated once before the first edit for every
-    request a generation step will evaluate (read back on resume)."""
+    request a generation step will evaluate (read back on resume, or from the run
+    ``step0`` that step 0 is taken from)."""
     texts = session.texts
     run_dir.mkdir(parents=True, exist_ok=True)
     if texts.needs_references:
-        if resuming:
-            texts.references = json.loads((run_dir / REFERENCES).read_text())
+        if resuming or step0 is not None:
+            texts.references = json.loads(((step0 or run_dir) / REFERENCES).read_text())
+            if step0 is not None:
+                atomic_write(run_dir / REFERENCES, json.dumps(texts.references) + "\n")
         else:
             due = generation_indices(session.schedule, session.batches, session.evaluation)
             texts.references = texts.make_references([session.planned[i] for i in due])
@@ -333,8 +392,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
     path, resuming = run_directory(cfg, fingerprint, run_dir)
     # ---- build phase: bad input raises ConfigError here, before anything is written ----
     s = build_session(cfg)
+    step0 = step0_source(s, resuming)
     state, fusion_state = resume_state(s, path, resuming)
-    write_run_files(s, path, fingerprint, resuming)
+    write_run_files(s, path, fingerprint, resuming, step0)
     trackers, named = build_trackers(s.cfg, path, state.trackers)
     out = Outputs(path, trackers, named, CsvRows(path / RETENTION, keep=state.retention_rows),
                   time.perf_counter(), state.elapsed_s)
@@ -342,7 +402,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict[str, Any]:
 
     # ---- the loop: an error keeps its traceback; the last checkpoint stays resumable ----
     try:
-        if state.step == 0:
+        if state.step == 0 and step0 is not None:
+            state.last_row = copy_step0(s, out, step0)
+        elif state.step == 0:
             state.last_row = evaluate(s, out, state, fusion_state, 0,
                                       list(range(len(s.batches[0]))), 0, {})
         bar = tqdm(total=n_steps, initial=state.step, desc="editing", unit="step",
@@ -433,8 +495,6 @@ def machine(lm: LoadedModel) -> str:
 def retention_by_batch(path: Path):
     """Per batch (``step_made``), the mean of each retention metric (x100) of its edits in
     the seen sample at the last evaluated step, and how many were sampled."""
-    import pandas as pd
-
     rows = pd.read_csv(path)
     last = rows[(rows["step"] == rows["step"].max()) & (rows["step_made"] > 0)]
     metrics = [c for c in ("efficacy", "generalization", "specificity") if c in last]  # 0/1

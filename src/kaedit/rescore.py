@@ -11,10 +11,10 @@ overrides (only ``wild.*``, ``perplexity.*``, ``eval_batch_size`` and ``model.de
 anything else would change what the weights mean).
 
 Several runs are scored in one call when they share every setting that decides the
-evaluation (:data:`SHARED`: the model, the records, the schedule, the seed and the
-evaluation settings): the model is loaded once, the unedited model is evaluated once (step
-0, and WILD's unedited answers, which every run's locality compares with), and each run's
-weights are then served in turn and taken off again.
+evaluation (:data:`kaedit.evaluation.PLAN_KEYS`: the model, the records, the schedule,
+the seed and the evaluation settings): the model is loaded once, the unedited model is
+evaluated once (step 0, and WILD's unedited answers, which every run's locality compares
+with), and each run's weights are then served in turn and taken off again.
 
 ``DIR`` gets:
 
@@ -29,9 +29,9 @@ weights are then served in turn and taken off again.
   significant digits (0 when the weights are rebuilt as the run served them; on another
   machine a near-tie flipped by float rounding moves one record).
 
-Bad input (no such run, an unfinished run, runs that do not share :data:`SHARED`, an
-override outside the evaluation, an existing non-empty ``--out``) is one error line and exit
-status 2, with nothing written.
+Bad input (no such run, an unfinished run, runs that do not share
+:data:`kaedit.evaluation.PLAN_KEYS`, an override outside the evaluation, an existing
+non-empty ``--out``) is one error line and exit status 2, with nothing written.
 """
 
 from __future__ import annotations
@@ -51,13 +51,10 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from kaedit.errors import ConfigError, user_errors_exit
+from kaedit.evaluation import PLAN_KEYS, plan_difference
 
 log = logging.getLogger("kaedit.rescore")
 
-#: Config keys (dotted) that decide how a run is evaluated: runs scored in one call must
-#: agree on all of them, so that one unedited evaluation serves them all.
-SHARED = ("model.name", "model.load", "model.dtype", "dataset", "schedule", "seed",
-          "data_root", "eval_batch_size", "generation", "perplexity", "wild", "templates")
 #: What the ``KEY=VALUE`` overrides may change: the evaluation only (dotted prefixes).
 OVERRIDABLE = ("wild.", "perplexity.", "eval_batch_size", "model.device")
 #: ``metrics.csv`` columns compared with the run's own last row (0/1 or 0-100 scores).
@@ -84,22 +81,16 @@ def check_overrides(overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
 
 
-def _select(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=None)
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) \
-        else value
-
-
 def check_shared(names: Sequence[str], cfgs: Sequence[DictConfig]) -> None:
-    """Every run's :data:`SHARED` keys equal the first run's (a :class:`ConfigError` naming
-    the first key that differs and the two runs otherwise)."""
+    """Every run's :data:`kaedit.evaluation.PLAN_KEYS` equal the first run's (a
+    :class:`ConfigError` naming the first key that differs and the two runs otherwise)."""
     for name, cfg in zip(names[1:], cfgs[1:], strict=True):
-        for key in SHARED:
-            if _select(cfg, key) != _select(cfgs[0], key):
-                raise ConfigError(
-                    f"runs {names[0]!r} and {name!r} differ in {key}: rescore scores runs "
-                    f"together only when they share {list(SHARED)}; rescore them in "
-                    "separate calls")
+        key = plan_difference(cfgs[0], cfg)
+        if key is not None:
+            raise ConfigError(
+                f"runs {names[0]!r} and {name!r} differ in {key}: rescore scores runs "
+                f"together only when they share {list(PLAN_KEYS)}; rescore them in "
+                "separate calls")
 
 
 def load_runs(run_dirs: Sequence[str | Path], overrides: DictConfig
