@@ -249,7 +249,9 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
         assert row["perplexity_end"] == pytest.approx(last["general/perplexity"])
         assert row["fluency_start"] == pytest.approx(metrics["seen/fluency"][0])
         assert not np.isnan(row["consistency_end"])
-        assert row["time_s"] > 0 and isinstance(row["machine"], str)
+        summary = json.loads((run / "summary.json").read_text())
+        assert row["time_s"] == csv_approx(summary["elapsed_s"]) and row["time_s"] > 0
+        assert isinstance(row["machine"], str)
         assert row["drift_end"] == pytest.approx(last["update/total_rel"]) and row["drift_end"] > 0
         assert row["drift_norm_end"] == pytest.approx(last["update/total_norm"])
         # add changes nothing; DR's change is ‖Δ‖·√(p/(1 − p)) in expectation (2‖Δ‖ at

@@ -25,9 +25,10 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   edited weights at the end) and ``fusion_change_ratio`` (‖f(Δ) − Δ‖ / ‖Δ‖, the mean
   over steps: 0 for ``add``, about √(p/(1 − p)) for drop-and-rescale; both NaN for runs
   that did not log ``update/*``), ``drift_norm_end`` (‖W − W₀‖ itself, for those runs
-  too: from their last checkpoint, :func:`drift_norm_end`), ``time_s`` (edit and
-  evaluation seconds summed over every step's row, all resumed segments included) and
-  ``machine``;
+  too: from their last checkpoint, :func:`drift_norm_end`), ``time_s`` (the run's
+  seconds, all resumed segments included: ``summary.json``'s ``elapsed_s``, or for runs
+  made before it existed the edit and evaluation seconds summed over the metrics rows,
+  which miss the steps that logged no row) and ``machine``;
 * ``<run>/`` -- the run's ``metrics.csv``, ``retention.csv``, ``retention_by_batch.csv``,
   ``summary.json`` and ``config.yaml`` (whichever exist), and ``retention.png``
   (:func:`kaedit.results.plots.plot_retention`: efficacy of the edits made at step s
@@ -262,11 +263,14 @@ def run_row(run: Run) -> dict[str, Any]:
     if {"update/fusion_change_norm", "update/computed_norm"} <= set(metrics):
         ratio = (metrics["update/fusion_change_norm"] / metrics["update/computed_norm"]).dropna()
         row["fusion_change_ratio"] = float(ratio.mean()) if len(ratio) else math.nan
+    # the run's own clock (every resumed segment: summary.json's elapsed_s) where it has one;
+    # before issue 30, the rows' times, which miss the steps that logged no row (eval_every)
+    summary_file = run.path / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     timed = [c for c in ("time/step_s", "time/eval_s") if c in metrics]
-    row["time_s"] = float(metrics[timed].sum().sum()) if timed else math.nan
-    summary = run.path / "summary.json"
-    row["machine"] = (json.loads(summary.read_text()).get("machine")
-                      if summary.is_file() else None)
+    row["time_s"] = (float(summary["elapsed_s"]) if summary.get("elapsed_s") is not None
+                     else float(metrics[timed].sum().sum()) if timed else math.nan)
+    row["machine"] = summary.get("machine")
     return row
 
 
