@@ -299,7 +299,9 @@ def test_a_published_copy_publishes_again_to_the_same_summary(study_runs: list[P
     assert ka_study.main(["publish", *map(str, copies), "--out", str(second)]) == 0
     a, b = (pd.read_csv(d / "summary.csv") for d in (first, second))
     assert (b["status"] == "done").all()
-    drop = ["time_s", "machine"]  # time_s sums the copies' metrics: the same; machine too
+    # time_s is summary.json's elapsed_s, copied: the same (to the CSV's digits)
+    assert b["time_s"].tolist() == [csv_approx(t) for t in a["time_s"]]
+    drop = ["time_s", "machine"]
     pd.testing.assert_frame_equal(a.drop(columns=drop), b.drop(columns=drop))
     for f in ("paired.csv", "retention_by_age.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(first / f), pd.read_csv(second / f))
@@ -308,6 +310,17 @@ def test_a_published_copy_publishes_again_to_the_same_summary(study_runs: list[P
         (c / "resume.json").unlink()
     assert ka_study.main(["publish", *map(str, copies), "--out", str(tmp_path / "third")]) == 0
     assert (pd.read_csv(tmp_path / "third" / "summary.csv")["status"] == "done").all()
+    # runs from before summary.json had elapsed_s: the seconds of their metrics rows
+    for c in copies:
+        summary = json.loads((c / "summary.json").read_text())
+        summary.pop("elapsed_s")
+        (c / "summary.json").write_text(json.dumps(summary))
+    assert ka_study.main(["publish", *map(str, copies), "--out", str(tmp_path / "fourth")]) == 0
+    old = pd.read_csv(tmp_path / "fourth" / "summary.csv").set_index("run")
+    for c in copies:
+        rows = pd.read_csv(c / "metrics.csv")
+        assert old.loc[c.name, "time_s"] == csv_approx(
+            rows[["time/step_s", "time/eval_s"]].sum().sum())
 
 
 def test_paired_compares_runs_record_by_record(study_runs: list[Path], tmp_path: Path,
