@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kaedit.models import LoadedModel
+from kaedit.schedule import every_due
 from kaedit.stats import read_corpus
 from kaedit.tokens import chunks
 
@@ -45,10 +46,7 @@ class Perplexity:
         self.corpus = [self.corpus] if isinstance(self.corpus, str) else list(self.corpus)
 
     def due(self, step: int, n_steps: int) -> bool:
-        if self.every is None:  # the unedited and the final model
-            return step in (0, n_steps)
-        every = int(self.every)
-        return every > 0 and (step == 0 or step == n_steps or step % every == 0)
+        return every_due(self.every, step, n_steps)
 
     def windows(self, tok) -> torch.Tensor:
         """``[n_windows, seq_len]`` token ids (tokenised on first use)."""

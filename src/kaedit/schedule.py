@@ -8,6 +8,15 @@ from dataclasses import dataclass
 from kaedit.errors import ConfigError
 
 
+def every_due(every: int | None, step: int, n_steps: int) -> bool:
+    """The rule of the ``every`` settings (``perplexity.every``, ``wild.every``,
+    ``schedule.generation_every``): 0 never; None step 0 and the last step; k step 0,
+    every k-th step and the last."""
+    if every is None:
+        return step in (0, n_steps)
+    return int(every) > 0 and (step in (0, n_steps) or step % int(every) == 0)
+
+
 class ScheduleError(ConfigError):
     """The schedule does not fit the dataset or is malformed."""
 
@@ -79,8 +88,5 @@ class Schedule:
 
     def generation_at(self, step: int, n_steps: int) -> bool:
         """Whether an evaluated step also generates text (fluency, consistency)."""
-        if self.generation_every == 0 or not self.evaluate_at(step, n_steps):
-            return False
-        if step in (0, n_steps):
-            return True
-        return self.generation_every is not None and step % self.generation_every == 0
+        return self.evaluate_at(step, n_steps) and every_due(self.generation_every, step,
+                                                             n_steps)

@@ -46,6 +46,7 @@ import torch
 
 from kaedit.models import LoadedModel
 from kaedit.records import EditRequest
+from kaedit.schedule import every_due
 from kaedit.tokens import final_hidden, lm_head, pad, prompt_ids
 
 #: Per-request values of :meth:`WildEval.__call__` (exact match, token F1, unchanged share).
@@ -83,14 +84,6 @@ def token_f1(prediction: str, target: str) -> float:
         return 0.0
     precision, recall = same / len(pred), same / len(gold)
     return 2 * precision * recall / (precision + recall)
-
-
-def _due(every: int | None, step: int, n_steps: int) -> bool:
-    """The ``every`` rule of ``wild.*``: 0 never; None step 0 and the last; k step 0, every
-    k-th step and the last (as ``perplexity.every``)."""
-    if every is None:
-        return step in (0, n_steps)
-    return int(every) > 0 and (step == 0 or step == n_steps or step % int(every) == 0)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -138,11 +131,11 @@ class WildEval:
 
     def due(self, step: int, n_steps: int) -> bool:
         """Whether evaluated step ``step`` also runs WILD (as ``perplexity.every``)."""
-        return _due(self.every, step, n_steps)
+        return every_due(self.every, step, n_steps)
 
     def locality_due(self, step: int, n_steps: int) -> bool:
         """Whether WILD at step ``step`` also scores locality (``locality_every``)."""
-        return self.due(step, n_steps) and _due(self.locality_every, step, n_steps)
+        return self.due(step, n_steps) and every_due(self.locality_every, step, n_steps)
 
     def _eos(self) -> set[int]:
         eos = getattr(self.lm.model.generation_config, "eos_token_id", None)
