@@ -273,10 +273,12 @@ def test_publish_writes_summary_copies_and_figures(study_runs: list[Path],
     assert "ka_drop" not in table and "batch_minus_seen_efficacy" in table
     by_age = pd.read_csv(out / "retention_by_age.csv")
     assert by_age["run"].unique().tolist() == table["run"].tolist()
+    assert set(by_age["metric"]) == {"efficacy"}  # no WILD in these runs
     assert (by_age["no_own_step"] == 0).all()  # every step evaluated: all have their own row
     for run in study_runs:
         expected = retention_by_age(pd.read_csv(run / "retention.csv"))
-        got = by_age[by_age["run"] == run.name].drop(columns="run").reset_index(drop=True)
+        got = by_age[by_age["run"] == run.name].drop(columns=["run", "metric"])
+        got = got.reset_index(drop=True)
         pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=csv_rel())
         row = table[table["run"] == run.name].iloc[0]
         assert row["retained_aged"] == csv_approx(retained_aged(expected)["retained_aged"])
@@ -660,6 +662,15 @@ def test_paired_adds_wild_scores_where_both_runs_have_them_at_the_compared_step(
     assert last_only["wild_retained_aged_n"] == 0 and np.isnan(last_only["wild_retained_aged"])
     assert last_only["wild_retained_aged_no_own_step"] > 0
     assert np.isnan(summary.loc["memit-dr5", "wild_retained_aged"])
+    # retention_by_age.csv: WILD rows for the run with WILD at every step only (here its
+    # WILD scores are its teacher-forced ones, so the two tables agree)
+    by_age = pd.read_csv(out / "retention_by_age.csv")
+    wild_rows = by_age[by_age["metric"] == "wild_efficacy"]
+    assert set(wild_rows["run"]) == {"pmet-add"}
+    tf_rows = by_age[(by_age["metric"] == "efficacy") & (by_age["run"] == "pmet-add")]
+    pd.testing.assert_frame_equal(wild_rows.drop(columns="metric").reset_index(drop=True),
+                                  tf_rows.drop(columns="metric").reset_index(drop=True))
+    assert set(by_age.loc[by_age["metric"] == "efficacy", "run"]) == set(summary.index)
     # the WILD columns of the last step that scored them (WILD at the last step only here)
     ret = pd.read_csv(runs / "memit-add" / "retention.csv")
     final = ret[ret["step"] == ret["step"].max()]

@@ -51,11 +51,14 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
   the same config but for the method: which method holds its edits better, per fusion;
 * ``paired_p.csv`` -- the same, each drop-and-rescale run against the one at p = 0.8 of
   the same config but for ``fusion.p`` (the paper's Fig. 6 sweep);
-* ``retention_by_age.csv`` -- per run, evaluated step and age (steps since the edit):
-  of the tracked edits of that age, how many succeeded at their own step (``n``), how many
-  of those still succeed (``kept``) and ``retained`` = 100·kept / n
-  (:func:`kaedit.results.plots.retention_by_age`); ``figures/retained_by_age.png`` draws
-  it at each run's last step;
+* ``retention_by_age.csv`` -- per run, metric, evaluated step and age (steps since the
+  edit): of the tracked edits of that age, how many succeeded at their own step (``n``),
+  how many of those still succeed (``kept``) and ``retained`` = 100·kept / n
+  (:func:`kaedit.results.plots.retention_by_age`). ``metric`` is ``efficacy``
+  (teacher-forced) for every run and ``wild_efficacy`` (WILD exact match, from the steps
+  WILD scored) for the runs where some aged edit was scored by WILD at its own step
+  (``wild.every=1``: :func:`wild_by_age`); ``figures/retained_by_age.png`` draws both at
+  each run's last step (WILD dashed);
 * ``figures/`` -- one plot per metric with a line per run
   (:func:`kaedit.results.plots.plot_metric`):
   ``seen_efficacy.png``, ``seen_generalization.png``, ``seen_specificity.png``,
@@ -206,6 +209,14 @@ def by_age(run: Run, metric: str = "efficacy") -> pd.DataFrame:
     if run.retention is None or metric not in run.retention:
         return pd.DataFrame(columns=["step", "age", "step_made", *BY_AGE])
     return retention_by_age(run.retention, metric)
+
+
+def wild_by_age(run: Run) -> pd.DataFrame:
+    """:func:`by_age` of the WILD exact match (``wild_efficacy``), empty unless some aged
+    edit was scored by WILD at its own step as well (``wild.every=1``): a run with WILD at
+    the start and the end only has nothing to say by age."""
+    table = by_age(run, "wild_efficacy")
+    return table if len(table) and table["n"].sum() > 0 else table.iloc[:0]
 
 
 def wild_end(run: Run) -> dict[str, float]:
@@ -567,17 +578,26 @@ def plot_drop_rate(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
 
 
 def plot_retained_by_age(runs: Sequence[Run], ages: Sequence[pd.DataFrame],
-                         path: Path) -> Path | None:
+                         path: Path, wild_ages: Sequence[pd.DataFrame] = ()) -> Path | None:
     """At each run's last evaluated step, the share (x100) of the edits that succeeded at
     their own step and still succeed, against their age (steps since the edit), a line per
-    run (None: no run has an aged edit)."""
+    run, and a dashed one in the same colour for the WILD exact match where ``wild_ages``
+    has it (None: no run has an aged edit)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
-    for table, label in zip(ages, run_labels(runs), strict=True):
+    wild_ages = list(wild_ages) or [pd.DataFrame()] * len(runs)
+    for table, wild, label in zip(ages, wild_ages, run_labels(runs), strict=True):
         last = table[table["step"] == table["step"].max()] if len(table) else table
+        colour = None
         if len(last):
-            ax.plot(last["age"], last["retained"], marker="o", ms=3, label=label)
+            colour = ax.plot(last["age"], last["retained"], marker="o", ms=3,
+                             label=label)[0].get_color()
+            drawn = True
+        last = wild[wild["step"] == wild["step"].max()] if len(wild) else wild
+        if len(last):
+            ax.plot(last["age"], last["retained"], marker="x", ms=4, ls="--", color=colour,
+                    label=f"{label} (WILD EM)")
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -617,8 +637,14 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
         written.append(out / file)
         table.to_csv(written[-1], index=False, float_format="%.6g")
     ages = [by_age(run) for run in runs]
-    table = pd.concat([t.assign(run=run.name) for t, run in zip(ages, runs, strict=True)],
-                      ignore_index=True)
+    wild_ages = [wild_by_age(run) for run in runs]
+    parts = [t.assign(run=run.name, metric=metric)
+             for metric, tables in (("efficacy", ages), ("wild_efficacy", wild_ages))
+             for t, run in zip(tables, runs, strict=True) if len(t)]
+    # no aged edit in any run: the header alone
+    table = pd.concat(parts, ignore_index=True) if parts else \
+        ages[0].assign(run=None, metric=None)
+    table.insert(0, "metric", table.pop("metric"))
     table.insert(0, "run", table.pop("run"))
     written.append(out / BY_AGE_FILE)
     table.to_csv(written[-1], index=False, float_format="%.6g")
@@ -636,7 +662,8 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
                 if (p := plot_metric(runs, column, figures / name, title, log))]
     written.append(plot_comparison(runs, figures))
     written += [p for p in (plot_drop_rate(runs, rows, figures / "drop_rate.png", ignore),
-                            plot_retained_by_age(runs, ages, figures / "retained_by_age.png"))
+                            plot_retained_by_age(runs, ages, figures / "retained_by_age.png",
+                                                 wild_ages))
                 if p]
     return written
 
