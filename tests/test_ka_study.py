@@ -658,6 +658,7 @@ def test_paired_adds_wild_scores_where_both_runs_have_them_at_the_compared_step(
     every = summary.loc["pmet-add"]
     assert every["wild_retained_aged"] == csv_approx(every["retained_aged"])
     assert every["wild_retained_aged_n"] == every["retained_aged_n"] > 0
+    assert every["wild_retained_aged_tf"] == csv_approx(every["retained_aged"])
     last_only = summary.loc["memit-add"]  # no aged edit has WILD at its own step
     assert last_only["wild_retained_aged_n"] == 0 and np.isnan(last_only["wild_retained_aged"])
     assert last_only["wild_retained_aged_no_own_step"] > 0
@@ -729,6 +730,27 @@ def test_retention_by_age_leaves_out_steps_that_did_not_score_the_metric() -> No
                                    "retained_aged_no_own_step": 1}
     tf = retention_by_age(rows, "efficacy")
     assert tf["step"].tolist() == [2, 3, 3] and tf["no_own_step"].sum() == 0
+
+
+def test_retention_by_age_kept_by_another_metric_counts_the_same_edits() -> None:
+    """By hand, made at step 1, scored at 2: a is generated at once and later no more,
+    though still preferred teacher-forced; b is generated at both; d is preferred but
+    never generated (not learnt by WILD: failed_own_step); e is generated at both but its
+    teacher-forced score is missing at 2 (not kept). WILD keeps b and e of {a, b, e};
+    teacher forcing keeps a and b of the same three."""
+    rows = pd.DataFrame(
+        [(1, "a", 1, 1.0, 1.0), (1, "b", 1, 1.0, 1.0), (1, "d", 1, 1.0, 0.0),
+         (1, "e", 1, 1.0, 1.0),
+         (2, "a", 1, 1.0, 0.0), (2, "b", 1, 1.0, 1.0), (2, "d", 1, 1.0, 0.0),
+         (2, "e", 1, np.nan, 1.0)],
+        columns=["step", "case_id", "step_made", "efficacy", "wild_efficacy"])
+    wild = retention_by_age(rows, "wild_efficacy")
+    both = retention_by_age(rows, "wild_efficacy", kept_by="efficacy")
+    cols = ["step", "age", "step_made", "tracked", "no_own_step", "failed_own_step", "n"]
+    pd.testing.assert_frame_equal(both[cols], wild[cols])
+    assert wild[[*cols, "kept"]].values.tolist() == [[2, 1, 1, 4, 0, 1, 3, 2]]
+    assert both["kept"].tolist() == [2]
+    assert both["retained"].tolist() == pytest.approx([200 / 3])
 
 
 def test_compare_runs_pairs_any_runs_rescored_ones_too(study_runs: list[Path],

@@ -8,27 +8,28 @@ Publishes finished (or unfinished: what they reached) runs of ``experiment=ka_st
 
 * ``summary.csv`` -- one row per run: :func:`kaedit.results.sweep.job_result`'s row
   (status, final ``seen/*``, first-batch efficacy ``retention/first_batch``, edits, steps,
-  wall time of the last segment, attenuation: ``unedited_efficacy``, ``immediate_efficacy`` and
-  ``batch_minus_seen_efficacy``, the mean immediate batch efficacy minus the last seen
-  efficacy, called ``ka_drop`` before issue 27) and
+  wall time of the last segment, attenuation: ``unedited_efficacy``,
+  ``immediate_efficacy`` and ``batch_minus_seen_efficacy``, the mean immediate batch
+  efficacy minus the last seen efficacy, called ``ka_drop`` before issue 27) and
   ``retained_aged`` (the share of the tracked edits that succeeded at their own step and
   still succeed at the last step, over every age ≥ 1; ``retained_aged_n`` of them,
   ``retained_aged_no_own_step`` left out for want of an own-step row:
   :func:`kaedit.results.plots.retention_by_age`; ``wild_retained_aged``,
   ``wild_retained_aged_n``, ``wild_retained_aged_no_own_step``: the same for the WILD
-  exact match, from the steps that scored it), with the run's method, fusion, drop rate
-  ``p``, scope and batch size from its ``config.yaml``, the values at the start (step 0,
-  the unedited model) and at the end (the last logged value) of fluency, consistency,
-  WikiText-2 perplexity and the fixed set's specificity, the WILD scores of the seen
-  sample at the start and the end and of the first batch at the end (:func:`wild_end`;
-  runs with WILD only), ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
-  edited weights at the end) and ``fusion_change_ratio`` (‖f(Δ) − Δ‖ / ‖Δ‖, the mean
-  over steps: 0 for ``add``, about √(p/(1 − p)) for drop-and-rescale; both NaN for runs
-  that did not log ``update/*``), ``drift_norm_end`` (‖W − W₀‖ itself, for those runs
-  too: from their last checkpoint, :func:`drift_norm_end`), ``time_s`` (the run's
-  seconds, all resumed segments included: ``summary.json``'s ``elapsed_s``, or for runs
-  made before it existed the edit and evaluation seconds summed over the metrics rows,
-  which miss the steps that logged no row) and ``machine``;
+  exact match, from the steps that scored it; ``wild_retained_aged_tf``: of those same
+  ``wild_retained_aged_n`` edits, the share still succeeding teacher-forced), with the
+  run's method, fusion, drop rate ``p``, scope and batch size from its ``config.yaml``,
+  the values at the start (step 0, the unedited model) and at the end (the last logged
+  value) of fluency, consistency, WikiText-2 perplexity and the fixed set's specificity,
+  the WILD scores of the seen sample at the start and the end and of the first batch at
+  the end (:func:`wild_end`; runs with WILD only), ``drift_end`` (‖W − W₀‖ / ‖W₀‖ of the
+  edited weights at the end) and ``fusion_change_ratio`` (‖f(Δ) − Δ‖ / ‖Δ‖, the mean over
+  steps: 0 for ``add``, about √(p/(1 − p)) for drop-and-rescale; both NaN for runs that
+  did not log ``update/*``), ``drift_norm_end`` (‖W − W₀‖ itself, for those runs too: from
+  their last checkpoint, :func:`drift_norm_end`), ``time_s`` (the run's seconds, all
+  resumed segments included: ``summary.json``'s ``elapsed_s``, or for runs made before it
+  existed the edit and evaluation seconds summed over the metrics rows, which miss the
+  steps that logged no row) and ``machine``;
 * ``<run>/`` -- the run's ``metrics.csv``, ``retention.csv``, ``retention_by_batch.csv``,
   ``summary.json`` and ``config.yaml`` (whichever exist), and ``retention.png``
   (:func:`kaedit.results.plots.plot_retention`: efficacy of the edits made at step s
@@ -203,12 +204,12 @@ def drift_norm_end(run: Run) -> float:
     return frobenius(saved.deltas)
 
 
-def by_age(run: Run, metric: str = "efficacy") -> pd.DataFrame:
-    """:func:`kaedit.results.plots.retention_by_age` of the run's ``metric`` (empty without
-    ``retention.csv`` or without that column)."""
-    if run.retention is None or metric not in run.retention:
+def by_age(run: Run, metric: str = "efficacy", kept_by: str | None = None) -> pd.DataFrame:
+    """:func:`kaedit.results.plots.retention_by_age` of the run's ``metric`` (``kept`` by
+    ``kept_by``, default ``metric``; empty without ``retention.csv`` or those columns)."""
+    if run.retention is None or not {metric, kept_by or metric} <= set(run.retention):
         return pd.DataFrame(columns=["step", "age", "step_made", *BY_AGE])
-    return retention_by_age(run.retention, metric)
+    return retention_by_age(run.retention, metric, kept_by)
 
 
 def wild_by_age(run: Run) -> pd.DataFrame:
@@ -262,6 +263,9 @@ def run_row(run: Run) -> dict[str, Any]:
     # the same for the WILD exact match, from the steps that scored it (every step for a
     # retention by age: wild.every=1); NaN and 0 for runs without WILD at their own steps
     row.update({f"wild_{k}": v for k, v in retained_aged(by_age(run, "wild_efficacy")).items()})
+    # the same edits (generated exactly at their own step), kept by teacher forcing
+    row["wild_retained_aged_tf"] = retained_aged(
+        by_age(run, "wild_efficacy", kept_by="efficacy"))["retained_aged"]
     for name, column in START_END.items():
         row[f"{name}_start"], row[f"{name}_end"] = start_end(metrics, column)
     row.update(wild_end(run))

@@ -99,7 +99,8 @@ def retention_matrix(retention: pd.DataFrame, metric: str = "efficacy") -> pd.Da
 BY_AGE = ("tracked", "no_own_step", "failed_own_step", "n", "kept", "retained")
 
 
-def retention_by_age(retention: pd.DataFrame, metric: str = "efficacy") -> pd.DataFrame:
+def retention_by_age(retention: pd.DataFrame, metric: str = "efficacy",
+                     kept_by: str | None = None) -> pd.DataFrame:
     """Per-edit retention of the edits that succeeded at their own step, by age.
 
     For each evaluated step t and each batch made at step s < t (age a = t − s ≥ 1), over
@@ -127,9 +128,15 @@ def retention_by_age(retention: pd.DataFrame, metric: str = "efficacy") -> pd.Da
 
     Rows where ``metric`` was not scored (NaN: the WILD scores exist only on the steps
     ``wild.every`` runs) are left out: an edit whose own step was not scored counts in
-    ``no_own_step``, and a step that scored nothing has no row."""
-    made = retention.loc[retention["step_made"] > 0, ["step", "case_id", "step_made", metric]]
-    made = made.dropna(subset=[metric])
+    ``no_own_step``, and a step that scored nothing has no row.
+
+    ``kept_by`` (default: ``metric``) judges ``kept`` by another column of the same rows:
+    ``retention_by_age(r, "wild_efficacy", kept_by="efficacy")`` asks, of the edits the
+    model generated exactly at their own step, how many it still prefers teacher-forced,
+    the same edits as ``retention_by_age(r, "wild_efficacy")`` (NaN counts as not kept)."""
+    kept_by = kept_by or metric
+    columns = ["step", "case_id", "step_made", *dict.fromkeys([metric, kept_by])]
+    made = retention.loc[retention["step_made"] > 0, columns].dropna(subset=[metric])
     own = made[made["step"] == made["step_made"]]
     own = own[["case_id", "step_made", metric]].rename(columns={metric: "own"})
     later = made[made["step"] > made["step_made"]].merge(
@@ -138,7 +145,7 @@ def retention_by_age(retention: pd.DataFrame, metric: str = "efficacy") -> pd.Da
     took = later["own"] >= 1.0
     later = later.assign(no_own_step=later["own"].isna(),
                          failed_own_step=later["own"].notna() & ~took,
-                         n=took, kept=took & (later[metric] >= 1.0))
+                         n=took, kept=took & (later[kept_by] >= 1.0))
     keys = ["step", "age", "step_made"]
     table = later.groupby(keys)[["no_own_step", "failed_own_step", "n", "kept"]].sum()
     table.insert(0, "tracked", later.groupby(keys).size())
