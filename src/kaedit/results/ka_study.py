@@ -582,15 +582,14 @@ def plot_drop_rate(runs: Sequence[Run], rows: Sequence[dict[str, Any]],
 
 
 def plot_retained_by_age(runs: Sequence[Run], ages: Sequence[pd.DataFrame],
-                         path: Path, wild_ages: Sequence[pd.DataFrame] = ()) -> Path | None:
+                         path: Path, wild_ages: Sequence[pd.DataFrame]) -> Path | None:
     """At each run's last evaluated step, the share (x100) of the edits that succeeded at
     their own step and still succeed, against their age (steps since the edit), a line per
     run, and a dashed one in the same colour for the WILD exact match where ``wild_ages``
-    has it (None: no run has an aged edit)."""
+    (one table per run, empty for none) has it (None: no run has an aged edit)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
-    wild_ages = list(wild_ages) or [pd.DataFrame()] * len(runs)
     for table, wild, label in zip(ages, wild_ages, run_labels(runs), strict=True):
         last = table[table["step"] == table["step"].max()] if len(table) else table
         colour = None
@@ -642,12 +641,9 @@ def publish(run_dirs: Sequence[str | Path], out: str | Path,
         table.to_csv(written[-1], index=False, float_format="%.6g")
     ages = [by_age(run) for run in runs]
     wild_ages = [wild_by_age(run) for run in runs]
-    parts = [t.assign(run=run.name, metric=metric)
-             for metric, tables in (("efficacy", ages), ("wild_efficacy", wild_ages))
-             for t, run in zip(tables, runs, strict=True) if len(t)]
-    # no aged edit in any run: the header alone
-    table = pd.concat(parts, ignore_index=True) if parts else \
-        ages[0].assign(run=None, metric=None)
+    table = pd.concat([t.assign(run=run.name, metric=metric)
+                       for metric, tables in (("efficacy", ages), ("wild_efficacy", wild_ages))
+                       for t, run in zip(tables, runs, strict=True)], ignore_index=True)
     table.insert(0, "metric", table.pop("metric"))
     table.insert(0, "run", table.pop("run"))
     written.append(out / BY_AGE_FILE)
